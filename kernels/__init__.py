@@ -1,0 +1,1 @@
+"""retrv.kernels."""

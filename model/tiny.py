@@ -1,0 +1,158 @@
+"""Write a tiny random Qwen2.5-VL checkpoint in Hugging Face format, optionally with a random Retrv-R1 ICM.
+
+Tests build one per session in well under a second, and a user can check a device before the real checkpoint
+arrives:
+
+    python -m retrv.model.tiny OUT [--icm] [--seed N] [--preset tiny|mid]
+
+The layout is what released checkpoints carry (transformers 4.x names, flat `config.json`), so the same directory
+loads in transformers (the parity oracle) and in `retrv.model.load_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from retrv.model.config import parse_hf_config
+from retrv.model.loading import module_to_hf_name
+from retrv.model.qwen import Qwen2_5_VL
+from retrv.model.tiny_tokenizer import build_tiny_tokenizer, write_preprocessor_config, write_tokenizer_files
+
+# Presets by name (gpt-fast style). "tiny": the test model. "mid": tens of millions of parameters, for benchmarks
+# where per-token cost should look like a real model's (weight bandwidth, not Python overhead).
+PRESETS: dict[str, dict] = {
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        mrope_section=[2, 3, 3],
+        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, fullatt_block_indexes=[1]),
+        icm=dict(num_heads=4, num_layers=2),
+    ),
+    "mid": dict(
+        hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+        mrope_section=[8, 12, 12],
+        vision=dict(depth=4, hidden_size=256, intermediate_size=768, num_heads=4, fullatt_block_indexes=[3]),
+        icm=dict(num_heads=8, num_layers=2),
+    ),
+}
+VOCAB_SIZE = 512  # the tiny tokenizer's learned vocabulary plus Qwen2.5-VL's special tokens fit in this
+# Small images keep tests fast; 112x112 px at the minimum still gives a 8x8 patch grid, 224x224 a 4-window one.
+MIN_PIXELS = 28 * 28 * 4
+MAX_PIXELS = 28 * 28 * 256
+
+
+def tiny_config(preset: str = "tiny", *, icm: bool = False, **overrides) -> tuple[dict, dict | None, dict[str, int]]:
+    """-> (config.json dict, retrv_config.json dict or None, special-token ids). `overrides` replace text fields
+    (or `vision=dict(...)` vision fields) of the preset."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset: got {preset!r}; expected one of {sorted(PRESETS)}")
+    spec = {**PRESETS[preset], **{k: v for k, v in overrides.items() if k != "vision"}}
+    vision = {**spec.pop("vision"), **overrides.get("vision", {})}
+    icm_spec = spec.pop("icm")
+    _, ids = build_tiny_tokenizer(VOCAB_SIZE)
+    mrope = spec.pop("mrope_section")
+    config = {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl",
+        "vocab_size": VOCAB_SIZE,
+        "hidden_act": "silu",
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "rope_scaling": {"type": "mrope", "mrope_section": mrope},
+        "tie_word_embeddings": False,
+        "use_sliding_window": False,
+        "torch_dtype": "float32",
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+        **spec,
+        "vision_config": {
+            "model_type": "qwen2_5_vl",
+            "hidden_act": "silu",
+            "in_chans": 3,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 112,
+            "tokens_per_second": 2,
+            "out_hidden_size": spec["hidden_size"],
+            **vision,
+        },
+    }
+    retrv = None
+    if icm:
+        retrv = {
+            "format_version": 1,
+            "icm": icm_spec,
+            "special_tokens": {
+                "inspection_start_token_id": ids["<inspection-index-start>"],
+                "inspection_end_token_id": ids["<inspection-index-end>"],
+            },
+        }
+    return config, retrv, ids
+
+
+def random_init_(model: torch.nn.Module, seed: int) -> None:
+    """Deterministic random weights. Norm weights are 1 +- noise and biases nonzero, so a wrong norm or a dropped
+    bias shows up in the parity tests instead of hiding behind ones and zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith("norm.weight") or ".norm" in name or name.endswith("ln_q.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("bias"):
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+def write_tiny_checkpoint(out: str | Path, *, icm: bool = False, seed: int = 0, preset: str = "tiny", **overrides) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config, retrv, ids = tiny_config(preset, icm=icm, **overrides)
+    cfg = parse_hf_config(config, retrv)
+    model = Qwen2_5_VL(cfg)
+    random_init_(model, seed)
+    state = {n: t.contiguous() for n, t in model.state_dict().items()}
+    base = {module_to_hf_name(n): t for n, t in state.items() if not n.startswith("icm.")}
+    save_file(base, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if icm:
+        save_file({n[len("icm."):]: t for n, t in state.items() if n.startswith("icm.")}, str(out / "icm.safetensors"))
+        (out / "retrv_config.json").write_text(json.dumps(retrv, indent=2, sort_keys=True) + "\n")
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (out / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": config["bos_token_id"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+        "pad_token_id": config["pad_token_id"], "do_sample": False,
+    }, indent=2, sort_keys=True) + "\n")
+    tokenizer, special = build_tiny_tokenizer(VOCAB_SIZE)
+    write_tokenizer_files(out, tokenizer, special)
+    write_preprocessor_config(out, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m retrv.model.tiny", description=__doc__.splitlines()[0])
+    ap.add_argument("out", help="directory to write the checkpoint into")
+    ap.add_argument("--icm", action="store_true", help="add a random Retrv-R1 ICM (icm.safetensors, retrv_config.json)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    args = ap.parse_args(argv)
+    path = write_tiny_checkpoint(args.out, icm=args.icm, seed=args.seed, preset=args.preset)
+    n = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+    print(f"wrote {args.preset} checkpoint to {path} ({n / 1e6:.1f} MB of weights, seed {args.seed})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
