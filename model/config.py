@@ -11,7 +11,7 @@ No torch here: the runtime reads the same dataclasses from a pack's manifest.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -290,4 +290,13 @@ def read_config(checkpoint_dir: str | Path) -> ModelConfig:
     cfg = _read_json(root / "config.json")
     retrv_path = root / "retrv_config.json"
     retrv_cfg = _read_json(retrv_path) if retrv_path.exists() else None
-    return parse_hf_config(cfg, retrv_cfg, where=str(root / "config.json"))
+    parsed = parse_hf_config(cfg, retrv_cfg, where=str(root / "config.json"))
+    gen_path = root / "generation_config.json"
+    if gen_path.exists():
+        # transformers' generate stops on generation_config's eos ids (Instruct models list <|im_end|> and
+        # <|endoftext|> there, config.json only one), so the runtime does too.
+        eos = _read_json(gen_path).get("eos_token_id")
+        if eos is not None:
+            eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+            parsed = replace(parsed, tokens=replace(parsed.tokens, eos_token_ids=eos_ids))
+    return parsed

@@ -33,20 +33,9 @@ class VisionInputs:
 
 
 def vision_inputs(grid_thw: np.ndarray, cfg: VisionConfig) -> VisionInputs:
-    """Numpy precomputation of every grid-dependent index the tower needs (the runtime does the same, torch-free)."""
-    grid_thw = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
-    total = int(np.prod(grid_thw, axis=1).sum())
-    pos = positions.vision_position_ids(grid_thw, cfg.spatial_merge_size)
-    win, cu_win = positions.vision_window_index(grid_thw, cfg.spatial_merge_size, cfg.window_size, cfg.patch_size)
-    cu_img = positions.vision_cu_seqlens(grid_thw)
-    as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
-    return VisionInputs(
-        position_ids=as_t(pos),
-        window_index=as_t(win),
-        reverse_index=as_t(np.argsort(win, kind="stable")),
-        window_segments=as_t(positions.segment_ids_from_cu_seqlens(cu_win, total)),
-        image_segments=as_t(positions.segment_ids_from_cu_seqlens(cu_img, total)),
-    )
+    """The grid-dependent indices as tensors; computed by the runtime's numpy code, so there is one implementation."""
+    arrays = positions.vision_graph_inputs(grid_thw, cfg.spatial_merge_size, cfg.window_size, cfg.patch_size)
+    return VisionInputs(**{k: torch.from_numpy(v) for k, v in arrays.items()})
 
 
 class VisionAttention(nn.Module):

@@ -16,10 +16,66 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(cache_dir=args.cache_dir, seed=args.seed, out=sys.stdout)
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from retrv.runtime.errors import require
+
+    require("torch", "export")
+    require("onnx", "export")
+    from retrv.export.pack_export import export_pack
+
+    path = export_pack(args.checkpoint, args.pack, precision=args.precision, embedder=args.embedder,
+                       verify=args.verify)
+    print(f"wrote pack {path}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import json
+
+    from retrv.runtime.generate import load_pack_generator
+
+    kwargs = {"provider": args.provider} if args.provider else {}
+    gen = load_pack_generator(args.pack, backend=args.backend, **kwargs)
+    result = gen.generate(args.prompt, images=args.image or [], max_new_tokens=args.max_new_tokens)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(result.text)
+        print(f"[{len(result.prompt_ids)} prompt tokens, {len(result.token_ids)} generated; "
+              + ", ".join(f"{k} {v:.1f} ms" for k, v in result.timings_ms.items()) + "]", file=sys.stderr)
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"got {value}; expected an integer >= 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="retrv", description="Serve reasoning-based multimodal rerankers on edge devices.")
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    exp = sub.add_parser("export", help="checkpoint -> verified ONNX pack")
+    exp.add_argument("checkpoint", help="Hugging Face Qwen2.5-VL directory (safetensors)")
+    exp.add_argument("pack", help="output pack directory (replaced atomically if it exists)")
+    exp.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    exp.add_argument("--embedder", default=None, help="separate embedder checkpoint (not supported yet)")
+    exp.add_argument("--verify", action="store_true",
+                     help="also require identical greedy tokens from the pack, PyTorch and transformers")
+    exp.set_defaults(func=_cmd_export)
+
+    gen = sub.add_parser("generate", help="greedy generation through a pack (no torch needed)")
+    gen.add_argument("pack")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--image", action="append", help="image path; repeat for several, in order")
+    gen.add_argument("--max-new-tokens", type=_positive, default=32)
+    gen.add_argument("--backend", default="auto", choices=["auto", "ort"])
+    gen.add_argument("--provider", default=None, choices=["auto", "cpu", "cuda"], help="ONNX Runtime provider")
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.set_defaults(func=_cmd_generate)
 
     demo = sub.add_parser("demo", help="run the pipeline end to end on the embedded default")
     demo.add_argument("--cache-dir", default=None, help="where to keep the demo's checkpoint (default: a temp dir)")

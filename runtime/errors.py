@@ -13,6 +13,10 @@ class InputError(RetrvError):
     """A user-supplied value (image, prompt, flag) is out of range or malformed."""
 
 
+class PackError(RetrvError):
+    """A pack is refused on open: missing or modified file, unreadable manifest, or a newer format version."""
+
+
 class MissingDependencyError(RetrvError):
     """An optional dependency is not installed; the message carries the install hint."""
 

@@ -23,7 +23,9 @@ def _as_grid(grid_thw, name: str = "grid_thw") -> np.ndarray:
     if grid.ndim == 1 and grid.shape == (3,):
         grid = grid[None]  # one image given as (3,) as preprocess_image returns it
     if grid.ndim != 2 or grid.shape[1] != 3 or not np.issubdtype(grid.dtype, np.integer):
-        raise InputError(f"{name}: got {grid.dtype} array of shape {grid.shape}; expected integer (n, 3) rows (t, h, w)")
+        raise InputError(
+            f"{name}: got {grid.dtype} array of shape {grid.shape}; expected integer (n, 3) rows of (t, h, w)"
+        )
     if grid.size and grid.min() < 1:
         raise InputError(f"{name}: got a row with {grid.min()}; expected every t, h, w >= 1")
     return grid.astype(np.int64)
@@ -224,10 +226,26 @@ def decode_position_ids(rope_deltas, start, length: int) -> np.ndarray:
         starts.ndim == 1 and starts.shape != (deltas.shape[0],)
     ):
         raise InputError(
-            f"start: got {starts.dtype} of shape {starts.shape}; expected an int or an integer array ({deltas.shape[0]},)"
+            f"start: got {starts.dtype} of shape {starts.shape}; "
+            f"expected an int or an integer array ({deltas.shape[0]},)"
         )
     if starts.size and starts.min() < 0:
         raise InputError(f"start: got {starts.min()}; expected >= 0")
     starts = np.broadcast_to(starts.astype(np.int64), (deltas.shape[0],))[:, None]  # (B, 1)
     positions = starts + np.arange(length, dtype=np.int64)[None, :] + deltas.astype(np.int64)  # (B, length)
     return np.repeat(positions[None], 3, axis=0)  # (3, B, length)
+
+
+def vision_graph_inputs(grid_thw, merge_size: int, window_size: int, patch_size: int) -> dict[str, np.ndarray]:
+    """Every grid-dependent input of the vision graph (besides the patches), as the exported `vision.onnx` and
+    `retrv.model.vision.VisionTower.forward` take them. int64 throughout."""
+    grid = _as_grid(grid_thw)
+    total = int(grid.prod(axis=1).sum())
+    window_index, cu_window = vision_window_index(grid, merge_size, window_size, patch_size)
+    return {
+        "position_ids": vision_position_ids(grid, merge_size),  # (N, 2)
+        "window_index": window_index,  # (N/m^2,)
+        "reverse_index": np.argsort(window_index, kind="stable").astype(np.int64),  # undoes the window order
+        "window_segments": segment_ids_from_cu_seqlens(cu_window, total),  # (N,)
+        "image_segments": segment_ids_from_cu_seqlens(vision_cu_seqlens(grid), total),  # (N,)
+    }

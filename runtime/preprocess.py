@@ -296,7 +296,8 @@ def _patchify(pixels: np.ndarray, cfg: ImageProcessorConfig) -> np.ndarray:
     blocks = pixels.reshape(gh // m, m, p, gw // m, m, p, channels)  # (bh, mh, ph, bw, mw, pw, C)
     blocks = blocks.transpose(0, 3, 1, 4, 6, 2, 5)  # (bh, bw, mh, mw, C, ph, pw)
     # A still image is its own second frame: repeat it along a time axis placed after the channels.
-    frames = np.broadcast_to(blocks[:, :, :, :, :, None], (*blocks.shape[:5], t, p, p))  # (bh, bw, mh, mw, C, T, ph, pw)
+    # (bh, bw, mh, mw, C, T, ph, pw)
+    frames = np.broadcast_to(blocks[:, :, :, :, :, None], (*blocks.shape[:5], t, p, p))
     return np.ascontiguousarray(frames).reshape(gh * gw, channels * t * p * p)  # (N, C*T*P*P)
 
 

@@ -154,7 +154,8 @@ def test_inspection_and_tool_tokens_written_literally(processor, prompt_tok):
 def test_unicode_and_whitespace(processor, prompt_tok):
     # A decomposed "é" (NFC-normalized by both), CJK, an emoji and runs of whitespace around an image.
     text = "cafe\u0301 東京 🙂  \n\n  end\r\n"
-    messages = [{"role": "user", "content": [{"type": "text", "text": text}, {"type": "image"}, {"type": "text", "text": " "}]}]
+    parts = [{"type": "text", "text": text}, {"type": "image"}, {"type": "text", "text": " "}]
+    messages = [{"role": "user", "content": parts}]
     _check_against_processor(processor, prompt_tok, messages, _images([(56, 56)], seed=4))
 
 

@@ -1,0 +1,97 @@
+"""`retrv export CKPT PACK`: a checkpoint in, a verified pack out.
+
+Everything is written into a temporary sibling directory, every graph is validated against the PyTorch model,
+`--verify` runs generation through the finished pack before it is published, and only then is the directory
+renamed into place: a failed export leaves no pack and never replaces a good one.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from retrv.export.graphs import sub_models
+from retrv.export.onnx_export import OPSET, export_onnx, validate_onnx
+from retrv.model.loading import load_checkpoint
+from retrv.runtime.errors import CheckpointError, InputError
+from retrv.runtime.fsutil import atomic_dir
+from retrv.runtime.pack import PACK_FORMAT_VERSION, Manifest, describe_file, write_manifest
+from retrv.runtime.preprocess import ImageProcessorConfig
+from retrv.runtime.prompt import ChatTemplate
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32",)  # fp16 packs come from the quantization stage's fp16 pass (fp32 islands by rule)
+
+
+def _versions() -> dict[str, str | None]:
+    out = {}
+    for dist in ("retrv-edge", "torch", "onnx", "onnxruntime", "transformers"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32", embedder: str | Path | None = None,
+                verify: bool = False) -> Path:
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision: got {precision!r}; expected one of {list(PRECISIONS)} (fp16 packs: "
+                         f"`retrv quantize PACK OUT --mode fp16` once the quantization stage lands)")
+    if embedder is not None:
+        raise InputError(f"--embedder: got {str(embedder)!r}; a separate embedder checkpoint is not supported yet, "
+                         f"expected none (the pack's embedder is pooled from the same backbone)")
+    ckpt = Path(checkpoint)
+    for name in ("tokenizer.json", "preprocessor_config.json"):
+        if not (ckpt / name).is_file():
+            raise CheckpointError(f"{ckpt}: {name} is missing; expected it beside config.json")
+    processor = ImageProcessorConfig.from_file(ckpt / "preprocessor_config.json")
+    model = load_checkpoint(ckpt, dtype=torch.float32)
+    cfg = model.cfg
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        files, validation = {}, {}
+        for sub in sub_models(model):
+            written = export_onnx(sub, cfg, tmp / sub.spec.filename)
+            validation[sub.spec.role] = validate_onnx(sub, cfg, written[0], precision)
+            files[written[0].name] = describe_file(
+                tmp, written[0].name, sub.spec.role, precision=precision,
+                inputs={k: v.to_dict() for k, v in sub.spec.inputs.items()},
+                outputs={k: v.to_dict() for k, v in sub.spec.outputs.items()},
+            )
+            for extra in written[1:]:
+                files[extra.name] = describe_file(tmp, extra.name, "external_data", data_of=written[0].name)
+        table = model.language_model.embed_tokens.weight.detach().float().numpy()
+        np.save(tmp / "embed_tokens.npy", np.ascontiguousarray(table), allow_pickle=False)
+        files["embed_tokens.npy"] = describe_file(tmp, "embed_tokens.npy", "embed_tokens", precision=precision)
+        shutil.copyfile(ckpt / "tokenizer.json", tmp / "tokenizer.json")
+        files["tokenizer.json"] = describe_file(tmp, "tokenizer.json", "tokenizer")
+        manifest = Manifest(
+            format_version=PACK_FORMAT_VERSION,
+            model=cfg.to_dict(),
+            method="retrv-r1" if cfg.icm is not None else "listwise",
+            preprocessor=processor.to_dict(),
+            prompt_template=asdict(ChatTemplate()),
+            opset=OPSET,
+            created_by=_versions(),
+            files=files,
+            validation=validation,
+            extra={"source_checkpoint": ckpt.name},
+        )
+        write_manifest(tmp, manifest)
+        if verify:
+            from retrv.export.verify import verify_pack
+
+            report = verify_pack(tmp, ckpt, model)
+            manifest = Manifest(**{**manifest.__dict__, "validation": {**validation, "generation": report}})
+            write_manifest(tmp, manifest)
+        del model
+    log.info("wrote pack %s", out)
+    return out

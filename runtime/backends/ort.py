@@ -1,0 +1,185 @@
+"""ONNX Runtime backend: sessions created lazily per sub-model, options set on purpose, KV cache kept as OrtValues.
+
+- Providers: `auto` takes CUDA when this onnxruntime build has it, else CPU; or a name ("cpu", "cuda").
+- Threads: intra-op = physical cores (ORT's own default is close, but a container's cpu_count lies less than
+  ORT's probe; callers can override).
+- Graph optimisation: the first open writes the optimised model to a cache keyed by the file's sha256, the ORT
+  version and the provider; later opens load it and skip the (for a 7B decoder, many-second) optimisation.
+- KV cache: `present_*` outputs are bound with IO binding and stay OrtValues on the provider's device; the next
+  step binds them as `past_*` without a round trip through numpy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from retrv.runtime.backends.base import Backend, DecoderState, check_feed
+from retrv.runtime.errors import InputError, require
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def choose_providers(provider: str = "auto") -> list[str]:
+    ort = require("onnxruntime", "runtime")
+    available = ort.get_available_providers()
+    if provider == "auto":
+        return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    if provider not in PROVIDERS:
+        raise InputError(f"provider: got {provider!r}; expected one of {['auto', *PROVIDERS]}")
+    if PROVIDERS[provider] not in available:
+        raise InputError(f"provider: {provider!r} is not in this onnxruntime build; available: {available}")
+    return [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+
+
+def physical_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("RETRV_CACHE", Path.home() / ".cache" / "retrv"))
+
+
+class OrtRunner:
+    """One sub-model: `runner.infer(feed)` checks the feed against the manifest spec, then runs."""
+
+    def __init__(self, path: Path, spec: dict, sha256: str, providers: list[str], threads: int | None,
+                 cache_dir: Path | None) -> None:
+        ort = require("onnxruntime", "runtime")
+        self.path, self.spec, self.providers = path, spec, providers
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or physical_cores()
+        opts.log_severity_level = 3
+        source = path
+        if cache_dir is not None:
+            tag = f"{path.stem}-{sha256[:16]}-ort{ort.__version__}-{providers[0].replace('ExecutionProvider', '').lower()}"
+            cached = cache_dir / "ort" / f"{tag}.onnx"
+            if cached.exists():
+                source = cached
+                # Already optimised to the extended level; the layout (ALL) passes still run, and are cheap.
+                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            else:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+                # EXTENDED, not ALL: ALL adds layout transforms specific to this CPU, unsafe to cache.
+                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+                opts.optimized_model_filepath = str(tmp)
+                opts.add_session_config_entry(
+                    "session.optimized_model_external_initializers_file_name", tmp.name + ".data"
+                )
+                opts.add_session_config_entry(
+                    "session.optimized_model_external_initializers_min_size_in_bytes", str(1 << 20)
+                )
+                self.session = ort.InferenceSession(str(path), opts, providers=providers)
+                self._publish(tmp, cached)
+                return
+        else:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(source), opts, providers=providers)
+
+    @staticmethod
+    def _publish(tmp: Path, cached: Path) -> None:
+        """Rename the freshly written optimised model into place; its external data keeps its temp name (the
+        model file refers to it by that name), so only the small graph file is renamed, last."""
+        if tmp.exists():
+            os.replace(tmp, cached)
+
+    def check(self, feed: dict[str, np.ndarray]) -> None:
+        owner = self.path.name
+        for name, ts in self.spec["inputs"].items():
+            if name not in feed:
+                raise InputError(f"{owner}: input '{name}' is missing; expected inputs {list(self.spec['inputs'])}")
+            check_feed(owner, name, feed[name], ts["dtype"], tuple(ts["shape"]))
+
+    def infer(self, feed: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        self.check(feed)
+        names = outputs or list(self.spec["outputs"])
+        return dict(zip(names, self.session.run(names, feed)))
+
+
+class OrtBackend(Backend):
+    name = "ort"
+
+    def __init__(self, pack, provider: str = "auto", threads: int | None = None,
+                 cache_dir: Path | None | str = "default") -> None:
+        self.pack = pack
+        self.providers = choose_providers(provider)
+        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        self.threads = threads
+        self.cache_dir = default_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None)
+        self._runners: dict[str, OrtRunner] = {}
+        cfg = pack.model_config.text
+        self.num_layers, self.kv_heads, self.head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+
+    def runner(self, role: str) -> OrtRunner:
+        """Sessions open on first use: a text-only query never loads the vision graph."""
+        if role not in self._runners:
+            path = self.pack.file(role)
+            entry = self.pack.manifest.files[path.name]
+            self._runners[role] = OrtRunner(
+                path, {"inputs": entry.inputs, "outputs": entry.outputs}, entry.sha256,
+                self.providers, self.threads, self.cache_dir,
+            )
+        return self._runners[role]
+
+    def close(self) -> None:
+        self._runners.clear()
+
+    def vision(self, feeds):
+        return self.runner("vision").infer(feeds)["image_tokens"]
+
+    def embed(self, inputs_embeds, position_ids, attention_mask):
+        feed = {"inputs_embeds": inputs_embeds, "position_ids": position_ids, "attention_mask": attention_mask}
+        return self.runner("embedder").infer(feed)["embedding"]
+
+    def icm_content(self, cand_tokens, cand_mask):
+        if not self.pack.has("icm_content"):
+            return super().icm_content(cand_tokens, cand_mask)
+        return self.runner("icm_content").infer({"cand_tokens": cand_tokens, "cand_mask": cand_mask})["t_con"]
+
+    def icm_relation(self, cand_tokens, cand_mask, query_tokens, query_mask):
+        if not self.pack.has("icm_relation"):
+            return super().icm_relation(cand_tokens, cand_mask, query_tokens, query_mask)
+        feed = {"cand_tokens": cand_tokens, "cand_mask": cand_mask, "query_tokens": query_tokens,
+                "query_mask": query_mask}
+        return self.runner("icm_relation").infer(feed)["t_rel"]
+
+    # -- decoder with the cache kept in OrtValues ---------------------------------------------------------------
+    def start(self, batch: int) -> DecoderState:
+        ort = require("onnxruntime", "runtime")
+        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32)
+        past = [ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0) for _ in range(2 * self.num_layers)]
+        return DecoderState(batch=batch, attention_mask=np.zeros((batch, 0), dtype=np.int64), cache=past)
+
+    def step(self, state, inputs_embeds, position_ids, attention_mask):
+        runner = self.runner("decoder")
+        mask = np.concatenate([state.attention_mask, attention_mask.astype(np.int64)], axis=1)
+        feed = {"inputs_embeds": inputs_embeds, "position_ids": position_ids, "attention_mask": mask}
+        for name in ("inputs_embeds", "position_ids", "attention_mask"):
+            ts = runner.spec["inputs"][name]
+            check_feed(runner.path.name, name, feed[name], ts["dtype"], tuple(ts["shape"]))
+        io = runner.session.io_binding()
+        for name, value in feed.items():
+            io.bind_cpu_input(name, np.ascontiguousarray(value))
+        past_names = [n for n in runner.spec["inputs"] if n.startswith("past_")]
+        for name, value in zip(past_names, state.cache):
+            io.bind_ortvalue_input(name, value)
+        io.bind_output("logits", "cpu")
+        present_names = [n for n in runner.spec["outputs"] if n.startswith("present_")]
+        for name in present_names:
+            io.bind_output(name, self.device)  # ORT allocates; stays on device for the next step
+        runner.session.run_with_iobinding(io)
+        outputs = io.get_outputs()
+        state.cache = list(outputs[1:])
+        state.attention_mask = mask
+        state.stats["steps"] += 1
+        state.stats["tokens"] += int(inputs_embeds.shape[1])
+        return outputs[0].numpy()

@@ -1,0 +1,132 @@
+"""Greedy generation over any backend, in numpy: the loop `retrv generate` and `--verify` run.
+
+prompt + images -> chat template with image placeholders -> vision graph -> embedding lookup with image tokens
+scattered in -> M-RoPE positions -> prefill -> one token at a time until eos or the limit.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from retrv.model.config import ModelConfig
+from retrv.runtime import positions
+from retrv.runtime.backends.base import Backend
+from retrv.runtime.errors import InputError
+from retrv.runtime.preprocess import ImageProcessorConfig, preprocess_images
+from retrv.runtime.prompt import PromptTokenizer
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[int]  # exactly what the decoder saw (template and image placeholders expanded)
+    token_ids: list[int]
+    text: str
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"prompt_ids": self.prompt_ids, "token_ids": self.token_ids, "text": self.text,
+                "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()}}
+
+
+class Generator:
+    def __init__(self, backend: Backend, tokenizer: PromptTokenizer, cfg: ModelConfig,
+                 processor: ImageProcessorConfig, embed_table: np.ndarray) -> None:
+        if embed_table.shape != (cfg.text.vocab_size, cfg.text.hidden_size):
+            raise InputError(f"embed_tokens: got shape {embed_table.shape}; expected "
+                             f"({cfg.text.vocab_size}, {cfg.text.hidden_size})")
+        self.backend, self.tokenizer, self.cfg, self.processor = backend, tokenizer, cfg, processor
+        self.embed_table = embed_table
+
+    @classmethod
+    def from_pack(cls, pack, backend: Backend) -> "Generator":
+        table = np.load(pack.file("embed_tokens"), mmap_mode="r", allow_pickle=False)
+        return cls(backend, PromptTokenizer(pack.file("tokenizer")), pack.model_config, pack.preprocessor, table)
+
+    # -- pieces the reranker reuses ------------------------------------------------------------------------------
+    def lookup(self, ids) -> np.ndarray:
+        """Token ids -> (S, H) float32 embeddings from the (memory-mapped) table."""
+        return np.asarray(self.embed_table[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
+
+    def encode_images(self, images) -> tuple[np.ndarray, np.ndarray]:
+        """Images (paths, PIL, arrays) -> (merged tokens (M, H), grids (n, 3))."""
+        patches, grids = preprocess_images(list(images), self.processor)
+        v = self.cfg.vision
+        feeds = positions.vision_graph_inputs(grids, v.spatial_merge_size, v.window_size, v.patch_size)
+        feeds["patches"] = patches
+        return self.backend.vision(feeds), grids
+
+    def render(self, prompt: str, grids: np.ndarray) -> list[int]:
+        merge = self.cfg.vision.spatial_merge_size ** 2
+        content = [{"type": "image"} for _ in range(len(grids))] + [{"type": "text", "text": prompt}]
+        counts = [int(np.prod(g)) // merge for g in grids]
+        return self.tokenizer.render([{"role": "user", "content": content}], counts)
+
+    def prompt_embeds(self, ids: list[int], image_tokens: np.ndarray | None) -> np.ndarray:
+        embeds = self.lookup(ids)  # (S, H)
+        slots = np.flatnonzero(np.asarray(ids) == self.cfg.tokens.image_token_id)
+        n_tokens = 0 if image_tokens is None else image_tokens.shape[0]
+        if slots.size != n_tokens:
+            raise InputError(f"prompt: got {slots.size} image placeholder tokens; expected {n_tokens}")
+        if n_tokens:
+            embeds[slots] = image_tokens
+        return embeds
+
+    # -- the loop --------------------------------------------------------------------------------------------------
+    def generate(self, prompt: str, images=(), max_new_tokens: int = 32, stop_at_eos: bool = True) -> GenerationResult:
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens: got {max_new_tokens}; expected >= 1")
+        timings: dict[str, float] = {}
+        clock = time.perf_counter
+
+        t0 = clock()
+        image_tokens, grids = (None, np.zeros((0, 3), np.int64))
+        if images:
+            image_tokens, grids = self.encode_images(images)
+        timings["vision"] = (clock() - t0) * 1e3
+
+        t0 = clock()
+        ids = self.render(prompt, grids)
+        embeds = self.prompt_embeds(ids, image_tokens)
+        pos, _ = positions.rope_index(
+            np.asarray([ids]), grids if len(grids) else None, None,
+            image_token_id=self.cfg.tokens.image_token_id, spatial_merge_size=self.cfg.vision.spatial_merge_size,
+        )
+        timings["prepare"] = (clock() - t0) * 1e3
+
+        t0 = clock()
+        state = self.backend.start(1)
+        logits = self.backend.step(state, embeds[None], pos, np.ones((1, len(ids)), np.int64))
+        timings["prefill"] = (clock() - t0) * 1e3
+
+        t0 = clock()
+        eos = set(self.cfg.tokens.eos_token_ids) if stop_at_eos else set()
+        next_pos = int(pos.max()) + 1
+        tokens: list[int] = []
+        for step in range(max_new_tokens):
+            token = int(np.argmax(logits[0]))
+            tokens.append(token)
+            if token in eos or step == max_new_tokens - 1:
+                break
+            step_pos = np.full((3, 1, 1), next_pos + step, dtype=np.int64)
+            logits = self.backend.step(state, self.lookup([token])[None], step_pos, np.ones((1, 1), np.int64))
+        timings["decode"] = (clock() - t0) * 1e3
+        if len(tokens) > 1:
+            timings["ms_per_token"] = timings["decode"] / (len(tokens) - 1)
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return GenerationResult(prompt_ids=list(ids), token_ids=tokens, text=text, timings_ms=timings)
+
+
+def load_pack_generator(pack_dir: str | Path, backend: str = "auto", **backend_kwargs) -> Generator:
+    """Open a pack and a backend for it (ort by default; torch needs `checkpoint=`)."""
+    from retrv.runtime.pack import Pack
+
+    pack = Pack.open(pack_dir)
+    if backend in ("auto", "ort"):
+        from retrv.runtime.backends.ort import OrtBackend
+
+        return Generator.from_pack(pack, OrtBackend(pack, **backend_kwargs))
+    raise InputError(f"backend: got {backend!r}; expected 'auto' or 'ort' for a pack")
