@@ -52,47 +52,48 @@ def kv_names(num_layers: int, kind: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------- specs
-def vision_spec(cfg: ModelConfig) -> GraphSpec:
+def vision_spec(cfg: ModelConfig, fdt: str = "float32") -> GraphSpec:
     v = cfg.vision
     return GraphSpec(
         "vision",
         inputs={
-            "patches": TensorSpec("float32", ("patches", v.patch_dim)),
+            "patches": TensorSpec(fdt, ("patches", v.patch_dim)),
             "position_ids": TensorSpec("int64", ("patches", 2)),
             "window_index": TensorSpec("int64", ("tokens",)),
             "reverse_index": TensorSpec("int64", ("tokens",)),
             "window_segments": TensorSpec("int64", ("patches",)),
             "image_segments": TensorSpec("int64", ("patches",)),
         },
-        outputs={"image_tokens": TensorSpec("float32", ("tokens", cfg.text.hidden_size))},
+        outputs={"image_tokens": TensorSpec(fdt, ("tokens", cfg.text.hidden_size))},
     )
 
 
-def decoder_spec(cfg: ModelConfig) -> GraphSpec:
+def decoder_spec(cfg: ModelConfig, fdt: str = "float32") -> GraphSpec:
     t = cfg.text
-    kv_in = TensorSpec("float32", ("batch", t.num_key_value_heads, "past", t.head_dim))
-    kv_out = TensorSpec("float32", ("batch", t.num_key_value_heads, "total", t.head_dim))
+    kv_in = TensorSpec(fdt, ("batch", t.num_key_value_heads, "past", t.head_dim))
+    kv_out = TensorSpec(fdt, ("batch", t.num_key_value_heads, "total", t.head_dim))
     return GraphSpec(
         "decoder",
         inputs={
-            "inputs_embeds": TensorSpec("float32", ("batch", "seq", t.hidden_size)),
+            "inputs_embeds": TensorSpec(fdt, ("batch", "seq", t.hidden_size)),
             "position_ids": TensorSpec("int64", (3, "batch", "seq")),
             "attention_mask": TensorSpec("int64", ("batch", "total")),
             **{n: kv_in for n in kv_names(t.num_hidden_layers, "past")},
         },
         outputs={
             "logits": TensorSpec("float32", ("batch", t.vocab_size)),
+            "embedding": TensorSpec("float32", ("batch", t.hidden_size)),
             **{n: kv_out for n in kv_names(t.num_hidden_layers, "present")},
         },
     )
 
 
-def embedder_spec(cfg: ModelConfig) -> GraphSpec:
+def embedder_spec(cfg: ModelConfig, fdt: str = "float32") -> GraphSpec:
     h = cfg.text.hidden_size
     return GraphSpec(
         "embedder",
         inputs={
-            "inputs_embeds": TensorSpec("float32", ("batch", "seq", h)),
+            "inputs_embeds": TensorSpec(fdt, ("batch", "seq", h)),
             "position_ids": TensorSpec("int64", (3, "batch", "seq")),
             "attention_mask": TensorSpec("int64", ("batch", "seq")),
         },
@@ -100,29 +101,29 @@ def embedder_spec(cfg: ModelConfig) -> GraphSpec:
     )
 
 
-def icm_content_spec(cfg: ModelConfig) -> GraphSpec:
+def icm_content_spec(cfg: ModelConfig, fdt: str = "float32") -> GraphSpec:
     h = cfg.text.hidden_size
     return GraphSpec(
         "icm_content",
         inputs={
-            "cand_tokens": TensorSpec("float32", ("cands", "cand_len", h)),
+            "cand_tokens": TensorSpec(fdt, ("cands", "cand_len", h)),
             "cand_mask": TensorSpec("int64", ("cands", "cand_len")),
         },
-        outputs={"t_con": TensorSpec("float32", ("cands", h))},
+        outputs={"t_con": TensorSpec(fdt, ("cands", h))},
     )
 
 
-def icm_relation_spec(cfg: ModelConfig) -> GraphSpec:
+def icm_relation_spec(cfg: ModelConfig, fdt: str = "float32") -> GraphSpec:
     h = cfg.text.hidden_size
     return GraphSpec(
         "icm_relation",
         inputs={
-            "cand_tokens": TensorSpec("float32", ("cands", "cand_len", h)),
+            "cand_tokens": TensorSpec(fdt, ("cands", "cand_len", h)),
             "cand_mask": TensorSpec("int64", ("cands", "cand_len")),
-            "query_tokens": TensorSpec("float32", ("query_len", h)),
+            "query_tokens": TensorSpec(fdt, ("query_len", h)),
             "query_mask": TensorSpec("int64", ("query_len",)),
         },
-        outputs={"t_rel": TensorSpec("float32", ("cands", h))},
+        outputs={"t_rel": TensorSpec(fdt, ("cands", h))},
     )
 
 
@@ -136,9 +137,17 @@ class VisionGraph(nn.Module):
         return self.visual(patches, position_ids, window_index, reverse_index, window_segments, image_segments)
 
 
+def pooled_embedding(hidden: torch.Tensor) -> torch.Tensor:
+    """LamRA-style embedding: the final-norm hidden state of the last position, L2-normalised, fp32. Left padding
+    puts every row's last real token at the last position."""
+    last = hidden[:, -1].float()  # (B, H)
+    return last / last.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
 class DecoderGraph(nn.Module):
     """Prefill, extension and decode in one graph: logits of the last position only (a 3,000-token prefill would
-    otherwise materialise 3,000 x vocab floats nobody reads) and the extended KV cache."""
+    otherwise materialise 3,000 x vocab floats nobody reads), the pooled embedding of the last position (so the
+    default coarse-stage embedder needs no second copy of the backbone), and the extended KV cache."""
 
     def __init__(self, model: Qwen2_5_VL) -> None:
         super().__init__()
@@ -148,14 +157,14 @@ class DecoderGraph(nn.Module):
         hidden, keys, values = self.language_model(
             inputs_embeds, position_ids, attention_mask, list(past[0::2]), list(past[1::2])
         )
-        logits = self.lm_head(hidden[:, -1])  # (B, V)
+        logits = self.lm_head(hidden[:, -1]).float()  # (B, V); fp32 whatever the weights
         presents = [t for kv in zip(keys, values) for t in kv]
-        return (logits, *presents)
+        return (logits, pooled_embedding(hidden), *presents)
 
 
 class EmbedderGraph(nn.Module):
-    """LamRA-style embedding: the final-norm hidden state of the last position, L2-normalised. Left padding puts
-    every row's last real token at the last position."""
+    """A stand-alone embedder graph (no cache I/O): for a separate embedder checkpoint (`--embedder`). The default
+    embedder is the decoder graph's `embedding` output."""
 
     def __init__(self, model: Qwen2_5_VL) -> None:
         super().__init__()
@@ -169,8 +178,7 @@ class EmbedderGraph(nn.Module):
         hidden, _, _ = self.language_model(
             inputs_embeds, position_ids, attention_mask, [empty] * self.layers, [empty] * self.layers
         )
-        last = hidden[:, -1].float()  # (B, H)
-        return last / last.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return pooled_embedding(hidden)
 
 
 class IcmContentGraph(nn.Module):
@@ -197,19 +205,30 @@ class SubModel:
     module: nn.Module
 
 
+FLOAT_NAMES = {torch.float32: "float32", torch.float16: "float16"}
+
+
 def sub_models(model: Qwen2_5_VL) -> list[SubModel]:
+    """The pack's graphs for `model`; float inputs/outputs take the model's dtype (fp32 or fp16), except the
+    decoder's logits and the embedding, which stay fp32 (argmax ties and cosine scores need the precision)."""
     cfg = model.cfg
+    fdt = FLOAT_NAMES[model.dtype]
     subs = [
-        SubModel(vision_spec(cfg), VisionGraph(model)),
-        SubModel(decoder_spec(cfg), DecoderGraph(model)),
-        SubModel(embedder_spec(cfg), EmbedderGraph(model)),
+        SubModel(vision_spec(cfg, fdt), VisionGraph(model)),
+        SubModel(decoder_spec(cfg, fdt), DecoderGraph(model)),
     ]
     if model.icm is not None:
         subs += [
-            SubModel(icm_content_spec(cfg), IcmContentGraph(model)),
-            SubModel(icm_relation_spec(cfg), IcmRelationGraph(model)),
+            SubModel(icm_content_spec(cfg, fdt), IcmContentGraph(model)),
+            SubModel(icm_relation_spec(cfg, fdt), IcmRelationGraph(model)),
         ]
     return subs
+
+
+def cast_feeds(spec: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Float arrays converted to the dtype the graph declares (an fp16 graph takes fp16 embeddings)."""
+    return {k: (v.astype(spec.inputs[k].dtype) if v.dtype.kind == "f" and k in spec.inputs else v)
+            for k, v in feeds.items()}
 
 
 # --------------------------------------------------------------------------------------------------- dummy inputs

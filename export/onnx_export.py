@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrv.export.graphs import GraphSpec, SubModel, run_torch, sample_inputs
+from retrv.export.graphs import GraphSpec, SubModel, cast_feeds, run_torch, sample_inputs
 from retrv.model.config import ModelConfig
 from retrv.runtime.errors import RetrvError
 
@@ -53,7 +53,7 @@ def export_onnx(sub: SubModel, cfg: ModelConfig, path: Path) -> list[Path]:
 
     spec = sub.spec
     dtype = next(sub.module.parameters()).dtype
-    args = _torch_args(spec, sample_inputs(spec, cfg, variant=0), dtype)
+    args = _torch_args(spec, sample_inputs(spec, cfg, variant=0), dtype)  # traced in the model's own dtype
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{spec.role}-") as tmp:
         raw = Path(tmp) / spec.filename
         with warnings.catch_warnings(), torch.no_grad():
@@ -85,18 +85,21 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def validate_onnx(sub: SubModel, cfg: ModelConfig, path: Path, precision: str = "fp32", variants=(1, 2)) -> dict:
-    """Run the file in ONNX Runtime and the module in PyTorch on inputs of several shapes; raise
-    `ExportValidationError` on the first output whose max abs difference exceeds tolerance x its scale."""
+def validate_onnx(sub: SubModel, cfg: ModelConfig, path: Path, precision: str = "fp32", variants=(1, 2),
+                  oracle: SubModel | None = None) -> dict:
+    """Run the file in ONNX Runtime and the PyTorch module (`oracle`, default the exported module itself; for an
+    fp16 graph, the fp32 model) on inputs of several shapes; raise `ExportValidationError` on the first output
+    whose max abs difference exceeds tolerance x its scale."""
     spec = sub.spec
+    oracle = oracle or sub
     sess = _session(path)
     tol = TOLERANCE[precision]
     worst: dict[str, float] = {}
     shapes = []
     for v in variants:
         feeds = sample_inputs(spec, cfg, variant=v)
-        want = run_torch(sub.module, spec, feeds)
-        got = dict(zip(spec.outputs, sess.run(list(spec.outputs), feeds)))
+        want = run_torch(oracle.module, oracle.spec, feeds)
+        got = dict(zip(spec.outputs, sess.run(list(spec.outputs), cast_feeds(spec, feeds))))
         shapes.append({k: list(a.shape) for k, a in feeds.items() if not k.startswith("past_")})
         for name, ref in want.items():
             out = got[name]
@@ -121,9 +124,9 @@ def validate_onnx(sub: SubModel, cfg: ModelConfig, path: Path, precision: str = 
 def check_uses_cache(sess, spec: GraphSpec, cfg: ModelConfig, path: Path) -> bool:
     """A cache-enabled decoder must read its past: the same new token with two different pasts must give
     different logits (a known optimum export bug produced graphs that silently ignored it)."""
-    feeds = sample_inputs(spec, cfg, variant=0)
+    feeds = cast_feeds(spec, sample_inputs(spec, cfg, variant=0))
     logits_a = sess.run(["logits"], feeds)[0]
-    other = {k: (v * -1.0 + 0.5 if k.startswith("past_") else v) for k, v in feeds.items()}
+    other = {k: (v * -1 + 0.5).astype(v.dtype) if k.startswith("past_") else v for k, v in feeds.items()}
     logits_b = sess.run(["logits"], other)[0]
     if np.allclose(logits_a, logits_b, atol=1e-6):
         raise ExportValidationError(f"{path.name}: logits do not depend on past_key_*/past_value_*; expected a graph "

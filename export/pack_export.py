@@ -7,6 +7,7 @@ renamed into place: a failed export leaves no pack and never replaces a good one
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 from dataclasses import asdict
@@ -27,7 +28,7 @@ from retrv.runtime.prompt import ChatTemplate
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32",)  # fp16 packs come from the quantization stage's fp16 pass (fp32 islands by rule)
+PRECISIONS = ("fp32", "fp16")  # fp16: weights, activations and KV in fp16; norms, rotary, softmax in fp32 inside
 
 
 def _versions() -> dict[str, str | None]:
@@ -43,8 +44,7 @@ def _versions() -> dict[str, str | None]:
 def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32", embedder: str | Path | None = None,
                 verify: bool = False) -> Path:
     if precision not in PRECISIONS:
-        raise InputError(f"--precision: got {precision!r}; expected one of {list(PRECISIONS)} (fp16 packs: "
-                         f"`retrv quantize PACK OUT --mode fp16` once the quantization stage lands)")
+        raise InputError(f"--precision: got {precision!r}; expected one of {list(PRECISIONS)}")
     if embedder is not None:
         raise InputError(f"--embedder: got {str(embedder)!r}; a separate embedder checkpoint is not supported yet, "
                          f"expected none (the pack's embedder is pooled from the same backbone)")
@@ -53,14 +53,16 @@ def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
         if not (ckpt / name).is_file():
             raise CheckpointError(f"{ckpt}: {name} is missing; expected it beside config.json")
     processor = ImageProcessorConfig.from_file(ckpt / "preprocessor_config.json")
-    model = load_checkpoint(ckpt, dtype=torch.float32)
+    oracle = load_checkpoint(ckpt, dtype=torch.float32)  # every graph is checked against the fp32 model
+    model = copy.deepcopy(oracle).half() if precision == "fp16" else oracle
+    oracles = {s.spec.role: s for s in sub_models(oracle)}
     cfg = model.cfg
     out = Path(out)
     with atomic_dir(out) as tmp:
         files, validation = {}, {}
         for sub in sub_models(model):
             written = export_onnx(sub, cfg, tmp / sub.spec.filename)
-            validation[sub.spec.role] = validate_onnx(sub, cfg, written[0], precision)
+            validation[sub.spec.role] = validate_onnx(sub, cfg, written[0], precision, oracle=oracles[sub.spec.role])
             files[written[0].name] = describe_file(
                 tmp, written[0].name, sub.spec.role, precision=precision,
                 inputs={k: v.to_dict() for k, v in sub.spec.inputs.items()},
@@ -68,7 +70,7 @@ def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
             )
             for extra in written[1:]:
                 files[extra.name] = describe_file(tmp, extra.name, "external_data", data_of=written[0].name)
-        table = model.language_model.embed_tokens.weight.detach().float().numpy()
+        table = model.language_model.embed_tokens.weight.detach().numpy()  # fp16 in an fp16 pack: half the bytes
         np.save(tmp / "embed_tokens.npy", np.ascontiguousarray(table), allow_pickle=False)
         files["embed_tokens.npy"] = describe_file(tmp, "embed_tokens.npy", "embed_tokens", precision=precision)
         shutil.copyfile(ckpt / "tokenizer.json", tmp / "tokenizer.json")
@@ -89,9 +91,9 @@ def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
         if verify:
             from retrv.export.verify import verify_pack
 
-            report = verify_pack(tmp, ckpt, model)
+            report = verify_pack(tmp, ckpt, oracle, precision)
             manifest = Manifest(**{**manifest.__dict__, "validation": {**validation, "generation": report}})
             write_manifest(tmp, manifest)
-        del model
+        del model, oracle
     log.info("wrote pack %s", out)
     return out

@@ -51,7 +51,7 @@ def _transformers_greedy(ckpt: Path, gen: Generator, prompt: str, images) -> lis
     return out[0, ids.shape[1]:].tolist()
 
 
-def verify_pack(pack_dir: Path, ckpt: Path, model) -> dict:
+def verify_pack(pack_dir: Path, ckpt: Path, model, precision: str = "fp32") -> dict:
     pack = Pack.open(pack_dir)
     ort_gen = Generator.from_pack(pack, OrtBackend(pack, provider="cpu", cache_dir=None))
     torch_gen = Generator.from_pack(pack, TorchBackend(model))

@@ -35,7 +35,7 @@ class GenerationResult:
 class Generator:
     def __init__(self, backend: Backend, tokenizer: PromptTokenizer, cfg: ModelConfig,
                  processor: ImageProcessorConfig, embed_table: np.ndarray) -> None:
-        if embed_table.shape != (cfg.text.vocab_size, cfg.text.hidden_size):
+        if embed_table.ndim != 2 or embed_table.shape != (cfg.text.vocab_size, cfg.text.hidden_size):
             raise InputError(f"embed_tokens: got shape {embed_table.shape}; expected "
                              f"({cfg.text.vocab_size}, {cfg.text.hidden_size})")
         self.backend, self.tokenizer, self.cfg, self.processor = backend, tokenizer, cfg, processor

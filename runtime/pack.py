@@ -55,8 +55,8 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4")
 METHODS = ("retrv-r1", "listwise")  # retrv-r1: the model has an ICM; listwise: every candidate in the prompt
 VERIFY_MODES = ("full", "size")
 
-_ROLE_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_ROLE_RE = re.compile(r"[a-z][a-z0-9_]*")
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def _fail(msg: str) -> PackError:
@@ -93,7 +93,8 @@ def check_file_name(name: Any) -> str:
     if p.is_absolute() or name.startswith("/") or re.match(r"^[A-Za-z]:", name):
         raise _fail(f"file name {name!r}: absolute path escapes the pack directory; expected a relative path")
     if any(part in ("..", ".") for part in name.split("/")) or "" in name.split("/"):
-        raise _fail(f"file name {name!r}: escapes the pack directory or is not normalized; expected e.g. 'decoder.onnx'")
+        raise _fail(f"file name {name!r}: escapes the pack directory or is not normalized; "
+                    f"expected e.g. 'decoder.onnx'")
     if name == MANIFEST_NAME:
         raise _fail(f"file name {name!r}: the manifest cannot list itself")
     return name
@@ -132,9 +133,9 @@ class FileEntry:
     data_of: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.role, str) or not _ROLE_RE.match(self.role):
+        if not isinstance(self.role, str) or not _ROLE_RE.fullmatch(self.role):
             raise _fail(f"role: got {self.role!r}; expected a lower-case name such as 'decoder'")
-        if not isinstance(self.sha256, str) or not _SHA_RE.match(self.sha256):
+        if not isinstance(self.sha256, str) or not _SHA_RE.fullmatch(self.sha256):
             raise _fail(f"sha256: got {self.sha256!r}; expected 64 lower-case hex digits")
         if not _is_int(self.bytes) or self.bytes < 0:
             raise _fail(f"bytes: got {self.bytes!r}; expected an integer >= 0")
@@ -160,8 +161,8 @@ class FileEntry:
         unknown = sorted(set(d) - known)
         missing = [k for k in ("role", "sha256", "bytes") if k not in d]
         if unknown or missing:
-            raise _fail(f"{where}: {'unknown fields ' + str(unknown) if unknown else 'missing fields ' + str(missing)}; "
-                        f"expected {sorted(known)}")
+            problem = f"unknown fields {unknown}" if unknown else f"missing fields {missing}"
+            raise _fail(f"{where}: {problem}; expected {sorted(known)}")
         kw = {k: v for k, v in d.items() if not (k in ("inputs", "outputs") and v is None)}
         try:
             return cls(**kw)

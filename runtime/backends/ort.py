@@ -92,6 +92,17 @@ class OrtRunner:
         if tmp.exists():
             os.replace(tmp, cached)
 
+    def conform(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Float arrays converted to the float type the graph declares (fp16 packs take fp16); nothing else is
+        converted, so a wrong integer or shape still fails `check` with a message."""
+        out = {}
+        for name, value in feed.items():
+            ts = self.spec["inputs"].get(name)
+            if ts is not None and isinstance(value, np.ndarray) and value.dtype.kind == "f":
+                value = value.astype(ts["dtype"], copy=False)
+            out[name] = value
+        return out
+
     def check(self, feed: dict[str, np.ndarray]) -> None:
         owner = self.path.name
         for name, ts in self.spec["inputs"].items():
@@ -100,6 +111,7 @@ class OrtRunner:
             check_feed(owner, name, feed[name], ts["dtype"], tuple(ts["shape"]))
 
     def infer(self, feed: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        feed = self.conform(feed)
         self.check(feed)
         names = outputs or list(self.spec["outputs"])
         return dict(zip(names, self.session.run(names, feed)))
@@ -134,35 +146,45 @@ class OrtBackend(Backend):
         self._runners.clear()
 
     def vision(self, feeds):
-        return self.runner("vision").infer(feeds)["image_tokens"]
+        return self.runner("vision").infer(feeds)["image_tokens"].astype(np.float32, copy=False)
 
     def embed(self, inputs_embeds, position_ids, attention_mask):
         feed = {"inputs_embeds": inputs_embeds, "position_ids": position_ids, "attention_mask": attention_mask}
-        return self.runner("embedder").infer(feed)["embedding"]
+        if self.pack.has("embedder"):  # a separate embedder model
+            return self.runner("embedder").infer(feed)["embedding"]
+        # The default embedder is the decoder's own `embedding` output, run with an empty cache.
+        runner = self.runner("decoder")
+        b = inputs_embeds.shape[0]
+        for name, ts in runner.spec["inputs"].items():
+            if name.startswith("past_"):
+                feed[name] = np.zeros((b, self.kv_heads, 0, self.head_dim), dtype=ts["dtype"])
+        return runner.infer(feed, outputs=["embedding"])["embedding"]
 
     def icm_content(self, cand_tokens, cand_mask):
         if not self.pack.has("icm_content"):
             return super().icm_content(cand_tokens, cand_mask)
-        return self.runner("icm_content").infer({"cand_tokens": cand_tokens, "cand_mask": cand_mask})["t_con"]
+        out = self.runner("icm_content").infer({"cand_tokens": cand_tokens, "cand_mask": cand_mask})["t_con"]
+        return out.astype(np.float32, copy=False)
 
     def icm_relation(self, cand_tokens, cand_mask, query_tokens, query_mask):
         if not self.pack.has("icm_relation"):
             return super().icm_relation(cand_tokens, cand_mask, query_tokens, query_mask)
         feed = {"cand_tokens": cand_tokens, "cand_mask": cand_mask, "query_tokens": query_tokens,
                 "query_mask": query_mask}
-        return self.runner("icm_relation").infer(feed)["t_rel"]
+        return self.runner("icm_relation").infer(feed)["t_rel"].astype(np.float32, copy=False)
 
     # -- decoder with the cache kept in OrtValues ---------------------------------------------------------------
     def start(self, batch: int) -> DecoderState:
         ort = require("onnxruntime", "runtime")
-        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32)
+        kv_dtype = self.runner("decoder").spec["inputs"]["past_key_0"]["dtype"]
+        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=kv_dtype)
         past = [ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0) for _ in range(2 * self.num_layers)]
         return DecoderState(batch=batch, attention_mask=np.zeros((batch, 0), dtype=np.int64), cache=past)
 
     def step(self, state, inputs_embeds, position_ids, attention_mask):
         runner = self.runner("decoder")
         mask = np.concatenate([state.attention_mask, attention_mask.astype(np.int64)], axis=1)
-        feed = {"inputs_embeds": inputs_embeds, "position_ids": position_ids, "attention_mask": mask}
+        feed = runner.conform({"inputs_embeds": inputs_embeds, "position_ids": position_ids, "attention_mask": mask})
         for name in ("inputs_embeds", "position_ids", "attention_mask"):
             ts = runner.spec["inputs"][name]
             check_feed(runner.path.name, name, feed[name], ts["dtype"], tuple(ts["shape"]))

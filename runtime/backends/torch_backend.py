@@ -39,7 +39,7 @@ class TorchBackend(Backend):
             return self._np(self.model.visual(*(self._t(feeds[k]) for k in order)))
 
     def embed(self, inputs_embeds, position_ids, attention_mask):
-        from retrv.export.graphs import EmbedderGraph  # the exported graph's module, so both agree by construction
+        from retrv.export.graphs import EmbedderGraph  # the module the exported graphs use, so both agree
 
         with self.torch.no_grad():
             out = EmbedderGraph(self.model)(self._t(inputs_embeds), self._t(position_ids), self._t(attention_mask))
