@@ -32,9 +32,13 @@ def _transformers_greedy(ckpt: Path, gen: Generator, prompt: str, images) -> lis
         import transformers
     except ImportError:
         return None
-    ref = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        str(ckpt), dtype=torch.float32, attn_implementation="eager"
-    ).eval()
+    transformers.utils.logging.disable_progress_bar()  # library output; the CLI prints its own result
+    try:
+        ref = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            str(ckpt), dtype=torch.float32, attn_implementation="eager"
+        ).eval()
+    finally:
+        transformers.utils.logging.enable_progress_bar()
     kwargs = {}
     grids = np.zeros((0, 3), np.int64)
     if images:

@@ -34,49 +34,38 @@ def synthetic_image(seed: int, size: tuple[int, int] = (160, 224)) -> "PIL.Image
 
 def run_demo(cache_dir: str | None, seed: int, out: TextIO) -> int:
     require("torch", "export")
-    import torch
-
-    from retrv.model import load_checkpoint
+    from retrv.export.pack_export import export_pack
     from retrv.model.tiny import write_tiny_checkpoint
-    from retrv.runtime.preprocess import ImageProcessorConfig, preprocess_images
-    from retrv.runtime.prompt import PromptTokenizer
+    from retrv.runtime.generate import load_pack_generator
 
     root = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="retrv-demo-"))
-    ckpt = root / f"tiny-random-seed{seed}"
+    ckpt, pack_dir = root / f"tiny-random-seed{seed}", root / f"tiny-random-seed{seed}-pack"
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
     if not (ckpt / "config.json").exists():
         write_tiny_checkpoint(ckpt, icm=True, seed=seed)
-    model = load_checkpoint(ckpt)
-    timings["load_ms"] = (time.perf_counter() - t0) * 1e3
-
+    timings["checkpoint_ms"] = (time.perf_counter() - t0) * 1e3
     t0 = time.perf_counter()
+    if not (pack_dir / "manifest.json").exists():
+        export_pack(ckpt, pack_dir, verify=True)  # every graph validated, greedy tokens checked end to end
+    timings["export_ms"] = (time.perf_counter() - t0) * 1e3
+
+    gen = load_pack_generator(pack_dir, cache_dir=root / "cache")
     images = [synthetic_image(seed), synthetic_image(seed + 1, (200, 120))]
-    proc = ImageProcessorConfig.from_file(ckpt / "preprocessor_config.json")
-    patches, grids = preprocess_images(images, proc)
-    tok = PromptTokenizer(ckpt / "tokenizer.json")
-    merge = model.cfg.vision.spatial_merge_size**2
-    messages = [{"role": "user", "content": [
-        {"type": "image"}, {"type": "image"},
-        {"type": "text", "text": "Which of the two pictures shows a red ball on a blue background?"},
-    ]}]
-    ids = tok.render(messages, [int(np.prod(g)) // merge for g in grids])
-    timings["preprocess_ms"] = (time.perf_counter() - t0) * 1e3
-
-    t0 = time.perf_counter()
-    new = model.generate(
-        torch.tensor([ids]), torch.from_numpy(patches), torch.from_numpy(grids), max_new_tokens=16, eos_token_ids=()
-    )[0].tolist()
-    timings["generate_ms"] = (time.perf_counter() - t0) * 1e3
-
-    n_params = sum(p.numel() for p in model.parameters())
-    print("retrv demo: RANDOM WEIGHTS. This checks the pipeline (checkpoint -> preprocessing -> model -> greedy", file=out)
-    print("decoding); it retrieves nothing. The trained embedded default replaces it (issue 6).", file=out)
-    print(f"checkpoint   {ckpt} ({n_params / 1e6:.2f} M parameters, ICM: {model.icm is not None})", file=out)
-    print(f"images       {len(images)} synthetic, grids {grids.tolist()} -> {patches.shape[0]} patches", file=out)
-    print(f"prompt       {len(ids)} tokens (chat template with image placeholders expanded)", file=out)
-    print(f"generated    {new}", file=out)
-    print(f"text         {tok.decode(new)!r}", file=out)
+    result = gen.generate("Which of the two pictures shows a red ball on a blue background?", images,
+                          max_new_tokens=16, stop_at_eos=False)
+    cfg = gen.cfg
+    print("retrv demo: RANDOM WEIGHTS. This checks the pipeline (checkpoint -> verified ONNX pack -> ONNX Runtime",
+          file=out)
+    print("generation with images); it retrieves nothing. The trained embedded default replaces it (issue 6).",
+          file=out)
+    print(f"checkpoint   {ckpt} (hidden {cfg.text.hidden_size}, {cfg.text.num_hidden_layers} layers, ICM: "
+          f"{cfg.icm is not None})", file=out)
+    print(f"pack         {pack_dir} ({', '.join(sorted(gen.backend.pack.manifest.files))})", file=out)
+    print(f"prompt       {len(result.prompt_ids)} tokens, 2 synthetic images", file=out)
+    print(f"generated    {result.token_ids}", file=out)
+    print(f"text         {result.text!r}", file=out)
+    timings.update({(k if k.startswith("ms_") else f"{k}_ms"): v for k, v in result.timings_ms.items()})
     print("timings      " + "  ".join(f"{k}={v:.1f}" for k, v in timings.items()), file=out)
     return 0
