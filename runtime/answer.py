@@ -1,0 +1,61 @@
+"""Answers: parsing what the model wrote, and decoding a forced answer under a constraint.
+
+A forced answer must be a valid candidate index whatever the model prefers, so it is decoded over a trie of the
+tokenizations of "1".."n": at each step only tokens that continue some valid index are allowed (plus the closing
+tag once the digits so far already form one, so "1" can still become "12"). The model's logits choose among them.
+"""
+
+from __future__ import annotations
+
+import re
+
+from retrv.runtime.rerank_prompt import Piece
+
+_INDEX = re.compile(r"^\s*\[?\s*(\d{1,6})\s*\]?\s*$")
+
+
+def parse_index(text: str) -> int | None:
+    """'3', ' 3 ', '[3]' -> 3; anything else -> None."""
+    m = _INDEX.match(text)
+    return int(m.group(1)) if m else None
+
+
+class _Node:
+    __slots__ = ("children", "index")
+
+    def __init__(self) -> None:
+        self.children: dict[int, _Node] = {}
+        self.index: int | None = None  # 0-based candidate index when the path spells a complete answer
+
+
+class AnswerTrie:
+    def __init__(self, tokenizer, n: int, close_tag: str) -> None:
+        self.root = _Node()
+        self.max_feed = 0
+        for i in range(1, n + 1):
+            ids = tokenizer.encode_text(str(i))
+            node = self.root
+            for t in ids:
+                node = node.children.setdefault(t, _Node())
+            node.index = i - 1
+            self.max_feed = max(self.max_feed, len(ids))
+        self.close_id = tokenizer.encode_text(close_tag)[0]
+
+    def decode(self, window) -> int:
+        """Choose a valid index with the window's logits, feeding a digit only when another decision follows it."""
+        node = self.root
+        while True:
+            options = {t: child for t, child in node.children.items()}
+            if node.index is not None:
+                if not options:
+                    return node.index
+                options[self.close_id] = None
+            best = max(options, key=lambda t: window.logits[t])
+            if best == self.close_id and node.index is not None:
+                return node.index
+            node = options[best]
+            if node.children:
+                window.feed([Piece([best])])
+            else:
+                window.text_ids.append(best)
+                return node.index

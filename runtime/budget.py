@@ -1,0 +1,102 @@
+"""Budgets the reranker never exceeds, and the ledger that enforces them.
+
+- `think`: tokens the model generates freely (its reasoning), summed over every window of a query;
+- `inspect`: details inspections honoured (Retrv-R1), summed likewise;
+- `tool`: tool calls honoured (V-Retrver);
+- `token`: every token the decoder processes for the query: prompts, fed-back generated tokens, appended
+  inspection/tool content, forced answer tokens. `None` means unlimited.
+
+With several windows, each window may spend at most `remaining // windows_left` of each budget, so the windows
+processed first (the tail of the coarse list) cannot starve the head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from retrv.runtime.errors import InputError
+
+
+@dataclass(frozen=True)
+class Budget:
+    think: int = 128
+    inspect: int = 3
+    tool: int = 3
+    token: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("think", "inspect", "tool"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InputError(f"budget.{name}: got {value!r}; expected an integer >= 0")
+        if self.token is not None and (isinstance(self.token, bool) or not isinstance(self.token, int) or self.token < 1):
+            raise InputError(f"budget.token: got {self.token!r}; expected an integer >= 1 or None")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Usage:
+    think: int = 0
+    inspect: int = 0
+    tool: int = 0
+    token: int = 0
+
+    def add(self, other: "Usage") -> None:
+        for k in ("think", "inspect", "tool", "token"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+
+@dataclass
+class WindowAllowance:
+    """What one window may spend; `spent` is checked against it before every decoder call."""
+
+    think: int
+    inspect: int
+    tool: int
+    token: int | None
+    spent: Usage = field(default_factory=Usage)
+    exhausted: set[str] = field(default_factory=set)
+
+    def tokens_left(self) -> float:
+        return float("inf") if self.token is None else self.token - self.spent.token
+
+    def can_feed(self, n: int, reserve: int = 0) -> bool:
+        return n + reserve <= self.tokens_left()
+
+    def feed(self, n: int) -> None:
+        if not self.can_feed(n):  # the loop checks first; reaching this is a bug, never a silent overrun
+            raise AssertionError(f"token budget overrun: feeding {n} with {self.tokens_left()} left")
+        self.spent.token += n
+
+
+class Ledger:
+    """Per-query budget accounting across windows."""
+
+    def __init__(self, budget: Budget, windows: int) -> None:
+        if windows < 1:
+            raise InputError(f"windows: got {windows}; expected >= 1")
+        self.budget = budget
+        self.windows_left = windows
+        self.used = Usage()
+        self.exhausted: set[str] = set()
+
+    def _share(self, total: int | None, used: int) -> int | None:
+        if total is None:
+            return None
+        return max(0, total - used) // self.windows_left
+
+    def next_window(self) -> WindowAllowance:
+        b, u = self.budget, self.used
+        return WindowAllowance(
+            think=self._share(b.think, u.think),
+            inspect=self._share(b.inspect, u.inspect),
+            tool=self._share(b.tool, u.tool),
+            token=self._share(b.token, u.token),
+        )
+
+    def close_window(self, allowance: WindowAllowance) -> None:
+        self.used.add(allowance.spent)
+        self.exhausted |= allowance.exhausted
+        self.windows_left -= 1

@@ -1,0 +1,179 @@
+"""The reranker's prompt: pieces of text, image tokens and ICM slots turned into decoder inputs.
+
+Retrv-R1 released no prompt, so the wording is ours and lives in one frozen dataclass that the training path uses
+too (a model trained on one wording is served with the same wording). A window's prompt, as the decoder sees it:
+
+    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\nQuery: [query image] {query text}\\nCandidates:\\n
+    [1] <slot><slot>\\n[2] <slot><slot>\\n ...            (ICM mode: t_con, t_rel of each candidate)
+    [1] <|vision_start|>{image tokens}<|vision_end|> {caption}\\n ...   (full mode: no ICM in the model)
+    {instruction}<|im_end|>\\n<|im_start|>assistant\\n<think>\\n
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from retrv.runtime import positions
+from retrv.runtime.errors import InputError
+
+SLOT_TOKEN = "<|vision_pad|>"  # an id Qwen2.5-VL reserves and never emits; carries t_con / t_rel embeddings
+
+
+@dataclass(frozen=True)
+class RerankTemplate:
+    system: str = "You are a helpful assistant."
+    query_prefix: str = "Query: "
+    candidates_header: str = "\nCandidates:\n"
+    candidate_label: str = "[{i}] "
+    instruction: str = (
+        "Which candidate matches the query best? Think step by step. To look closely at candidate i, write "
+        "<inspection-index-start>i<inspection-index-end>. Give the final answer as <answer>i</answer>."
+    )
+    think_open: str = "<think>\n"
+    think_close: str = "</think>"
+    answer_open: str = "<answer>"
+    answer_close: str = "</answer>"
+    inspected_prefix: str = "\n[{i}] "
+    marker_no_candidate: str = "\n(no candidate {i})\n"
+    marker_repeat: str = "\n(candidate {i} already inspected)\n"
+    marker_inspect_budget: str = "\n(inspection budget exhausted)\n"
+    marker_token_budget: str = "\n(token budget exhausted)\n"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Piece:
+    """A run of the prompt: token ids, optionally with embeddings that replace the table's (image tokens, ICM
+    slots), and for image tokens the grid (t, h, w) that gives them M-RoPE image positions."""
+
+    ids: list[int]
+    embeds: np.ndarray | None = None  # (len(ids), H)
+    grid: tuple[int, int, int] | None = None
+
+
+@dataclass
+class QueryInput:
+    text: str | None
+    image_tokens: np.ndarray | None = None  # (M, H) merged vision tokens
+    grid: tuple[int, int, int] | None = None
+
+
+@dataclass
+class CandidateInput:
+    did: str
+    text: str | None
+    image_tokens: np.ndarray | None = None  # (L, H), dequantized from the token cache
+    grid: tuple[int, int, int] | None = None
+    t_con: np.ndarray | None = None  # (H,) from the cache (Retrv-R1)
+    score: float = 0.0  # coarse-stage similarity
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer, cfg, embed_table: np.ndarray, template: RerankTemplate | None = None) -> None:
+        self.tok, self.cfg, self.table = tokenizer, cfg, embed_table
+        self.t = template or RerankTemplate()
+        ids = cfg.tokens
+        self.image_id = ids.image_token_id
+        self.vision_start, self.vision_end = ids.vision_start_token_id, ids.vision_end_token_id
+        self.slot_id = tokenizer.token_id(SLOT_TOKEN)
+        self.merge = cfg.vision.spatial_merge_size
+
+    # -- pieces ---------------------------------------------------------------------------------------------------
+    def text(self, s: str) -> Piece:
+        return Piece(self.tok.encode_text(s))
+
+    def image(self, tokens: np.ndarray, grid) -> list[Piece]:
+        t, h, w = (int(x) for x in grid)
+        if tokens.shape[0] != t * h * w // self.merge**2:
+            raise InputError(f"image tokens: got {tokens.shape[0]}; expected t*h*w/merge^2 = "
+                             f"{t * h * w // self.merge ** 2} for grid {[t, h, w]}")
+        return [Piece([self.vision_start]), Piece([self.image_id] * tokens.shape[0], tokens, (t, h, w)),
+                Piece([self.vision_end])]
+
+    def query(self, q: QueryInput) -> list[Piece]:
+        pieces = [self.text(self.t.query_prefix)]
+        if q.image_tokens is not None:
+            pieces += self.image(q.image_tokens, q.grid)
+        if q.text:
+            pieces.append(self.text((" " if q.image_tokens is not None else "") + q.text))
+        return pieces
+
+    def full_candidate(self, c: CandidateInput) -> list[Piece]:
+        pieces = []
+        if c.image_tokens is not None and len(c.image_tokens):
+            pieces += self.image(c.image_tokens, c.grid)
+        if c.text:
+            pieces.append(self.text((" " if pieces else "") + c.text))
+        return pieces
+
+    def window_prompt(self, q: QueryInput, cands: list[CandidateInput], icm: np.ndarray | None) -> list[Piece]:
+        """`icm`: (n, 2, H) [t_con, t_rel] per candidate (ICM mode), or None (full tokens)."""
+        t = self.t
+        pieces = [self.text(f"<|im_start|>system\n{t.system}<|im_end|>\n<|im_start|>user\n")]
+        pieces += self.query(q)
+        pieces.append(self.text(t.candidates_header))
+        for i, c in enumerate(cands, 1):
+            pieces.append(self.text(t.candidate_label.format(i=i)))
+            if icm is not None:
+                pieces.append(Piece([self.slot_id, self.slot_id], np.asarray(icm[i - 1], dtype=np.float32)))
+            else:
+                pieces += self.full_candidate(c)
+            pieces.append(self.text("\n"))
+        pieces.append(self.text(f"{t.instruction}<|im_end|>\n<|im_start|>assistant\n{t.think_open}"))
+        return pieces
+
+    # -- pieces -> decoder inputs ----------------------------------------------------------------------------------
+    def assemble(self, pieces: list[Piece], start_position: int) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """-> (ids, embeds (S, H) float32, position_ids (3, 1, S)), positions starting at `start_position`."""
+        ids = [i for p in pieces for i in p.ids]
+        embeds = np.asarray(self.table[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
+        at, grids = 0, []
+        for p in pieces:
+            if p.embeds is not None:
+                embeds[at:at + len(p.ids)] = p.embeds
+            if p.grid is not None:
+                grids.append(p.grid)
+            at += len(p.ids)
+        pos, _ = positions.rope_index(
+            np.asarray([ids]), np.asarray(grids, dtype=np.int64) if grids else None, None,
+            image_token_id=self.image_id, spatial_merge_size=self.merge,
+        )
+        return ids, embeds, pos + start_position
+
+    def query_tokens(self, q: QueryInput) -> np.ndarray:
+        """T_q for the ICM's relation step: the query's text embeddings and image tokens, (Lq, H)."""
+        parts = []
+        if q.image_tokens is not None:
+            parts.append(np.asarray(q.image_tokens, dtype=np.float32))
+        if q.text:
+            parts.append(np.asarray(self.table[np.asarray(self.tok.encode_text(q.text))], dtype=np.float32))
+        if not parts:
+            raise InputError("query: got neither text nor image; expected at least one")
+        return np.concatenate(parts, axis=0)
+
+    def candidate_tokens(self, c: CandidateInput) -> np.ndarray:
+        """T_c: the candidate's image tokens then its caption's embeddings, (L, H)."""
+        parts = []
+        if c.image_tokens is not None and len(c.image_tokens):
+            parts.append(np.asarray(c.image_tokens, dtype=np.float32))
+        if c.text:
+            parts.append(np.asarray(self.table[np.asarray(self.tok.encode_text(c.text))], dtype=np.float32))
+        if not parts:
+            raise InputError(f"candidate {c.did!r}: no image tokens and no text; expected at least one")
+        return np.concatenate(parts, axis=0)
+
+
+def pad_batch(seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Variable-length (L_i, H) -> (n, L_max, H) and an int64 (n, L_max) mask."""
+    n, h = len(seqs), seqs[0].shape[1]
+    longest = max(s.shape[0] for s in seqs)
+    out = np.zeros((n, longest, h), dtype=np.float32)
+    mask = np.zeros((n, longest), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        out[i, : s.shape[0]] = s
+        mask[i, : s.shape[0]] = 1
+    return out, mask
