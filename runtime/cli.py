@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(func=_cmd_generate)
 
+    from retrv.runtime import commands
+
+    commands.register(sub)
+
     demo = sub.add_parser("demo", help="run the pipeline end to end on the embedded default")
     demo.add_argument("--cache-dir", default=None, help="where to keep the demo's checkpoint (default: a temp dir)")
     demo.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,66 @@
+"""Coarse-stage embeddings: queries and candidates as short chat-framed sequences, pooled by the backend.
+
+LamRA-style: the backbone reads `[image] text` plus a role instruction, and the L2-normalised last hidden state
+is the vector. Queries and candidates get different instructions (asymmetric retrieval); the training path uses
+these same templates. Batches are left-padded so the last position is every row's last real token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from retrv.runtime.errors import InputError
+from retrv.runtime.rerank_prompt import Piece, PromptBuilder
+
+
+@dataclass(frozen=True)
+class EmbedTemplate:
+    query_instruction: str = "Find the matching item."
+    candidate_instruction: str = "Describe this item for search."
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EmbedItem:
+    text: str | None = None
+    image_tokens: np.ndarray | None = None  # (M, H)
+    grid: tuple[int, int, int] | None = None
+
+
+class Embedder:
+    def __init__(self, backend, builder: PromptBuilder, template: EmbedTemplate | None = None) -> None:
+        self.backend, self.builder = backend, builder
+        self.t = template or EmbedTemplate()
+
+    def pieces(self, item: EmbedItem, role: str) -> list[Piece]:
+        if role not in ("query", "candidate"):
+            raise InputError(f"role: got {role!r}; expected 'query' or 'candidate'")
+        if item.text is None and item.image_tokens is None:
+            raise InputError(f"{role}: got neither text nor image; expected at least one")
+        b = self.builder
+        out = [b.text("<|im_start|>user\n")]
+        if item.image_tokens is not None:
+            out += b.image(item.image_tokens, item.grid)
+        if item.text:
+            out.append(b.text(item.text))
+        instruction = self.t.query_instruction if role == "query" else self.t.candidate_instruction
+        out.append(b.text(f"\n{instruction}<|im_end|>\n<|im_start|>assistant\n"))
+        return out
+
+    def embed(self, items: list[EmbedItem], role: str) -> np.ndarray:
+        """-> (n, H) float32, L2-normalised."""
+        seqs = [self.builder.assemble(self.pieces(it, role), 0) for it in items]
+        longest = max(len(ids) for ids, _, _ in seqs)
+        h = seqs[0][1].shape[1]
+        embeds = np.zeros((len(seqs), longest, h), np.float32)
+        pos = np.ones((3, len(seqs), longest), np.int64)  # padding positions are never attended
+        mask = np.zeros((len(seqs), longest), np.int64)
+        for r, (ids, e, p) in enumerate(seqs):
+            embeds[r, longest - len(ids):] = e
+            pos[:, r, longest - len(ids):] = p[:, 0]
+            mask[r, longest - len(ids):] = 1
+        return np.asarray(self.backend.embed(embeds, pos, mask), dtype=np.float32)

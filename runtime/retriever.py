@@ -1,0 +1,199 @@
+"""One query end to end: embed -> HNSW top-K -> cached candidate tokens -> ICM -> reasoning rerank under budgets.
+
+    retriever = Retriever(Pack.open("pack/"), Index.open("index/"), backend="auto")
+    result = retriever.search(text="a red dress with thin straps", k=50, budget=Budget(think=128, inspect=3))
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from retrv.runtime.backends.base import Backend
+from retrv.runtime.budget import Budget
+from retrv.runtime.corpus import Candidate
+from retrv.runtime.embedding import EmbedItem, Embedder
+from retrv.runtime.errors import InputError
+from retrv.runtime.positions import vision_graph_inputs
+from retrv.runtime.preprocess import preprocess_image
+from retrv.runtime.prompt import PromptTokenizer
+from retrv.runtime.rerank import Reranker, RerankResult
+from retrv.runtime.rerank_prompt import CandidateInput, PromptBuilder, QueryInput, pad_batch
+
+BACKENDS = ("auto", "ort", "trt", "torch")
+
+
+def open_backend(pack, name: str = "auto", checkpoint: str | Path | None = None, provider: str = "auto",
+                 threads: int | None = None, cache_dir="default") -> Backend:
+    """auto: ONNX Runtime when installed, else the PyTorch fallback (which needs the source checkpoint)."""
+    if name not in BACKENDS:
+        raise InputError(f"--backend: got {name!r}; expected one of {list(BACKENDS)}")
+    if name == "trt":
+        raise InputError("--backend trt: no TensorRT engines in this pack (build them with `retrv build-engine`, "
+                         "which needs a GPU); expected auto, ort or torch")
+    if name == "auto":
+        try:
+            import onnxruntime  # noqa: F401
+
+            name = "ort"
+        except ImportError:
+            name = "torch"
+    if name == "ort":
+        from retrv.runtime.backends.ort import OrtBackend
+
+        return OrtBackend(pack, provider=provider, threads=threads, cache_dir=cache_dir)
+    if checkpoint is None:
+        raise InputError("--backend torch: needs --checkpoint CKPT (the checkpoint the pack was exported from)")
+    from retrv.runtime.backends.torch_backend import TorchBackend
+
+    return TorchBackend.from_checkpoint(checkpoint)
+
+
+class Components:
+    """What every stage needs from a pack and a backend: tokenizer, embedding table, prompt builder, embedder."""
+
+    def __init__(self, pack, backend: Backend) -> None:
+        self.pack, self.backend = pack, backend
+        self.cfg = pack.model_config
+        self.processor = pack.preprocessor
+        self.tokenizer = PromptTokenizer(pack.file("tokenizer"))
+        self.table = np.load(pack.file("embed_tokens"), mmap_mode="r", allow_pickle=False)
+        self.builder = PromptBuilder(self.tokenizer, self.cfg, self.table)
+        self.embedder = Embedder(backend, self.builder)
+
+    def encode_images(self, images: list) -> list[tuple[np.ndarray, tuple[int, int, int]]]:
+        """Images -> [(merged tokens (M_i, H), grid)] with one vision call for the batch."""
+        if not images:
+            return []
+        done = [preprocess_image(img, self.processor) for img in images]
+        patches = np.concatenate([p for p, _ in done], axis=0)
+        grids = np.stack([g for _, g in done])
+        v = self.cfg.vision
+        feeds = vision_graph_inputs(grids, v.spatial_merge_size, v.window_size, v.patch_size)
+        feeds["patches"] = patches
+        tokens = self.backend.vision(feeds)
+        counts = (grids.prod(axis=1) // v.spatial_merge_size**2).tolist()
+        splits = np.split(tokens, np.cumsum(counts)[:-1])
+        return [(s, tuple(int(x) for x in g)) for s, g in zip(splits, grids)]
+
+
+@dataclass
+class EncodedCandidate:
+    tokens: np.ndarray  # (L, H); L = 0 for a text-only candidate
+    grid: tuple[int, int, int] | None
+    t_con: np.ndarray | None
+
+
+@dataclass
+class EncodedBatch:
+    items: list[EncodedCandidate]
+    vectors: np.ndarray  # (n, H)
+
+
+class CandidateEncoder:
+    """Index-time work per candidate: vision tokens (cached), t_con (cached), the coarse-stage vector."""
+
+    def __init__(self, components: Components) -> None:
+        self.c = components
+        self.hidden = self.dim = components.cfg.text.hidden_size
+        self.has_t_con = components.cfg.icm is not None
+        self.pack_sha256 = components.pack.sha256
+        self.template = components.embedder.t.to_dict()
+
+    def encode(self, cands: list[Candidate]) -> EncodedBatch:
+        with_image = [c for c in cands if c.img_path]
+        encoded = dict(zip((c.did for c in with_image), self.c.encode_images([c.img_path for c in with_image])))
+        empty = np.zeros((0, self.hidden), np.float32)
+        items = []
+        for c in cands:
+            tokens, grid = encoded.get(c.did, (empty, None))
+            items.append(EncodedCandidate(np.asarray(tokens, np.float32), grid, None))
+        if self.has_t_con:
+            inputs = [CandidateInput(c.did, c.txt, e.tokens if len(e.tokens) else None, e.grid)
+                      for c, e in zip(cands, items)]
+            t_con = self.c.backend.icm_content(*pad_batch([self.c.builder.candidate_tokens(x) for x in inputs]))
+            for e, t in zip(items, t_con):
+                e.t_con = np.asarray(t, np.float32)
+        vectors = self.c.embedder.embed(
+            [EmbedItem(c.txt, e.tokens if len(e.tokens) else None, e.grid) for c, e in zip(cands, items)], "candidate")
+        return EncodedBatch(items, vectors)
+
+
+@dataclass
+class SearchResult:
+    ranked: list[dict]  # [{"did", "score", "coarse_rank"}], best first
+    answer: str | None
+    rerank: RerankResult | None
+    timings_ms: dict = field(default_factory=dict)
+
+    def to_dict(self, trace: bool = True) -> dict:
+        r = self.rerank
+        tokens = {"prefill_tokens": 0, "think_tokens": 0, "inspected": 0, "tool_calls": 0, "total_tokens": 0,
+                  "budget_exhausted": []}
+        flags = {"reranked": r is not None, "fallback": False, "forced_answer": False}
+        windows = []
+        if r is not None:
+            tokens.update(prefill_tokens=sum(w.prefill_tokens for w in r.windows), think_tokens=r.usage.think,
+                          inspected=r.usage.inspect, tool_calls=r.usage.tool, total_tokens=r.usage.token,
+                          budget_exhausted=r.exhausted)
+            flags.update(fallback=r.fallback, forced_answer=r.forced)
+            windows = [{"start": w.start, "choice": w.choice, "forced": w.forced, "fallback": w.fallback,
+                        "inspected": w.inspected, **({"text": w.text} if trace else {})} for w in r.windows]
+        return {"ranked": self.ranked, "answer": self.answer, "tokens": tokens, "flags": flags, "windows": windows,
+                "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()}}
+
+
+class Retriever:
+    def __init__(self, pack, index, backend: Backend | str = "auto", **backend_kwargs) -> None:
+        if index.meta.pack_sha256 != pack.sha256:
+            raise InputError(f"index {index.path}: built with another pack; expected one built with {pack.path}")
+        self.pack, self.index = pack, index
+        self.backend = backend if isinstance(backend, Backend) else open_backend(pack, backend, **backend_kwargs)
+        self.c = Components(pack, self.backend)
+        self.reranker = Reranker(self.backend, self.c.tokenizer, self.c.cfg, self.c.table)
+
+    def search(self, text: str | None = None, image=None, k: int = 50, budget: Budget | None = None,
+               window: int = 20, stride: int = 10, rerank: bool = True) -> SearchResult:
+        if text is None and image is None:
+            raise InputError("search: got neither --text nor --image; expected at least one")
+        if k < 1:
+            raise InputError(f"k: got {k}; expected >= 1")
+        clock, timings = time.perf_counter, {}
+        t_start = t0 = clock()
+        q_tokens, q_grid = (None, None)
+        if image is not None:
+            q_tokens, q_grid = self.c.encode_images([image])[0]
+        timings["vision"] = (clock() - t0) * 1e3
+        t0 = clock()
+        vector = self.c.embedder.embed([EmbedItem(text, q_tokens, q_grid)], "query")
+        timings["embed"] = (clock() - t0) * 1e3
+        t0 = clock()
+        labels, scores = self.index.search(vector, k)
+        labels, scores = labels[0].tolist(), scores[0].tolist()
+        timings["search"] = (clock() - t0) * 1e3
+        ranked = [{"did": self.index.row(lab)["did"], "score": float(s), "coarse_rank": i}
+                  for i, (lab, s) in enumerate(zip(labels, scores))]
+        result = SearchResult(ranked=ranked, answer=None, rerank=None, timings_ms=timings)
+        if rerank and labels:
+            t0 = clock()
+            cands = [self._candidate(lab, s) for lab, s in zip(labels, scores)]
+            timings["cache"] = (clock() - t0) * 1e3
+            r = self.reranker.rerank(QueryInput(text, q_tokens, q_grid), cands, budget or Budget(), window, stride)
+            timings.update(r.timings_ms)
+            result.ranked = [ranked[i] for i in r.order]
+            result.rerank = r
+            result.answer = result.ranked[0]["did"] if any(w.choice is not None for w in r.windows) else None
+        timings["total"] = (clock() - t_start) * 1e3
+        return result
+
+    def _candidate(self, label: int, score: float) -> CandidateInput:
+        row, cache = self.index.row(label), self.index.cache
+        tokens = cache.tokens(label)
+        return CandidateInput(
+            did=row["did"], text=row.get("txt") or None,
+            image_tokens=tokens if len(tokens) else None, grid=cache.grid(label),
+            t_con=cache.t_con([label])[0] if cache.has_t_con else None, score=score,
+        )
