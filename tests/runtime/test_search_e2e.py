@@ -1,0 +1,154 @@
+"""End to end on a tiny random checkpoint: index build, search, eval; ONNX Runtime and PyTorch agree."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import threading
+from contextlib import redirect_stdout
+
+import numpy as np
+import pytest
+
+from retrv.export.pack_export import export_pack
+from retrv.model.tiny import write_tiny_checkpoint
+from retrv.runtime.budget import Budget
+from retrv.runtime.cli import main as cli
+from retrv.runtime.corpus import Candidate, write_jsonl
+from retrv.runtime.demo import synthetic_image
+from retrv.runtime.embedding import EmbedItem
+from retrv.runtime.errors import IndexFileError
+from retrv.runtime.index import Index
+from retrv.runtime.pack import Pack
+from retrv.runtime.retriever import CandidateEncoder, Components, Retriever, open_backend
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    ckpt = write_tiny_checkpoint(root / "ckpt", icm=True, seed=5)
+    pack_dir = export_pack(ckpt, root / "pack")
+    data = root / "data"
+    data.mkdir()
+    rows = []
+    for i in range(14):
+        synthetic_image(100 + i, (96 + 8 * (i % 3), 120)).save(data / f"{i}.png")
+        rows.append({"did": f"c{i}", "txt": f"picture {i}", "img_path": f"{i}.png", "modality": "image,text"})
+    rows.append({"did": "t0", "txt": "a caption without a picture", "img_path": "", "modality": "text"})
+    write_jsonl(data / "corpus.jsonl", rows)
+    queries = [{"qid": f"q{i}", "query_txt": f"picture {i}", "query_img_path": f"{i}.png" if i % 2 else "",
+                "pos_cand_list": [f"c{i}"], "task_id": 0} for i in range(4)]
+    write_jsonl(data / "queries.jsonl", queries)
+    index_dir = root / "index"
+    assert cli(["index", "build", str(pack_dir), str(data / "corpus.jsonl"), str(index_dir)]) == 0
+    return ckpt, pack_dir, data, index_dir
+
+
+def _json(argv):
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert cli(argv) == 0
+    return json.loads(buf.getvalue())
+
+
+def test_search_json_reports_ranking_tokens_and_timings(world):
+    _, pack_dir, data, index_dir = world
+    out = _json(["search", str(index_dir), "--pack", str(pack_dir), "--text", "picture 3", "--image",
+                 str(data / "3.png"), "--k", "10", "--window", "4", "--stride", "2", "--think-budget", "20", "--json"])
+    assert len(out["ranked"]) == 10 and len({r["did"] for r in out["ranked"]}) == 10
+    assert out["tokens"]["prefill_tokens"] > 0 and out["tokens"]["think_tokens"] <= 20
+    assert len(out["windows"]) == 4  # K=10, window 4, stride 2 -> starts 6, 4, 2, 0
+    for stage in ("vision", "embed", "search", "icm", "prefill", "decode", "total"):
+        assert stage in out["timings_ms"]
+
+
+def test_eval_reports_recall_tokens_and_latency(world):
+    _, pack_dir, data, index_dir = world
+    out = _json(["eval", str(index_dir), "--pack", str(pack_dir), "--queries", str(data / "queries.jsonl"),
+                 "--k", "6", "--think-budget", "8", "--json"])
+    assert out["queries"] == 4
+    for name in ("coarse", "reranked"):
+        assert set(out[name]) >= {"recall@1", "recall@5", "recall@10"}
+    assert out["tokens_per_query"]["total_tokens"] > 0
+    assert {"p50", "p95"} <= set(out["latency_ms"]["decode"])
+
+
+def test_ort_and_torch_backends_give_the_same_ranking(world):
+    ckpt, pack_dir, data, index_dir = world
+    pack = Pack.open(pack_dir)
+    index = Index.open(index_dir, pack=pack)
+    results = {}
+    for name in ("ort", "torch"):
+        r = Retriever(pack, index, backend=name, checkpoint=ckpt, cache_dir=None) if name == "ort" else \
+            Retriever(pack, index, backend=name, checkpoint=ckpt)
+        res = r.search(text="picture 2", image=str(data / "5.png"), k=8, budget=Budget(think=16), window=4, stride=2)
+        results[name] = ([x["did"] for x in res.ranked], res.to_dict()["tokens"], [w.text for w in res.rerank.windows])
+    assert results["ort"] == results["torch"]
+
+
+def test_index_built_with_another_pack_is_refused(world, tmp_path):
+    ckpt, pack_dir, _, index_dir = world
+    other = export_pack(write_tiny_checkpoint(tmp_path / "other", icm=True, seed=6), tmp_path / "other-pack")
+    with pytest.raises(IndexFileError, match="built with pack"):
+        Index.open(index_dir, pack=Pack.open(other))
+    assert cli(["search", str(index_dir), "--pack", str(other), "--text", "x"]) == 2
+
+
+def test_truncated_or_tampered_index_is_refused(world, tmp_path):
+    _, _, _, index_dir = world
+    for victim, how in (("ann/hnsw.bin", "truncate"), ("cache/tokens.i8", "flip"), ("candidates.jsonl", "truncate")):
+        bad = tmp_path / f"bad-{how}-{victim.replace('/', '_')}"
+        shutil.copytree(index_dir, bad)
+        data = bytearray((bad / victim).read_bytes())
+        if how == "truncate":
+            data = data[: len(data) // 2]
+        else:
+            data[len(data) // 3] ^= 0x55
+        (bad / victim).write_bytes(bytes(data))
+        with pytest.raises(Exception) as e:
+            Index.open(bad)
+        assert "\n" not in str(e.value) and e.type.__name__.endswith("Error")
+
+
+def test_add_and_delete_without_rebuild_and_search_while_adding(world, tmp_path):
+    _, pack_dir, data, index_dir = world
+    work = tmp_path / "idx"
+    shutil.copytree(index_dir, work)
+    pack = Pack.open(pack_dir)
+    index = Index.open(work, pack=pack)
+    comps = Components(pack, open_backend(pack, "ort", cache_dir=None))
+    encoder = CandidateEncoder(comps)
+    before = index.meta.count
+    new = [Candidate(did=f"n{i}", txt=f"new picture {i}", img_path=str(data / f"{i}.png"), modality="image,text")
+           for i in range(6)]
+    query_vec = comps.embedder.embed([EmbedItem("picture 1")], "query")
+    errors = []
+
+    def searcher():
+        try:
+            for _ in range(20):
+                labels, _ = index.search(query_vec, 5)
+                assert len(set(labels[0].tolist())) == labels.shape[1]
+        except Exception as e:  # noqa: BLE001 - surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=searcher) for _ in range(4)]
+    for t in threads:
+        t.start()
+    index.add(encoder, new[:3])
+    index.add(encoder, new[3:])
+    for t in threads:
+        t.join()
+    assert not errors
+    index.delete(["c0"])
+    reopened = Index.open(work, pack=pack)
+    assert reopened.meta.count == before + 6 - 1
+    live = {r["did"] for r in reopened.rows if not r["deleted"]}
+    assert {f"n{i}" for i in range(6)} <= live and "c0" not in live
+    # cached tokens of the added candidates equal a fresh encoding (int8 round trip)
+    fresh = encoder.encode(new[:1]).items[0].tokens
+    label = next(i for i, r in enumerate(reopened.rows) if r["did"] == "n0")
+    np.testing.assert_allclose(reopened.cache.tokens(label), fresh, atol=np.abs(fresh).max() / 127)
+    labels, _ = reopened.search(encoder.encode(new[2:3]).vectors, 1)
+    assert reopened.row(labels[0, 0])["did"] == "n2"  # an added item is found by its own vector
