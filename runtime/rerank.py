@@ -50,6 +50,10 @@ class WindowTrace:
     text: str = ""
     usage: Usage = field(default_factory=Usage)
     timings_ms: dict = field(default_factory=dict)
+    # With record=True (training): every fed chunk as (ids, embeds, position_ids) and the policy's own choices as
+    # (tokens fed before it, token) — its log-probability is read from the logits of the position before it.
+    chunks: list = field(default_factory=list)
+    actions: list = field(default_factory=list)
 
 
 @dataclass
@@ -82,6 +86,8 @@ class _Window:
     def feed(self, pieces: list[Piece]) -> None:
         ids, embeds, pos = self.rr.builder.assemble(pieces, self.next_pos)
         self.allow.feed(len(ids))
+        if self.rr.record:
+            self.trace.chunks.append((ids, embeds, pos))
         t0 = time.perf_counter()
         self.logits = self.rr.backend.step(self.state, embeds[None], pos, np.ones((1, len(ids)), np.int64))[0]
         self.trace.timings_ms["decode"] = self.trace.timings_ms.get("decode", 0.0) + (time.perf_counter() - t0) * 1e3
@@ -91,11 +97,24 @@ class _Window:
     def cost(self, pieces: list[Piece]) -> int:
         return sum(len(p.ids) for p in pieces)
 
+    def choose(self) -> int:
+        """The model's next free token: argmax, or a sample at the reranker's temperature (training rollouts)."""
+        return self.rr.pick(self.logits)
+
+    def taken(self, tok: int) -> None:
+        """Record a chosen token the loop acted on (a token discarded because a budget ran out is not recorded)."""
+        if self.rr.record:
+            self.trace.actions.append((self.allow.spent.token, tok))
+
 
 class Reranker:
     def __init__(self, backend: Backend, tokenizer, cfg, embed_table: np.ndarray,
-                 template: RerankTemplate | None = None, use_icm: bool | None = None) -> None:
+                 template: RerankTemplate | None = None, use_icm: bool | None = None,
+                 temperature: float = 0.0, seed: int | None = None, record: bool = False) -> None:
+        if temperature < 0:
+            raise InputError(f"temperature: got {temperature}; expected >= 0 (0 = greedy)")
         self.backend, self.tok, self.cfg = backend, tokenizer, cfg
+        self.temperature, self.rng, self.record = temperature, np.random.default_rng(seed), record
         self.builder = PromptBuilder(tokenizer, cfg, embed_table, template)
         self.t = self.builder.t
         self.use_icm = (cfg.icm is not None) if use_icm is None else use_icm
@@ -104,6 +123,13 @@ class Reranker:
         tk = cfg.tokens
         self.eos = set(tk.eos_token_ids)
         self.insp_start, self.insp_end = tk.inspection_start_token_id, tk.inspection_end_token_id
+
+    def pick(self, logits: np.ndarray) -> int:
+        if self.temperature == 0:
+            return int(np.argmax(logits))
+        z = (logits - logits.max()) / self.temperature
+        p = np.exp(z.astype(np.float64))
+        return int(self.rng.choice(len(p), p=p / p.sum()))
 
     # -- public ------------------------------------------------------------------------------------------------
     def rerank(self, query: QueryInput, cands: list[CandidateInput], budget: Budget | None = None,
@@ -177,8 +203,9 @@ class Reranker:
         generated: list[int] = []
         index_ids: list[int] | None = None  # collecting an inspection index
         while True:
-            tok = int(np.argmax(w.logits))
+            tok = w.choose()
             if tok in self.eos:
+                w.taken(tok)
                 trace.fallback = "no_answer"
                 return
             if allow.spent.think >= allow.think:
@@ -188,6 +215,7 @@ class Reranker:
                 allow.exhausted.add("token")
                 return self._force(w, trie, generated)
             allow.spent.think += 1
+            w.taken(tok)
             generated.append(tok)
             if index_ids is not None and tok == self.insp_end:
                 self._inspect(w, cands, index_ids, reserve, trie, generated)
@@ -237,7 +265,8 @@ class Reranker:
         allow, trace = w.allow, w.trace
         written: list[int] = []
         for _ in range(trie.max_feed + 4):  # digits plus a closing tag; anything longer is not an index
-            tok = int(np.argmax(w.logits))
+            tok = w.choose()
+            w.taken(tok)
             written.append(tok)
             text = self.tok.decode(written)
             if tok in self.eos or self.t.answer_close in text or not allow.can_feed(1):

@@ -138,8 +138,11 @@ class PromptBuilder:
             if p.grid is not None:
                 grids.append(p.grid)
             at += len(p.ids)
+        # Only pieces that carry a grid are images: a model can write <|image_pad|> in its own text, and that token
+        # must get a text position, so image runs are marked by piece, not by matching the id.
+        marked = np.asarray([i if p.grid is not None else -1 for p in pieces for i in p.ids], dtype=np.int64)
         pos, _ = positions.rope_index(
-            np.asarray([ids]), np.asarray(grids, dtype=np.int64) if grids else None, None,
+            marked[None], np.asarray(grids, dtype=np.int64) if grids else None, None,
             image_token_id=self.image_id, spatial_merge_size=self.merge,
         )
         return ids, embeds, pos + start_position

@@ -184,3 +184,45 @@ def test_property_no_budget_is_exceeded_and_the_result_is_a_permutation(env, dat
     for w in res.windows:
         assert w.choice is None or 0 <= w.choice < len(w.candidates)
         assert (w.choice is None) == bool(w.fallback)
+
+
+def test_recorded_rollout_replays_the_fed_sequence_and_marks_only_taken_tokens(env):
+    tok, ids, cfg, table = env
+    parts = ["ok ", ids["<inspection-index-start>"], "2", ids["<inspection-index-end>"], "la " * 50]
+    backend = ScriptedBackend(table, script(env, *parts), end_token=ids["<|im_end|>"])
+    rr = Reranker(backend, tok, cfg, table, record=True)
+    res = rr.rerank(QueryInput(text="a photo"), cands(4), Budget(think=9))
+    w = res.windows[0]
+    fed = sum(len(c[0]) for c in w.chunks)
+    assert fed == res.usage.token == sum(backend.calls)
+    # positions continue chunk to chunk, so a trainer can rebuild the exact sequence
+    last = -1
+    for ids_, _, pos in w.chunks:
+        assert pos.min() > last
+        last = int(pos.max())
+    assert len(w.actions) == 9  # the think budget: the 10th drawn token was discarded, not recorded
+    flat = [t for c in w.chunks for t in c[0]]
+    for before, token in w.actions:
+        assert flat[before] == token  # every taken action was then fed at exactly that position
+
+
+def test_sampling_is_seeded_and_differs_from_greedy(env):
+    tok, ids, cfg, table = env
+    rng = np.random.default_rng(3)
+
+    class Noisy(ScriptedBackend):
+        def step(self, state, *a):
+            super().step(state, *a)
+            return rng.standard_normal((1, self.vocab)).astype(np.float32)
+
+    def go(seed, temperature):
+        nonlocal rng
+        rng = np.random.default_rng(3)
+        b = Noisy(table, [], ids["<|im_end|>"])
+        rr = Reranker(b, tok, cfg, table, temperature=temperature, seed=seed, record=True)
+        return [t for _, t in rr.rerank(QueryInput(text="q"), cands(3), Budget(think=12)).windows[0].actions]
+
+    assert go(1, 1.0) == go(1, 1.0)
+    assert go(1, 1.0) != go(2, 1.0)
+    with pytest.raises(InputError, match="temperature"):
+        Reranker(ScriptedBackend(table, [], ids["<|im_end|>"]), tok, cfg, table, temperature=-1)
