@@ -59,3 +59,37 @@ class AnswerTrie:
             else:
                 window.text_ids.append(best)
                 return node.index
+
+
+_LIST = re.compile(r"^\s*\[([^\[\]]*)\]\s*$")
+
+
+def parse_ranking(text: str, n: int) -> tuple[list[int] | None, list[str]]:
+    """'[4, 1, 3]' for n candidates -> (a 0-based permutation of range(n), repairs made), or (None, [why]).
+
+    Repaired where unambiguous: out-of-range and repeated indices are dropped (first occurrence wins), missing
+    candidates are appended in window (coarse) order. A list with no valid index, or text that is not a list of
+    integers, is not repaired: the caller falls back to the coarse order and flags it.
+    """
+    m = _LIST.match(text)
+    if not m:
+        return None, ["not a list"]
+    items = [s.strip() for s in m.group(1).split(",") if s.strip()]
+    if not items or not all(s.isdigit() for s in items):
+        return None, ["not a list of integers"]
+    repairs, seen, order = [], set(), []
+    for s in items:
+        i = int(s)
+        if not 1 <= i <= n:
+            repairs.append(f"dropped out-of-range {i}")
+        elif i in seen:
+            repairs.append(f"dropped duplicate {i}")
+        else:
+            seen.add(i)
+            order.append(i - 1)
+    if not order:
+        return None, repairs + ["no valid index"]
+    missing = [i for i in range(n) if i not in set(order)]
+    if missing:
+        repairs.append(f"appended missing {[i + 1 for i in missing]}")
+    return order + missing, repairs

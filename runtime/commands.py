@@ -120,7 +120,8 @@ def register(sub) -> None:
     build.add_argument("index", help="output index directory (replaced atomically)")
     build.add_argument("--m", type=_positive, default=16)
     build.add_argument("--ef-construction", type=_positive, default=200)
-    build.add_argument("--ef-search", type=_positive, default=64)
+    build.add_argument("--ef-search", type=_positive, default=200,
+                       help="HNSW search breadth; 200 gives recall@10 >= 0.95 on 10k random vectors (bench/index.py)")
     _backend_flags(build)
     build.set_defaults(func=cmd_index_build)
 

@@ -17,6 +17,15 @@ class PackError(RetrvError):
     """A pack is refused on open: missing or modified file, unreadable manifest, or a newer format version."""
 
 
+class CacheFileError(RetrvError):
+    """A candidate token cache is refused on open or append: missing, truncated or modified file, unreadable
+    `cache.json`, or a newer format version."""
+
+
+class IndexFileError(RetrvError):
+    """An ANN index is refused on open: missing or modified file, unreadable metadata, newer format, other params."""
+
+
 class MissingDependencyError(RetrvError):
     """An optional dependency is not installed; the message carries the install hint."""
 

@@ -98,7 +98,7 @@ class Index:
     # -- build ------------------------------------------------------------------------------------------------------
     @classmethod
     def build(cls, encoder, corpus: str | Path | list[Candidate], out: str | Path, m: int = 16,
-              ef_construction: int = 200, ef_search: int = 64, batch: int = 8) -> "Index":
+              ef_construction: int = 200, ef_search: int = 200, batch: int = 8) -> "Index":
         """`encoder`: a `CandidateEncoder` (vision tokens, t_con and vectors from the pack's backend)."""
         cands = read_candidates(corpus) if isinstance(corpus, (str, Path)) else list(corpus)
         out = Path(out)

@@ -22,6 +22,7 @@ from retrv.runtime.backends.base import Backend
 from retrv.runtime.budget import Budget, Ledger, Usage, WindowAllowance
 from retrv.runtime.errors import InputError
 from retrv.runtime.rerank_prompt import CandidateInput, Piece, PromptBuilder, QueryInput, RerankTemplate, pad_batch
+from retrv.runtime.rerank_tools import ToolSession
 
 MAX_INDEX_TOKENS = 8  # an inspection index longer than this is not an index: the markup is treated as text
 
@@ -46,6 +47,9 @@ class WindowTrace:
     forced: bool = False
     fallback: str | None = None  # why the window kept its order: "no_answer", "invalid_answer", "token_budget"
     inspected: list[int] = field(default_factory=list)  # 0-based within the window
+    ranking: list[int] | None = None  # listwise (V-Retrver): a 0-based permutation of the window
+    repairs: list[str] = field(default_factory=list)  # what was fixed in a listwise answer
+    tool_calls: list[dict] = field(default_factory=list)  # {"name", "ok", "observation"} per call answered
     prefill_tokens: int = 0
     text: str = ""
     usage: Usage = field(default_factory=Usage)
@@ -67,6 +71,10 @@ class RerankResult:
     @property
     def fallback(self) -> bool:
         return any(w.fallback for w in self.windows)
+
+    @property
+    def answered(self) -> bool:
+        return any(w.choice is not None or w.ranking is not None for w in self.windows)
 
     @property
     def forced(self) -> bool:
@@ -110,16 +118,25 @@ class _Window:
 class Reranker:
     def __init__(self, backend: Backend, tokenizer, cfg, embed_table: np.ndarray,
                  template: RerankTemplate | None = None, use_icm: bool | None = None,
-                 temperature: float = 0.0, seed: int | None = None, record: bool = False) -> None:
+                 temperature: float = 0.0, seed: int | None = None, record: bool = False,
+                 method: str | None = None, image_encoder=None) -> None:
+        """`method`: "retrv-r1" (one answer, details inspection; the default with an ICM) or "listwise"
+        (V-Retrver: full tokens, tools, a ranked list; the default without). `image_encoder(images) ->
+        [(tokens, grid)]` encodes tool results (crops, selected images) with the backend's vision graph."""
         if temperature < 0:
             raise InputError(f"temperature: got {temperature}; expected >= 0 (0 = greedy)")
         self.backend, self.tok, self.cfg = backend, tokenizer, cfg
         self.temperature, self.rng, self.record = temperature, np.random.default_rng(seed), record
         self.builder = PromptBuilder(tokenizer, cfg, embed_table, template)
         self.t = self.builder.t
-        self.use_icm = (cfg.icm is not None) if use_icm is None else use_icm
+        self.method = method or ("retrv-r1" if cfg.icm is not None else "listwise")
+        if self.method not in ("retrv-r1", "listwise"):
+            raise InputError(f"method: got {self.method!r}; expected 'retrv-r1' or 'listwise'")
+        default_icm = cfg.icm is not None and self.method == "retrv-r1"
+        self.use_icm = default_icm if use_icm is None else use_icm
         if self.use_icm and cfg.icm is None:
             raise InputError("use_icm: got True for a model without an ICM; expected False")
+        self.image_encoder = image_encoder
         tk = cfg.tokens
         self.eos = set(tk.eos_token_ids)
         self.insp_start, self.insp_end = tk.inspection_start_token_id, tk.inspection_end_token_id
@@ -150,7 +167,9 @@ class Reranker:
                                      WindowTrace(start=start, candidates=list(idx)))
             trace.usage = allowance.spent
             ledger.close_window(allowance)
-            if trace.choice is not None:
+            if trace.ranking is not None:
+                order[start:start + window] = [idx[j] for j in trace.ranking]
+            elif trace.choice is not None:
                 winner = idx[trace.choice]
                 order[start:start + window] = [winner] + [i for i in idx if i != winner]
             traces.append(trace)
@@ -179,7 +198,8 @@ class Reranker:
         n = len(cands)
         trie = AnswerTrie(self.tok, n, self.t.answer_close)
         reserve = self._force_cost() + trie.max_feed
-        prompt = self.builder.window_prompt(query, cands, icm)
+        prompt = (self.builder.listwise_prompt(query, cands) if self.method == "listwise"
+                  else self.builder.window_prompt(query, cands, icm))
         w = _Window(self, allow, trace)
         if not allow.can_feed(w.cost(prompt), reserve):
             allow.exhausted.add("token")
@@ -191,14 +211,15 @@ class Reranker:
         trace.timings_ms["prefill"] = (time.perf_counter() - t0) * 1e3
         trace.timings_ms["decode"] = 0.0
         w.text_ids = []
-        self._think(w, cands, trie, reserve)
+        tools = ToolSession(self, w, query, cands) if self.method == "listwise" else None
+        self._think(w, cands, trie, reserve, tools)
         trace.text = self.tok.decode(w.text_ids)
         return trace
 
     def _force_cost(self) -> int:
-        return len(self.tok.encode_text(f"\n{self.t.think_close}\n{self.t.answer_open}"))
+        return len(self.tok.encode_text(f"\n{self.t.think_close}\n{self.t.answer_open}["))
 
-    def _think(self, w: _Window, cands, trie: AnswerTrie, reserve: int) -> None:
+    def _think(self, w: _Window, cands, trie: AnswerTrie, reserve: int, tools=None) -> None:
         allow, trace, n = w.allow, w.trace, len(cands)
         generated: list[int] = []
         index_ids: list[int] | None = None  # collecting an inspection index
@@ -232,7 +253,12 @@ class Reranker:
             w.feed([Piece([tok])])
             text = self.tok.decode(generated)
             if text.rstrip().endswith(self.t.answer_open):
+                if tools is not None:
+                    return tools.free_answer(trie)
                 return self._free_answer(w, trie, n)
+            if tools is not None and text.endswith(tools.close_tag):
+                if not tools.answer_call(text, reserve, trie, generated):
+                    return
 
     def _inspect(self, w: _Window, cands, index_ids: list[int], reserve: int, trie, generated) -> None:
         """The model closed an inspection: append the candidate's full tokens, or a short refusal marker."""
@@ -280,11 +306,20 @@ class Reranker:
             trace.choice = i - 1
 
     def _force(self, w: _Window, trie: AnswerTrie, generated: list[int]) -> None:
-        """Close the reasoning and decode the answer under the trie constraint (always a valid index)."""
+        """Close the reasoning and decode the answer under the trie constraint (always a valid index). A listwise
+        answer is forced the same way for its first entry; the rest follows in window order (tokens are what ran
+        out, so the model is asked for the one decision that matters most)."""
         trace, t = w.trace, self.t
         closed = t.think_close in self.tok.decode(generated)
-        w.feed([self.builder.text(("\n" if closed else f"\n{t.think_close}\n") + t.answer_open)])
+        opener = t.answer_open + ("[" if self.method == "listwise" else "")
+        w.feed([self.builder.text(("\n" if closed else f"\n{t.think_close}\n") + opener)])
         trace.forced = True
-        trace.choice = trie.decode(w)
-        w.text_ids += self.tok.encode_text(t.answer_close)
+        top = trie.decode(w)
+        if self.method == "listwise":
+            trace.ranking = [top] + [j for j in range(len(trace.candidates)) if j != top]
+            trace.repairs.append("forced: first entry constrained, the rest in window order")
+            w.text_ids += self.tok.encode_text("]" + t.answer_close)
+        else:
+            trace.choice = top
+            w.text_ids += self.tok.encode_text(t.answer_close)
 

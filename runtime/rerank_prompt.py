@@ -31,6 +31,41 @@ class RerankTemplate:
         "Which candidate matches the query best? Think step by step. To look closely at candidate i, write "
         "<inspection-index-start>i<inspection-index-end>. Give the final answer as <answer>i</answer>."
     )
+    # V-Retrver (listwise with tools), laid out as the released code lays out a window: a system prompt declaring
+    # the tools in Qwen's <tools> JSON, "Query:", candidates as "(n) <image>text" back to back, "Guidelines:".
+    # The eval-time guideline wording is not in the released repository; this one asks for the ranked list the
+    # released parser reads (<answer>[...]</answer>). Override the template to match a checkpoint's exact prompt.
+    listwise_system: str = (
+        "You are a helpful assistant for multimodal retrieval tasks.\n\n# Tools\n\nYou may call one or more "
+        "functions to assist with the user query.\n\nYou are provided with function signatures within "
+        "<tools></tools> XML tags:\n<tools>\n"
+        '{"type": "function", "function": {"name": "crop_image", "description": "Zoom in on the image based on the '
+        'bounding box coordinates.", "parameters": {"type": "object", "properties": {"bbox_2d": {"type": "array", '
+        '"description": "coordinates for bounding box of the area you want to zoom in. minimum value is 0 and maximum '
+        'value is the width/height of the image.", "items": {"type": "number"}}, "target_image": {"type": "number", '
+        '"description": "The index of the image to crop. 0 is the query image, 1 to N the candidates."}}, '
+        '"required": ["bbox_2d", "target_image"]}}}\n'
+        '{"type": "function", "function": {"name": "select_images", "description": "Select one candidate image for '
+        'detailed analysis.", "parameters": {"type": "object", "properties": {"target_images": {"type": "array", '
+        '"items": {"type": "integer"}, "minItems": 1, "maxItems": 1}}, "required": ["target_images"]}}}\n'
+        "</tools>\n\nFor each function call, return a json object with function name and arguments within "
+        "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+        "<args-json-object>}\n</tool_call>"
+    )
+    listwise_candidate_label: str = "({i}) "
+    listwise_guidelines: str = (
+        "Guidelines: You are given a query (which can be text, image, or both) and multiple candidate items "
+        "(which can be text, image, or both). Evaluate each candidate against the query and rank them from the "
+        "best match to the worst. Use the tools only when additional visual inspection helps. Give your "
+        "reasoning and the final ranking in the format:\n<think>Your reasoning process here</think>"
+        "<answer>[best, second, ...]</answer>"
+    )
+    tool_open: str = "<tool_call>"
+    tool_close: str = "</tool_call>"
+    # How a tool result re-enters the conversation: a user turn, then the assistant continues.
+    observation_prefix: str = "<|im_end|>\n<|im_start|>user\n"
+    observation_suffix: str = "<|im_end|>\n<|im_start|>assistant\n"
+    marker_tool_budget: str = "Tool budget exhausted; answer with what you have."
     think_open: str = "<think>\n"
     think_close: str = "</think>"
     answer_open: str = "<answer>"
@@ -60,6 +95,7 @@ class QueryInput:
     text: str | None
     image_tokens: np.ndarray | None = None  # (M, H) merged vision tokens
     grid: tuple[int, int, int] | None = None
+    image: object = None  # the source image (path or PIL), for tools that crop it
 
 
 @dataclass
@@ -70,6 +106,7 @@ class CandidateInput:
     grid: tuple[int, int, int] | None = None
     t_con: np.ndarray | None = None  # (H,) from the cache (Retrv-R1)
     score: float = 0.0  # coarse-stage similarity
+    image: object = None  # the source image (path or PIL), for tools that crop it
 
 
 class PromptBuilder:
@@ -111,7 +148,7 @@ class PromptBuilder:
         return pieces
 
     def window_prompt(self, q: QueryInput, cands: list[CandidateInput], icm: np.ndarray | None) -> list[Piece]:
-        """`icm`: (n, 2, H) [t_con, t_rel] per candidate (ICM mode), or None (full tokens)."""
+        """Retrv-R1's window: `icm` (n, 2, H) [t_con, t_rel] per candidate, or None for full tokens."""
         t = self.t
         pieces = [self.text(f"<|im_start|>system\n{t.system}<|im_end|>\n<|im_start|>user\n")]
         pieces += self.query(q)
@@ -124,6 +161,18 @@ class PromptBuilder:
                 pieces += self.full_candidate(c)
             pieces.append(self.text("\n"))
         pieces.append(self.text(f"{t.instruction}<|im_end|>\n<|im_start|>assistant\n{t.think_open}"))
+        return pieces
+
+    def listwise_prompt(self, q: QueryInput, cands: list[CandidateInput]) -> list[Piece]:
+        """V-Retrver's window layout: full candidate tokens, numbered (1)..(n), no pre-opened <think>."""
+        t = self.t
+        pieces = [self.text(f"<|im_start|>system\n{t.listwise_system}<|im_end|>\n<|im_start|>user\n")]
+        pieces += self.query(q)
+        pieces.append(self.text("\nCandidates:"))
+        for i, c in enumerate(cands, 1):
+            pieces.append(self.text(t.listwise_candidate_label.format(i=i)))
+            pieces += self.full_candidate(c)
+        pieces.append(self.text(f"\n\n{t.listwise_guidelines}<|im_end|>\n<|im_start|>assistant\n"))
         return pieces
 
     # -- pieces -> decoder inputs ----------------------------------------------------------------------------------

@@ -140,8 +140,10 @@ class SearchResult:
                           inspected=r.usage.inspect, tool_calls=r.usage.tool, total_tokens=r.usage.token,
                           budget_exhausted=r.exhausted)
             flags.update(fallback=r.fallback, forced_answer=r.forced)
-            windows = [{"start": w.start, "choice": w.choice, "forced": w.forced, "fallback": w.fallback,
-                        "inspected": w.inspected, **({"text": w.text} if trace else {})} for w in r.windows]
+            windows = [{"start": w.start, "choice": w.choice, "ranking": w.ranking, "forced": w.forced,
+                        "fallback": w.fallback, "inspected": w.inspected, "repairs": w.repairs,
+                        "tool_calls": [{k: c[k] for k in ("name", "ok")} for c in w.tool_calls],
+                        **({"text": w.text} if trace else {})} for w in r.windows]
         return {"ranked": self.ranked, "answer": self.answer, "tokens": tokens, "flags": flags, "windows": windows,
                 "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()}}
 
@@ -153,7 +155,9 @@ class Retriever:
         self.pack, self.index = pack, index
         self.backend = backend if isinstance(backend, Backend) else open_backend(pack, backend, **backend_kwargs)
         self.c = Components(pack, self.backend)
-        self.reranker = Reranker(self.backend, self.c.tokenizer, self.c.cfg, self.c.table)
+        # The method comes from the manifest: "retrv-r1" (ICM, inspection) or "listwise" (V-Retrver tools).
+        self.reranker = Reranker(self.backend, self.c.tokenizer, self.c.cfg, self.c.table,
+                                 method=pack.manifest.method, image_encoder=self.c.encode_images)
 
     def search(self, text: str | None = None, image=None, k: int = 50, budget: Budget | None = None,
                window: int = 20, stride: int = 10, rerank: bool = True) -> SearchResult:
@@ -181,11 +185,12 @@ class Retriever:
             t0 = clock()
             cands = [self._candidate(lab, s) for lab, s in zip(labels, scores)]
             timings["cache"] = (clock() - t0) * 1e3
-            r = self.reranker.rerank(QueryInput(text, q_tokens, q_grid), cands, budget or Budget(), window, stride)
+            r = self.reranker.rerank(QueryInput(text, q_tokens, q_grid, image=image), cands, budget or Budget(),
+                                     window, stride)
             timings.update(r.timings_ms)
             result.ranked = [ranked[i] for i in r.order]
             result.rerank = r
-            result.answer = result.ranked[0]["did"] if any(w.choice is not None for w in r.windows) else None
+            result.answer = result.ranked[0]["did"] if r.answered else None
         timings["total"] = (clock() - t_start) * 1e3
         return result
 
@@ -196,4 +201,5 @@ class Retriever:
             did=row["did"], text=row.get("txt") or None,
             image_tokens=tokens if len(tokens) else None, grid=cache.grid(label),
             t_con=cache.t_con([label])[0] if cache.has_t_con else None, score=score,
+            image=row.get("img_path") or None,
         )

@@ -13,6 +13,7 @@ import pytest
 
 from retrv.export.pack_export import export_pack
 from retrv.model.tiny import write_tiny_checkpoint
+from retrv.runtime.backends.scripted import ScriptedBackend
 from retrv.runtime.budget import Budget
 from retrv.runtime.cli import main as cli
 from retrv.runtime.corpus import Candidate, write_jsonl
@@ -152,3 +153,70 @@ def test_add_and_delete_without_rebuild_and_search_while_adding(world, tmp_path)
     np.testing.assert_allclose(reopened.cache.tokens(label), fresh, atol=np.abs(fresh).max() / 127)
     labels, _ = reopened.search(encoder.encode(new[2:3]).vectors, 1)
     assert reopened.row(labels[0, 0])["did"] == "n2"  # an added item is found by its own vector
+
+
+@pytest.fixture(scope="module")
+def plain_world(tmp_path_factory, world):
+    """A plain Qwen2.5-VL (no ICM: V-Retrver's kind) over the same corpus."""
+    _, _, data, _ = world
+    root = tmp_path_factory.mktemp("plain")
+    ckpt = write_tiny_checkpoint(root / "ckpt", icm=False, seed=8)
+    pack_dir = export_pack(ckpt, root / "pack")
+    index_dir = root / "index"
+    assert cli(["index", "build", str(pack_dir), str(data / "corpus.jsonl"), str(index_dir)]) == 0
+    return ckpt, pack_dir, data, index_dir
+
+
+def test_plain_checkpoint_search_with_tools_same_on_ort_and_torch(plain_world):
+    ckpt, pack_dir, data, index_dir = plain_world
+    assert Pack.open(pack_dir).manifest.method == "listwise"
+    outs = []
+    for backend in ("ort", "torch"):
+        outs.append(_json(["search", str(index_dir), "--pack", str(pack_dir), "--text", "picture 4", "--image",
+                           str(data / "4.png"), "--k", "6", "--window", "4", "--stride", "2", "--think-budget", "12",
+                           "--tool-budget", "2", "--backend", backend, "--checkpoint", str(ckpt), "--json"]))
+    strip = lambda o: {k: v for k, v in o.items() if k not in ("timings_ms", "ranked")}  # noqa: E731
+    assert strip(outs[0]) == strip(outs[1])  # answers, windows, traces, token accounting: identical
+    assert [r["did"] for r in outs[0]["ranked"]] == [r["did"] for r in outs[1]["ranked"]]
+    np.testing.assert_allclose([r["score"] for r in outs[0]["ranked"]], [r["score"] for r in outs[1]["ranked"]],
+                               atol=1e-5)
+    assert all(w["ranking"] is not None or w["fallback"] for w in outs[0]["windows"])
+
+
+class _ScriptedDecoder(ScriptedBackend):
+    """Real vision/embedding graphs from `real`, a scripted decoder: drives a tool call through the real pipeline."""
+
+    def __init__(self, real, *a, **k):
+        super().__init__(*a, **k)
+        self.real = real
+
+    def vision(self, feeds):
+        return self.real.vision(feeds)
+
+    def embed(self, *a):
+        return self.real.embed(*a)
+
+
+def test_tool_results_are_encoded_by_the_real_vision_graph(plain_world):
+    ckpt, pack_dir, data, index_dir = plain_world
+    pack = Pack.open(pack_dir)
+    index = Index.open(index_dir, pack=pack)
+    comps = Components(pack, open_backend(pack, "ort", cache_dir=None))
+    crop = json.dumps({"name": "crop_image", "arguments": {"bbox_2d": [0.2, 0.2, 0.6, 0.6], "target_image": 1}})
+    script = comps.tokenizer.encode_text(f"<tool_call>{crop}</tool_call><answer>[2, 1]</answer>")
+    calls = []
+    real = comps.backend
+    orig = real.vision
+
+    def spy(feeds):
+        calls.append(feeds["patches"].shape)
+        return orig(feeds)
+
+    real.vision = spy
+    backend = _ScriptedDecoder(real, comps.table, script, end_token=comps.cfg.tokens.eos_token_ids[0])
+    res = Retriever(pack, index, backend=backend).search(text="picture 1", image=str(data / "1.png"), k=3,
+                                                         budget=Budget(think=400, tool=1))
+    w = res.rerank.windows[0]
+    assert w.tool_calls[0]["ok"] and "Here is the cropped image." in w.text
+    assert len(calls) == 2  # the query image, then the crop
+    assert [r["coarse_rank"] for r in res.ranked][:2] == [1, 0]

@@ -1,0 +1,609 @@
+"""The coarse stage: an HNSW index (hnswlib) over embedding vectors, safe to share between threads and verified on open.
+
+Score convention (the same in `HnswIndex.search` and in the `exact_search` oracle), best first:
+
+    cosine  score = 1 - hnswlib_distance = cos(q, x) in [-1, 1], higher is better. Both sides are normalized as
+            hnswlib does, v / (|v| + 1e-30), so a zero vector scores 0 against everything.
+    ip      score = 1 - hnswlib_distance = <q, x>, higher is better (exact up to float32 rounding of the 1 - d
+            round trip, about 1e-7 * max(1, |<q, x>|)).
+    l2      score = hnswlib_distance = |q - x|^2, the SQUARED Euclidean distance, lower is better.
+
+Labels are non-negative int64 (hnswlib stores size_t and silently turns -1 into 2**64 - 1, so negatives are refused).
+
+Duplicate labels, checked against hnswlib 0.8.0:
+  * Adding a label that is already live replaces its vector in place (hnswlib's `updatePoint`, which also repairs
+    the neighbours' links); the count does not change.
+  * Adding a label that was deleted brings it back with the new vector (hnswlib unmarks it, then updates it).
+  * The same label twice in ONE `add` call is refused: hnswlib inserts in parallel and which vector wins is a race.
+  * The index is built with `allow_replace_deleted=False`. With it on, 0.8.0's `add_items(replace_deleted=True)`
+    does not check whether the label already exists, so a live label re-added into a vacant slot is returned twice
+    by a search (reproduced; nmslib/hnswlib#487, #541), and re-adding a deleted label raises. The price: a deleted
+    item keeps its slot (memory and graph hops) until the index is rebuilt.
+
+Thread safety: hnswlib is not safe to search while another thread inserts, resizes or deletes. Every call goes
+through a writer-preferring readers-writer lock: any number of concurrent searches, exclusive add/delete/resize.
+`save` holds the read side (searches continue while a large index is written) plus its own mutex.
+
+Files (`save`/`load`): `hnsw.bin` (hnswlib's own format) and `ann.json` (params, counts, capacity, size and sha256
+of hnsw.bin, format version), each written to a temporary name and renamed, ann.json last. `load` checks ann.json,
+then the size and sha256 of hnsw.bin, then walks its header and graph (every size and neighbour id in range)
+BEFORE hnswlib's loader sees it: hnswlib trusts the sizes in the file, so a crafted one overflows its buffers, and a
+checksum alone only proves that the file is the one ann.json names, not that whoever wrote both meant well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import struct
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrv.runtime.errors import IndexFileError, InputError
+from retrv.runtime.fsutil import atomic_write_json, fsync_dir, sha256_file
+
+log = logging.getLogger(__name__)
+
+ANN_FORMAT_VERSION = 1
+ANN_JSON = "ann.json"
+HNSW_BIN = "hnsw.bin"
+METRICS = ("cosine", "ip", "l2")
+MAX_M = 1024  # hnswlib keeps a link count in 16 bits (2*M <= 65535); past ~100 recall stops improving anyway
+MAX_CAPACITY = 2**32 - 1  # hnswlib's internal ids are 32-bit (`tableint`)
+RANDOM_SEED = 100  # hnswlib's default level seed, written down so that a single-threaded build is reproducible
+_COSINE_EPS = 1e-30  # hnswlib's normalize_vector: v / (|v| + 1e-30)
+_ORACLE_CHUNK = 1 << 24  # exact_search scores at most this many (query, item) pairs at once: 64 MiB of float32
+
+# hnswlib 0.8.0 `saveIndex` header: offsetLevel0, max_elements, cur_element_count, size_data_per_element,
+# label_offset, offsetData (size_t); maxlevel (int); enterpoint_node (uint32); maxM, maxM0, M (size_t);
+# mult (double); ef_construction (size_t). Then cur_element_count level-0 records, then one
+# (uint32 size, bytes) upper-level link list per element.
+_HEADER = struct.Struct("<QQQQQQiIQQQdQ")
+_HEADER_FIELDS = ("offset_level0", "max_elements", "element_count", "size_per_element", "label_offset",
+                  "data_offset", "max_level", "entry_point", "max_m", "max_m0", "m", "mult", "ef_construction")
+
+
+def _check_int(name: str, value: Any, lo: int = 1, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo or (hi and value > hi):
+        bound = f"an integer in [{lo}, {hi}]" if hi else f"an integer >= {lo}"
+        raise InputError(f"{name}: got {value!r}; expected {bound}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class HnswParams:
+    """How the graph is built (M, ef_construction) and searched (ef_search). Saved in ann.json beside the index."""
+
+    metric: str
+    dim: int
+    M: int = 16  # links per node; hnswlib's recommended default for 64-1024-d embeddings
+    ef_construction: int = 200  # build beam; hnswlib's default, recall@10 ~0.99 on typical embeddings
+    ef_search: int = 64  # query beam; raised to k per query when k is larger (hnswlib needs ef >= k)
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise InputError(f"HnswParams.metric: got {self.metric!r}; expected one of {', '.join(METRICS)}")
+        _check_int("HnswParams.dim", self.dim)
+        _check_int("HnswParams.M", self.M, 2, MAX_M)  # M >= 2: hnswlib's level multiplier is 1/ln(M)
+        _check_int("HnswParams.ef_construction", self.ef_construction)
+        _check_int("HnswParams.ef_search", self.ef_search)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HnswParams:
+        if not isinstance(d, dict):
+            raise InputError(f"HnswParams: got {type(d).__name__}; expected a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(d) - known):
+            raise InputError(f"HnswParams: got unknown field(s) {unknown}; expected only {sorted(known)}")
+        return cls(**d)
+
+
+class RWLock:
+    """Many readers or one writer; a waiting writer stops new readers from entering (no writer starvation).
+
+    Not reentrant: a thread holding either side must not ask for either side again.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())  # a plain Lock: cheaper than the default RLock
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+# ---------------------------------------------------------------------------------------------- input checks
+
+
+def _as_vectors(x: Any, dim: int, name: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim != 2 or a.shape[1] != dim:
+        raise InputError(f"{name}: got shape {a.shape}; expected (n, {dim})")
+    if a.dtype.kind not in "fiu":
+        raise InputError(f"{name}: got dtype {a.dtype}; expected a real number dtype (float32 preferred)")
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if not np.isfinite(a).all():
+        row = int(np.flatnonzero(~np.isfinite(a).all(axis=1))[0])
+        raise InputError(f"{name}: row {row} holds NaN or Inf; expected finite values")
+    return a
+
+
+def _as_labels(x: Any, name: str = "labels") -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim != 1:
+        raise InputError(f"{name}: got shape {a.shape}; expected (n,)")
+    if a.size and a.dtype.kind not in "iu":
+        raise InputError(f"{name}: got dtype {a.dtype}; expected integers (int64)")
+    if a.dtype.kind == "u" and a.size and a.max() > np.iinfo(np.int64).max:
+        raise InputError(f"{name}: got label {int(a.max())}; expected at most {np.iinfo(np.int64).max}")
+    a = a.astype(np.int64)
+    if a.size and a.min() < 0:
+        raise InputError(f"{name}: got label {int(a.min())}; expected non-negative labels")
+    return a
+
+
+def _first_duplicate(labels: np.ndarray) -> int | None:
+    s = np.sort(labels)
+    dup = np.flatnonzero(s[1:] == s[:-1])
+    return int(s[dup[0]]) if dup.size else None
+
+
+# ---------------------------------------------------------------------------------------------- exact oracle
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return x / (np.linalg.norm(x, axis=1, keepdims=True) + np.float32(_COSINE_EPS))
+
+
+def exact_search(matrix: Any, labels: Any, queries: Any, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-k: `(labels int64 (q, k'), scores float32 (q, k'))`, k' = min(k, n), best first.
+
+    Same score convention as `HnswIndex.search` (module docstring). Ties are broken by label, ascending, so the
+    result is a function of the inputs alone. Computed in float32, `_ORACLE_CHUNK` pairs at a time.
+    """
+    if metric not in METRICS:
+        raise InputError(f"metric: got {metric!r}; expected one of {', '.join(METRICS)}")
+    m = np.asarray(matrix)
+    if m.ndim != 2:
+        raise InputError(f"matrix: got shape {m.shape}; expected (n, dim)")
+    m = _as_vectors(m, m.shape[1], "matrix")
+    lab = _as_labels(labels)
+    if lab.shape[0] != m.shape[0]:
+        raise InputError(f"labels: got {lab.shape[0]} labels; expected one per matrix row ({m.shape[0]})")
+    q = _as_vectors(queries, m.shape[1], "queries")
+    k = min(_check_int("k", k), m.shape[0])
+    if k == 0:
+        return np.zeros((q.shape[0], 0), np.int64), np.zeros((q.shape[0], 0), np.float32)
+    if metric == "cosine":
+        m, q = _normalize(m), _normalize(q)
+    sq_norms = np.einsum("ij,ij->i", m, m) if metric == "l2" else None  # (n,)
+    out_l = np.empty((q.shape[0], k), np.int64)
+    out_s = np.empty((q.shape[0], k), np.float32)
+    step = max(1, _ORACLE_CHUNK // m.shape[0])
+    for lo in range(0, q.shape[0], step):
+        qc = q[lo:lo + step]  # (c, dim)
+        dots = qc @ m.T  # (c, n)
+        if metric == "l2":
+            dist = np.maximum(np.einsum("ij,ij->i", qc, qc)[:, None] + sq_norms[None, :] - 2 * dots, 0)
+            key, score = -dist, dist  # key: higher is better
+        else:
+            key = score = dots
+        top = np.argpartition(-key, k - 1, axis=1)[:, :k] if k < key.shape[1] else np.tile(np.arange(k), (len(qc), 1))
+        rows = np.arange(len(qc))[:, None]
+        order = np.lexsort((lab[top], -key[rows, top]), axis=-1)
+        top = top[rows, order]  # (c, k), best first
+        # argpartition picks arbitrarily among items tied with the k-th: redo those rows with the label tie-break.
+        kth = key[rows[:, 0], top[:, -1]]
+        for r in np.flatnonzero((key >= kth[:, None]).sum(axis=1) > k):
+            cand = np.flatnonzero(key[r] >= kth[r])
+            top[r] = cand[np.lexsort((lab[cand], -key[r, cand]))[:k]]
+        out_l[lo:lo + step] = lab[top]
+        out_s[lo:lo + step] = score[rows, top]
+    return out_l, out_s
+
+
+# ---------------------------------------------------------------------------------------------- the index
+
+
+def _hnswlib():
+    import hnswlib  # a core dependency of the runtime; imported here so `import retrv.runtime` stays cheap
+
+    return hnswlib
+
+
+class HnswIndex:
+    """An hnswlib index with explicit label semantics, automatic growth, a readers-writer lock and verified files.
+
+    Build with `HnswIndex.create(params)`, open with `HnswIndex.load(dir)`; the constructor is internal.
+    """
+
+    def __init__(self, params: HnswParams, index: Any, live: set[int], deleted: set[int]) -> None:
+        self._params = params
+        self._index = index
+        self._live = live  # labels a search may return
+        self._deleted = deleted  # labels marked deleted; their slots stay in the graph (no replace_deleted)
+        self._lock = RWLock()
+        self._save_lock = threading.Lock()
+
+    @classmethod
+    def create(cls, params: HnswParams, capacity: int = 1024) -> HnswIndex:
+        if not isinstance(params, HnswParams):
+            raise InputError(f"params: got {type(params).__name__}; expected HnswParams")
+        capacity = _check_int("capacity", capacity, 1, MAX_CAPACITY)
+        index = _hnswlib().Index(space=params.metric, dim=params.dim)
+        index.init_index(max_elements=capacity, ef_construction=params.ef_construction, M=params.M,
+                         random_seed=RANDOM_SEED, allow_replace_deleted=False)
+        index.set_ef(params.ef_search)
+        return cls(params, index, set(), set())
+
+    # -- read-only views
+
+    @property
+    def params(self) -> HnswParams:
+        return self._params
+
+    @property
+    def dim(self) -> int:
+        return self._params.dim
+
+    @property
+    def count(self) -> int:
+        """Live items: added and not deleted."""
+        with self._lock.read():
+            return len(self._live)
+
+    @property
+    def deleted_count(self) -> int:
+        """Deleted items still holding a slot (they cost memory and graph hops until a rebuild)."""
+        with self._lock.read():
+            return len(self._deleted)
+
+    @property
+    def capacity(self) -> int:
+        with self._lock.read():
+            return int(self._index.max_elements)
+
+    def labels(self) -> np.ndarray:
+        """Live labels, ascending, int64 (n,)."""
+        with self._lock.read():
+            return np.array(sorted(self._live), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.count
+
+    # -- writes (exclusive)
+
+    def add(self, labels: Any, vectors: Any, num_threads: int = -1) -> None:
+        """Insert or replace: `labels` int64 (n,), `vectors` float32 (n, dim). A live label gets the new vector; a
+        deleted label comes back with it. Grows the capacity as needed (at least doubling, so growth is amortised).
+        `num_threads=-1` uses every core (hnswlib's convention)."""
+        lab = _as_labels(labels)
+        vec = _as_vectors(vectors, self.dim, "vectors")
+        if lab.shape[0] != vec.shape[0]:
+            raise InputError(f"labels: got {lab.shape[0]} labels for {vec.shape[0]} vectors; expected one per row")
+        if (dup := _first_duplicate(lab)) is not None:
+            raise InputError(f"labels: got label {dup} twice in one add; expected unique labels per call")
+        if not lab.size:
+            return
+        batch = lab.tolist()
+        with self._lock.write():
+            new = sum(1 for x in batch if x not in self._live and x not in self._deleted)
+            need = int(self._index.element_count) + new
+            if need > self._index.max_elements:
+                self._grow(need)
+            try:
+                self._index.add_items(vec, lab, num_threads=num_threads)
+            except BaseException:
+                self._resync(batch)
+                raise
+            self._live.update(batch)
+            self._deleted.difference_update(batch)
+
+    def delete(self, labels: Any) -> None:
+        """Mark live labels deleted; a search never returns them again. Unknown or already deleted -> InputError, and
+        then nothing is deleted."""
+        lab = np.unique(_as_labels(labels)).tolist()
+        with self._lock.write():
+            unknown = [x for x in lab if x not in self._live]
+            if unknown:
+                raise InputError(f"delete: label {unknown[0]} is not a live label of the index ({len(unknown)} of "
+                                 f"{len(lab)} unknown or already deleted); expected live labels, nothing deleted")
+            for x in lab:
+                self._index.mark_deleted(x)
+                self._live.discard(x)
+                self._deleted.add(x)
+
+    def set_ef_search(self, ef_search: int) -> None:
+        """Change the query beam (saved with the index on the next `save`)."""
+        params = dataclasses.replace(self._params, ef_search=ef_search)
+        with self._lock.write():
+            self._params = params
+            self._index.set_ef(ef_search)
+
+    def _grow(self, need: int) -> None:
+        if need > MAX_CAPACITY:
+            raise InputError(f"add: the index would hold {need} items; expected at most {MAX_CAPACITY}")
+        new_cap = min(max(need, 2 * int(self._index.max_elements)), MAX_CAPACITY)
+        log.debug("resizing HNSW index from %d to %d slots", self._index.max_elements, new_cap)
+        self._index.resize_index(new_cap)
+
+    def _resync(self, batch: list[int]) -> None:
+        # add_items failed part way (out of memory): learn from hnswlib which of the batch got in.
+        for x in batch:
+            try:
+                self._index.get_items([x])
+            except RuntimeError:
+                continue
+            self._live.add(x)
+            self._deleted.discard(x)
+
+    # -- search (shared)
+
+    def search(self, vectors: Any, k: int, num_threads: int = -1) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k per query: `(labels int64 (q, k'), scores float32 (q, k'))`, k' = min(k, count), best first, scores
+        as in the module docstring. A k above ef_search runs alone (it has to raise hnswlib's global ef)."""
+        q = _as_vectors(vectors, self.dim, "vectors")
+        k = _check_int("k", k)
+        with self._lock.read():
+            if min(k, len(self._live)) <= self._params.ef_search:
+                return self._search_locked(q, k, num_threads)
+        with self._lock.write():
+            self._index.set_ef(max(k, self._params.ef_search))
+            try:
+                return self._search_locked(q, k, num_threads)
+            finally:
+                self._index.set_ef(self._params.ef_search)
+
+    def _search_locked(self, q: np.ndarray, k: int, num_threads: int) -> tuple[np.ndarray, np.ndarray]:
+        k = min(k, len(self._live))
+        if k == 0 or not len(q):
+            return np.zeros((len(q), k), np.int64), np.zeros((len(q), k), np.float32)
+        try:
+            lab, dist = self._index.knn_query(q, k=k, num_threads=num_threads)
+        except RuntimeError as e:
+            # Fewer than k live items reachable from the entry point (many deletions; nmslib/hnswlib#321).
+            log.warning("hnswlib returned fewer than k=%d results (%s); answering by exact search", k, e)
+            live = np.array(sorted(self._live), dtype=np.int64)
+            stored = np.asarray(self._index.get_items(live.tolist()), dtype=np.float32)  # cosine: already normalized
+            return exact_search(stored, live, q, k, self._params.metric)
+        scores = dist if self._params.metric == "l2" else 1.0 - dist
+        return lab.astype(np.int64), scores.astype(np.float32, copy=False)
+
+    # -- files
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write `hnsw.bin` then `ann.json` into `directory` (created if missing), each atomically. Other files in the
+        directory are left alone. A crash between the two renames leaves a pair that `load` refuses (sha256)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        with self._save_lock, self._lock.read():
+            tmp = d / f".{HNSW_BIN}.{secrets.token_hex(6)}.tmp"
+            try:
+                self._index.save_index(str(tmp))
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                meta = {
+                    "format_version": ANN_FORMAT_VERSION,
+                    "kind": "hnswlib",
+                    "params": self._params.to_dict(),
+                    "count": len(self._live),
+                    "element_count": int(self._index.element_count),
+                    "capacity": int(self._index.max_elements),
+                    "label_dtype": "int64",
+                    HNSW_BIN: {"size": tmp.stat().st_size, "sha256": sha256_file(tmp)},
+                }
+                os.replace(tmp, d / HNSW_BIN)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            fsync_dir(d)
+            atomic_write_json(d / ANN_JSON, meta)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, expected_params: HnswParams | None = None) -> HnswIndex:
+        """Open an index written by `save`, verifying everything before hnswlib reads a byte; IndexFileError on any
+        mismatch. `expected_params`: metric, dim, M and ef_construction must match; its ef_search is then used.
+        The loaded index has room for exactly the stored items; the next `add` grows it."""
+        d = Path(directory)
+        meta = _read_meta(d / ANN_JSON)
+        params = meta["params"]
+        if expected_params is not None:
+            for name in ("metric", "dim", "M", "ef_construction"):
+                got, want = getattr(params, name), getattr(expected_params, name)
+                if got != want:
+                    raise IndexFileError(f"{d / ANN_JSON}: index {name} is {got!r}; expected {want!r}")
+            params = dataclasses.replace(params, ef_search=expected_params.ef_search)
+        path = d / HNSW_BIN
+        if not path.is_file():
+            raise IndexFileError(f"{path}: missing; expected the graph file named in {ANN_JSON}")
+        size, (want_size, digest) = path.stat().st_size, (meta[HNSW_BIN]["size"], meta[HNSW_BIN]["sha256"])
+        if size != want_size:
+            raise IndexFileError(f"{path}: size {size} bytes; expected {want_size} (truncated or replaced)")
+        if sha256_file(path) != digest:
+            raise IndexFileError(f"{path}: sha256 differs from {ANN_JSON}; expected {digest} (modified file)")
+        labels, deleted = _check_graph(path, params, meta["element_count"], meta["capacity"])
+        if len(labels) - int(deleted.sum()) != meta["count"]:
+            raise IndexFileError(f"{path}: {len(labels) - int(deleted.sum())} live items; expected {meta['count']}")
+        index = _hnswlib().Index(space=params.metric, dim=params.dim)
+        slots = max(meta["element_count"], 1)
+        try:
+            # Allocate for the items the file proves it holds, not for the capacity it claims: hnswlib sizes its
+            # buffers, locks and visited lists by max_elements, so a forged capacity of 2**32 would exhaust memory.
+            index.load_index(str(path), max_elements=slots, allow_replace_deleted=False)
+        except (RuntimeError, MemoryError) as e:
+            raise IndexFileError(f"{path}: hnswlib refused it ({e}); expected an hnswlib 0.8 index") from None
+        if (index.element_count, index.dim, index.max_elements) != (meta["element_count"], params.dim, slots):
+            raise IndexFileError(f"{path}: loaded (elements, dim, capacity) = ({index.element_count}, {index.dim}, "
+                                 f"{index.max_elements}); expected ({meta['element_count']}, {params.dim}, {slots})")
+        index.set_ef(params.ef_search)
+        lab = labels.tolist()
+        return cls(params, index, {x for x, dl in zip(lab, deleted.tolist()) if not dl},
+                   {x for x, dl in zip(lab, deleted.tolist()) if dl})
+
+
+# ---------------------------------------------------------------------------------------------- verification
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """ann.json, checked field by field; `params` comes back as HnswParams."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise IndexFileError(f"{path}: missing; expected the index metadata written by HnswIndex.save") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IndexFileError(f"{path}: unreadable ({type(e).__name__}: {e}); expected JSON") from None
+    if not isinstance(meta, dict):
+        raise IndexFileError(f"{path}: got a JSON {type(meta).__name__}; expected an object")
+
+    def integer(name: str, value: Any, lo: int, hi: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise IndexFileError(f"{path}: {name} is {value!r}; expected an integer in [{lo}, {hi}]")
+        return value
+
+    version = integer("format_version", meta.get("format_version"), 1, 2**31)
+    if version > ANN_FORMAT_VERSION:
+        raise IndexFileError(f"{path}: format_version {version} is newer than this retrv-edge reads "
+                             f"({ANN_FORMAT_VERSION}); expected <= {ANN_FORMAT_VERSION} (upgrade retrv-edge)")
+    try:
+        meta["params"] = HnswParams.from_dict(meta.get("params"))
+    except (InputError, TypeError) as e:
+        raise IndexFileError(f"{path}: params invalid ({e})") from None
+    capacity = integer("capacity", meta.get("capacity"), 1, MAX_CAPACITY)
+    elements = integer("element_count", meta.get("element_count"), 0, capacity)
+    integer("count", meta.get("count"), 0, elements)
+    if meta.get("label_dtype") != "int64":
+        raise IndexFileError(f"{path}: label_dtype is {meta.get('label_dtype')!r}; expected 'int64'")
+    entry = meta.get(HNSW_BIN)
+    if not isinstance(entry, dict) or not re.fullmatch(r"[0-9a-f]{64}", str(entry.get("sha256"))):
+        raise IndexFileError(f"{path}: {HNSW_BIN} entry is {entry!r}; expected {{'size': int, 'sha256': 64 hex}}")
+    integer(f"{HNSW_BIN}.size", entry.get("size"), _HEADER.size, 2**62)
+    return meta
+
+
+def _check_graph(path: Path, params: HnswParams, elements: int, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """Walk hnsw.bin as hnswlib 0.8.0 wrote it and check every size and id that its loader or search would trust.
+
+    Returns (labels uint64 (n,), deleted bool (n,)) in internal-id order.
+    """
+
+    def bad(what: str, expected: Any) -> IndexFileError:
+        return IndexFileError(f"{path}: {what}; expected {expected}")
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        h = dict(zip(_HEADER_FIELDS, _HEADER.unpack(f.read(_HEADER.size))))
+    m = params.M
+    links0 = 2 * m * 4 + 4  # level-0 record: uint32 count/flags word, then maxM0 = 2M uint32 neighbour ids
+    links = m * 4 + 4  # upper-level list: the same with maxM = M
+    data = params.dim * 4
+    want = {"offset_level0": 0, "max_elements": capacity, "element_count": elements,
+            "size_per_element": links0 + data + 8, "label_offset": links0 + data, "data_offset": links0,
+            "max_m": m, "max_m0": 2 * m, "m": m, "ef_construction": max(params.ef_construction, m)}
+    for name, value in want.items():
+        if h[name] != value:
+            raise bad(f"header {name} is {h[name]}", f"{value} for {params}")
+    if not math.isclose(h["mult"], 1 / math.log(m), rel_tol=1e-12):
+        raise bad(f"header mult is {h['mult']}", 1 / math.log(m))
+    spe, body = h["size_per_element"], _HEADER.size + elements * h["size_per_element"]
+    if elements == 0:
+        if size != _HEADER.size or h["max_level"] != -1:
+            raise bad(f"empty index of {size} bytes, max_level {h['max_level']}", f"{_HEADER.size} bytes, max_level -1")
+        return np.zeros(0, np.uint64), np.zeros(0, bool)
+    if size < body + 4 * elements:
+        raise bad(f"{size} bytes", f"at least {body + 4 * elements} for {elements} elements")
+    if not 0 <= h["max_level"] <= 64 or h["entry_point"] >= elements:  # 64 levels: M**64 elements, far past 2**32
+        raise bad(f"max_level {h['max_level']}, entry point {h['entry_point']}", f"[0, 64] and < {elements}")
+
+    level0 = np.memmap(path, np.uint8, "r", offset=_HEADER.size, shape=(elements, spe))
+    labels = np.empty(elements, np.uint64)
+    deleted = np.empty(elements, bool)
+    step = max(1, (64 << 20) // spe)  # check 64 MiB of records at a time
+    for lo in range(0, elements, step):
+        rec = np.array(level0[lo:lo + step])  # (c, spe)
+        head = rec[:, :links0].view("<u4")  # (c, 1 + 2M)
+        counts = head[:, 0] & 0xFFFF
+        if (counts > 2 * m).any():
+            raise bad(f"element {lo + int(np.argmax(counts > 2 * m))} has {counts.max()} level-0 links", f"<= {2 * m}")
+        used = np.arange(2 * m)[None, :] < counts[:, None]
+        if (head[:, 1:][used] >= elements).any():
+            raise bad("a level-0 neighbour id out of range", f"< {elements}")
+        if not np.isfinite(rec[:, links0:links0 + data].view("<f4")).all():
+            raise bad("a stored vector holds NaN or Inf", "finite values")
+        deleted[lo:lo + step] = (rec[:, 2] & 1).astype(bool)  # hnswlib's DELETE_MARK, byte 2 of the count word
+        labels[lo:lo + step] = rec[:, links0 + data:].view("<u8")[:, 0]
+    del level0
+    if labels.max() > np.iinfo(np.int64).max:
+        raise bad(f"label {int(labels.max())}", "non-negative int64 labels")
+    if (dup := _first_duplicate(labels.astype(np.int64))) is not None:
+        raise bad(f"label {dup} stored twice", "unique labels")
+
+    with open(path, "rb") as f:
+        f.seek(body)
+        tail = f.read()
+    pos, top = 0, np.zeros(elements, np.int64)
+    for i in range(elements):
+        if pos + 4 > len(tail):
+            raise bad(f"file ends inside the link lists at element {i}", f"{elements} link lists")
+        (n,) = struct.unpack_from("<I", tail, pos)
+        pos += 4
+        if not n:
+            continue
+        level = n // links
+        if n % links or level > h["max_level"] or pos + n > len(tail):
+            raise bad(f"element {i} link list of {n} bytes", f"a multiple of {links}, at most {h['max_level']} levels")
+        lists = np.frombuffer(tail, "<u4", count=n // 4, offset=pos).reshape(level, 1 + m)
+        cnt = lists[:, 0] & 0xFFFF
+        if (cnt > m).any() or (lists[:, 1:][np.arange(m)[None, :] < cnt[:, None]] >= elements).any():
+            raise bad(f"element {i} upper-level links out of range", f"<= {m} links, ids < {elements}")
+        top[i] = level
+        pos += n
+    if pos != len(tail):
+        raise bad(f"{len(tail) - pos} bytes after the last link list", "none")
+    if top[h["entry_point"]] != h["max_level"]:
+        raise bad(f"entry point at level {top[h['entry_point']]}", f"max_level {h['max_level']}")
+    return labels, deleted
