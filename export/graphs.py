@@ -37,6 +37,9 @@ class GraphSpec:
     def filename(self) -> str:
         return f"{self.role}.onnx"
 
+    def renamed(self, role: str) -> "GraphSpec":
+        return GraphSpec(role, self.inputs, self.outputs)
+
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         axes = {}
         for name, spec in {**self.inputs, **self.outputs}.items():
@@ -225,6 +228,15 @@ def sub_models(model: Qwen2_5_VL) -> list[SubModel]:
     return subs
 
 
+def embedder_sub_models(model: Qwen2_5_VL) -> list[SubModel]:
+    """A separate embedder checkpoint's graphs: its own vision tower and a cache-free pooled-embedding graph."""
+    cfg, fdt = model.cfg, FLOAT_NAMES[model.dtype]
+    return [
+        SubModel(vision_spec(cfg, fdt).renamed("embedder_vision"), VisionGraph(model)),
+        SubModel(embedder_spec(cfg, fdt), EmbedderGraph(model)),
+    ]
+
+
 def cast_feeds(spec: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Float arrays converted to the dtype the graph declares (an fp16 graph takes fp16 embeddings)."""
     return {k: (v.astype(spec.inputs[k].dtype) if v.dtype.kind == "f" and k in spec.inputs else v)
@@ -237,7 +249,7 @@ def sample_inputs(spec: GraphSpec, cfg: ModelConfig, variant: int, seed: int = 0
     vision indices come from an actual grid; decoder masks have left padding in row 1."""
     rng = np.random.default_rng(seed + 97 * variant)
     f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
-    if spec.role == "vision":
+    if spec.role in ("vision", "embedder_vision"):
         grids = [[(1, 8, 12), (1, 4, 6)], [(1, 16, 16)], [(1, 6, 10), (1, 12, 8), (1, 4, 4)]][variant % 3]
         grid = np.array(grids, dtype=np.int64)
         n = int(grid.prod(1).sum())

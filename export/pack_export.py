@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrv.export.graphs import sub_models
+from retrv.export.graphs import embedder_sub_models, sub_models
 from retrv.export.onnx_export import OPSET, export_onnx, validate_onnx
 from retrv.model.loading import load_checkpoint
 from retrv.runtime.errors import CheckpointError, InputError
@@ -41,13 +41,44 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
+def _export_sub(sub, oracle, cfg, tmp: Path, precision: str, files: dict, validation: dict) -> None:
+    written = export_onnx(sub, cfg, tmp / sub.spec.filename)
+    validation[sub.spec.role] = validate_onnx(sub, cfg, written[0], precision, oracle=oracle)
+    files[written[0].name] = describe_file(
+        tmp, written[0].name, sub.spec.role, precision=precision,
+        inputs={k: v.to_dict() for k, v in sub.spec.inputs.items()},
+        outputs={k: v.to_dict() for k, v in sub.spec.outputs.items()},
+    )
+    for extra in written[1:]:
+        files[extra.name] = describe_file(tmp, extra.name, "external_data", data_of=written[0].name)
+
+
+def _export_embedder(ckpt: Path, tmp: Path, precision: str, files: dict, validation: dict) -> dict:
+    """A separate coarse-stage embedder (a LamRA-style Qwen2.5-VL checkpoint): its vision tower, pooled-embedding
+    graph, embedding table and tokenizer, beside the reranker's. Other families (Qwen2-VL, CLIP/SigLIP) are
+    refused by the checkpoint reader with the model_type it found."""
+    for name in ("tokenizer.json", "preprocessor_config.json"):
+        if not (ckpt / name).is_file():
+            raise CheckpointError(f"--embedder {ckpt}: {name} is missing; expected it beside config.json")
+    processor = ImageProcessorConfig.from_file(ckpt / "preprocessor_config.json")
+    oracle = load_checkpoint(ckpt, dtype=torch.float32)
+    model = copy.deepcopy(oracle).half() if precision == "fp16" else oracle
+    oracles = {s.spec.role: s for s in embedder_sub_models(oracle)}
+    for sub in embedder_sub_models(model):
+        _export_sub(sub, oracles[sub.spec.role], model.cfg, tmp, precision, files, validation)
+    np.save(tmp / "embedder_embed_tokens.npy", np.ascontiguousarray(model.language_model.embed_tokens.weight.detach()
+                                                                    .numpy()), allow_pickle=False)
+    files["embedder_embed_tokens.npy"] = describe_file(tmp, "embedder_embed_tokens.npy", "embedder_embed_tokens",
+                                                       precision=precision)
+    shutil.copyfile(ckpt / "tokenizer.json", tmp / "embedder_tokenizer.json")
+    files["embedder_tokenizer.json"] = describe_file(tmp, "embedder_tokenizer.json", "embedder_tokenizer")
+    return {"model": model.cfg.to_dict(), "preprocessor": processor.to_dict(), "source_checkpoint": ckpt.name}
+
+
 def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32", embedder: str | Path | None = None,
                 verify: bool = False) -> Path:
     if precision not in PRECISIONS:
         raise InputError(f"--precision: got {precision!r}; expected one of {list(PRECISIONS)}")
-    if embedder is not None:
-        raise InputError(f"--embedder: got {str(embedder)!r}; a separate embedder checkpoint is not supported yet, "
-                         f"expected none (the pack's embedder is pooled from the same backbone)")
     ckpt = Path(checkpoint)
     for name in ("tokenizer.json", "preprocessor_config.json"):
         if not (ckpt / name).is_file():
@@ -61,15 +92,10 @@ def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
     with atomic_dir(out) as tmp:
         files, validation = {}, {}
         for sub in sub_models(model):
-            written = export_onnx(sub, cfg, tmp / sub.spec.filename)
-            validation[sub.spec.role] = validate_onnx(sub, cfg, written[0], precision, oracle=oracles[sub.spec.role])
-            files[written[0].name] = describe_file(
-                tmp, written[0].name, sub.spec.role, precision=precision,
-                inputs={k: v.to_dict() for k, v in sub.spec.inputs.items()},
-                outputs={k: v.to_dict() for k, v in sub.spec.outputs.items()},
-            )
-            for extra in written[1:]:
-                files[extra.name] = describe_file(tmp, extra.name, "external_data", data_of=written[0].name)
+            _export_sub(sub, oracles[sub.spec.role], cfg, tmp, precision, files, validation)
+        extra = {"source_checkpoint": ckpt.name}
+        if embedder is not None:
+            extra["embedder"] = _export_embedder(Path(embedder), tmp, precision, files, validation)
         table = model.language_model.embed_tokens.weight.detach().numpy()  # fp16 in an fp16 pack: half the bytes
         np.save(tmp / "embed_tokens.npy", np.ascontiguousarray(table), allow_pickle=False)
         files["embed_tokens.npy"] = describe_file(tmp, "embed_tokens.npy", "embed_tokens", precision=precision)
@@ -85,7 +111,7 @@ def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
             created_by=_versions(),
             files=files,
             validation=validation,
-            extra={"source_checkpoint": ckpt.name},
+            extra=extra,
         )
         write_manifest(tmp, manifest)
         if verify:

@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("checkpoint", help="Hugging Face Qwen2.5-VL directory (safetensors)")
     exp.add_argument("pack", help="output pack directory (replaced atomically if it exists)")
     exp.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
-    exp.add_argument("--embedder", default=None, help="separate embedder checkpoint (not supported yet)")
+    exp.add_argument("--embedder", default=None,
+                     help="a separate Qwen2.5-VL-family embedder checkpoint for the coarse stage (default: the reranker's own backbone)")
     exp.add_argument("--verify", action="store_true",
                      help="also require identical greedy tokens from the pack, PyTorch and transformers")
     exp.set_defaults(func=_cmd_export)

@@ -27,14 +27,31 @@ class EmbedTemplate:
 @dataclass
 class EmbedItem:
     text: str | None = None
-    image_tokens: np.ndarray | None = None  # (M, H)
+    image_tokens: np.ndarray | None = None  # (M, H), the reranker's vision tokens (reused when they are ours)
     grid: tuple[int, int, int] | None = None
+    image: object = None  # the source image: a separate embedder encodes it with its own vision tower
 
 
 class Embedder:
-    def __init__(self, backend, builder: PromptBuilder, template: EmbedTemplate | None = None) -> None:
+    """`image_encoder` is None when the embedder is the reranker's own backbone (the item's image tokens are reused);
+    a separate embedder passes its own vision encoder and builder (tokenizer, table, config)."""
+
+    def __init__(self, backend, builder: PromptBuilder, template: EmbedTemplate | None = None,
+                 image_encoder=None) -> None:
         self.backend, self.builder = backend, builder
         self.t = template or EmbedTemplate()
+        self.image_encoder = image_encoder
+
+    def _own_tokens(self, items: list[EmbedItem]) -> list[EmbedItem]:
+        if self.image_encoder is None:
+            return items
+        with_image = [it for it in items if it.image is not None]
+        encoded = iter(self.image_encoder([it.image for it in with_image]))
+        out = []
+        for it in items:
+            tokens, grid = next(encoded) if it.image is not None else (None, None)
+            out.append(EmbedItem(it.text, tokens, grid, it.image))
+        return out
 
     def pieces(self, item: EmbedItem, role: str) -> list[Piece]:
         if role not in ("query", "candidate"):
@@ -53,6 +70,7 @@ class Embedder:
 
     def embed(self, items: list[EmbedItem], role: str) -> np.ndarray:
         """-> (n, H) float32, L2-normalised."""
+        items = self._own_tokens(items)
         seqs = [self.builder.assemble(self.pieces(it, role), 0) for it in items]
         longest = max(len(ids) for ids, _, _ in seqs)
         h = seqs[0][1].shape[1]

@@ -62,19 +62,37 @@ class Components:
         self.tokenizer = PromptTokenizer(pack.file("tokenizer"))
         self.table = np.load(pack.file("embed_tokens"), mmap_mode="r", allow_pickle=False)
         self.builder = PromptBuilder(self.tokenizer, self.cfg, self.table)
-        self.embedder = Embedder(backend, self.builder)
+        self.embedder = self._embedder(pack, backend)
 
-    def encode_images(self, images: list) -> list[tuple[np.ndarray, tuple[int, int, int]]]:
-        """Images -> [(merged tokens (M_i, H), grid)] with one vision call for the batch."""
+    def _embedder(self, pack, backend: Backend) -> Embedder:
+        if not pack.has("embedder"):
+            return Embedder(backend, self.builder)
+        if not hasattr(backend, "runner"):
+            raise InputError(f"{backend.name} backend: this pack has a separate embedder, which runs on ONNX Runtime; "
+                             f"expected --backend ort (or auto)")
+        from retrv.model.config import ModelConfig
+        from retrv.runtime.preprocess import ImageProcessorConfig
+
+        spec = pack.manifest.extra["embedder"]
+        cfg, proc = ModelConfig.from_dict(spec["model"]), ImageProcessorConfig.from_dict(spec["preprocessor"])
+        table = np.load(pack.file("embedder_embed_tokens"), mmap_mode="r", allow_pickle=False)
+        builder = PromptBuilder(PromptTokenizer(pack.file("embedder_tokenizer")), cfg, table)
+        encode = lambda imgs: self.encode_images(imgs, cfg, proc, role="embedder_vision")  # noqa: E731
+        return Embedder(backend, builder, image_encoder=encode)
+
+    def encode_images(self, images: list, cfg=None, processor=None, role: str = "vision"):
+        """Images -> [(merged tokens (M_i, H), grid)] with one vision call for the batch (the reranker's vision
+        tower by default; a separate embedder's with its config, processor and role)."""
         if not images:
             return []
-        done = [preprocess_image(img, self.processor) for img in images]
+        cfg, processor = cfg or self.cfg, processor or self.processor
+        done = [preprocess_image(img, processor) for img in images]
         patches = np.concatenate([p for p, _ in done], axis=0)
         grids = np.stack([g for _, g in done])
-        v = self.cfg.vision
+        v = cfg.vision
         feeds = vision_graph_inputs(grids, v.spatial_merge_size, v.window_size, v.patch_size)
         feeds["patches"] = patches
-        tokens = self.backend.vision(feeds)
+        tokens = self.backend.vision(feeds) if role == "vision" else self.backend.vision(feeds, role=role)
         counts = (grids.prod(axis=1) // v.spatial_merge_size**2).tolist()
         splits = np.split(tokens, np.cumsum(counts)[:-1])
         return [(s, tuple(int(x) for x in g)) for s, g in zip(splits, grids)]
@@ -98,7 +116,9 @@ class CandidateEncoder:
 
     def __init__(self, components: Components) -> None:
         self.c = components
-        self.hidden = self.dim = components.cfg.text.hidden_size
+        self.hidden = components.cfg.text.hidden_size
+        embed_cfg = components.embedder.builder.cfg
+        self.dim = embed_cfg.text.hidden_size  # the coarse vectors' width: the embedder's, which may differ
         self.has_t_con = components.cfg.icm is not None
         self.pack_sha256 = components.pack.sha256
         self.template = components.embedder.t.to_dict()
@@ -118,7 +138,8 @@ class CandidateEncoder:
             for e, t in zip(items, t_con):
                 e.t_con = np.asarray(t, np.float32)
         vectors = self.c.embedder.embed(
-            [EmbedItem(c.txt, e.tokens if len(e.tokens) else None, e.grid) for c, e in zip(cands, items)], "candidate")
+            [EmbedItem(c.txt, e.tokens if len(e.tokens) else None, e.grid, image=c.img_path)
+             for c, e in zip(cands, items)], "candidate")
         return EncodedBatch(items, vectors)
 
 
@@ -172,7 +193,7 @@ class Retriever:
             q_tokens, q_grid = self.c.encode_images([image])[0]
         timings["vision"] = (clock() - t0) * 1e3
         t0 = clock()
-        vector = self.c.embedder.embed([EmbedItem(text, q_tokens, q_grid)], "query")
+        vector = self.c.embedder.embed([EmbedItem(text, q_tokens, q_grid, image=image)], "query")
         timings["embed"] = (clock() - t0) * 1e3
         t0 = clock()
         labels, scores = self.index.search(vector, k)

@@ -145,8 +145,9 @@ class OrtBackend(Backend):
     def close(self) -> None:
         self._runners.clear()
 
-    def vision(self, feeds):
-        return self.runner("vision").infer(feeds)["image_tokens"].astype(np.float32, copy=False)
+    def vision(self, feeds, role: str = "vision"):
+        """`role`: "vision" (the reranker's tower) or "embedder_vision" (a separate embedder's)."""
+        return self.runner(role).infer(feeds)["image_tokens"].astype(np.float32, copy=False)
 
     def embed(self, inputs_embeds, position_ids, attention_mask):
         feed = {"inputs_embeds": inputs_embeds, "position_ids": position_ids, "attention_mask": attention_mask}

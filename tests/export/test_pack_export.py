@@ -20,11 +20,13 @@ from retrv.model import load_checkpoint
 from retrv.model.tiny import write_tiny_checkpoint
 from retrv.runtime.backends.ort import OrtBackend
 from retrv.runtime.backends.torch_backend import TorchBackend
+from retrv.runtime.budget import Budget
 from retrv.runtime.cli import main as cli
 from retrv.runtime.errors import InputError
 from retrv.runtime.generate import Generator
 from retrv.runtime.pack import Pack, PackError
-from retrv.runtime.preprocess import preprocess_images
+from retrv.runtime.embedding import Embedder
+from retrv.runtime.preprocess import ImageProcessorConfig, preprocess_images
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["icm", "plain"])
@@ -230,3 +232,65 @@ def test_fp16_pack_validates_against_the_fp32_model_and_verifies(tmp_path):
     assert gen["text"]["matches_torch"] and gen["two_images"]["matches_torch"]
     fp32 = Pack.open(export_pack(ckpt, tmp_path / "pack32"))
     assert pack.file("decoder").stat().st_size < 0.6 * fp32.file("decoder").stat().st_size
+
+
+def test_separate_embedder_checkpoint_is_exported_validated_and_used(tmp_path):
+    from retrv.runtime.corpus import write_jsonl
+    from retrv.runtime.demo import synthetic_image
+    from retrv.runtime.embedding import EmbedItem
+    from retrv.runtime.index import Index
+    from retrv.runtime.retriever import Components, Retriever
+
+    ckpt = write_tiny_checkpoint(tmp_path / "reranker", icm=True, seed=3)
+    emb = write_tiny_checkpoint(tmp_path / "embedder", seed=4, hidden_size=96, intermediate_size=160,
+                                mrope_section=[4, 4, 4])
+    pack = Pack.open(export_pack(ckpt, tmp_path / "pack", embedder=emb))
+    for role in ("embedder", "embedder_vision", "embedder_embed_tokens", "embedder_tokenizer"):
+        assert pack.has(role)
+    assert pack.manifest.validation["embedder"]["max_abs_diff"]["embedding"] <= 1e-4
+    assert pack.manifest.extra["embedder"]["model"]["text"]["hidden_size"] == 96
+
+    # the oracle: the embedder checkpoint's own PyTorch model, vision tower and all, on the same item
+    comps = Components(pack, OrtBackend(pack, cache_dir=None))
+    img = synthetic_image(3)
+    got = comps.embedder.embed([EmbedItem("a red ball", image=img)], "query")
+    emb_model = load_checkpoint(emb)
+    emb_proc = ImageProcessorConfig.from_file(emb / "preprocessor_config.json")
+
+    def torch_encode(images):
+        patches, grids = preprocess_images(images, emb_proc)
+        with torch.no_grad():
+            tokens = emb_model.encode_images(torch.from_numpy(patches), grids).numpy()
+        return [(tokens, tuple(int(x) for x in grids[0]))]
+
+    oracle = Embedder(TorchBackend(emb_model), comps.embedder.builder, image_encoder=torch_encode)
+    want = oracle.embed([EmbedItem("a red ball", image=img)], "query")
+    assert got.shape == (1, 96)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = []
+    for i in range(5):
+        synthetic_image(i).save(data / f"{i}.png")
+        rows.append({"did": f"c{i}", "txt": f"picture {i}", "img_path": f"{i}.png"})
+    write_jsonl(data / "corpus.jsonl", rows)
+    assert cli(["index", "build", str(pack.path), str(data / "corpus.jsonl"), str(tmp_path / "index")]) == 0
+    index = Index.open(tmp_path / "index", pack=pack)
+    assert index.meta.dim == 96
+    res = Retriever(pack, index, cache_dir=None).search(text="picture 2", k=3, budget=Budget(think=4))
+    assert len(res.ranked) == 3
+
+
+def test_embedder_of_another_family_is_refused_by_model_type(tmp_path):
+    import json as _json
+
+    ckpt = write_tiny_checkpoint(tmp_path / "reranker", seed=3)
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    (clip / "config.json").write_text(_json.dumps({"model_type": "clip"}))
+    (clip / "tokenizer.json").write_text("{}")
+    (clip / "preprocessor_config.json").write_text("{}")
+    with pytest.raises(Exception, match="'clip' is not supported"):
+        export_pack(ckpt, tmp_path / "pack", embedder=clip)
+    assert not (tmp_path / "pack").exists()
