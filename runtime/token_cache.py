@@ -1,4 +1,5 @@
-"""The candidate token cache (format and reader here; writing in `token_cache_writer`): every candidate's merged vision tokens, written once at index time, read every query.
+"""The candidate token cache: every candidate's merged vision tokens, written once at index time, read every query.
+(The format and the reader are here; writing is in `token_cache_writer`.)
 
 A query never re-encodes a candidate image: the vision tower's merged tokens are stored here as int8 with one
 fp32 scale per token, memory-mapped on read, together with the vision grid needed for M-RoPE positions and, for a
