@@ -13,7 +13,7 @@ from retrv.runtime.errors import RetrvError
 def _cmd_demo(args: argparse.Namespace) -> int:
     from retrv.runtime.demo import run_demo
 
-    return run_demo(cache_dir=args.cache_dir, seed=args.seed, out=sys.stdout)
+    return run_demo(cache_dir=args.cache_dir, seed=args.seed, out=sys.stdout, n_queries=args.queries)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.register(sub)
 
     demo = sub.add_parser("demo", help="run the pipeline end to end on the embedded default")
-    demo.add_argument("--cache-dir", default=None, help="where to keep the demo's checkpoint (default: a temp dir)")
+    demo.add_argument("--cache-dir", default=None,
+                      help="where to keep the demo's data, packs and index (default: ~/.cache/retrv/demo)")
+    demo.add_argument("--queries", type=_positive, default=40, help="held-out queries to evaluate")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)
     return ap
