@@ -53,6 +53,14 @@ def _positive(text: str) -> int:
     return value
 
 
+def _register_optional(sub, module: str) -> None:
+    """Subcommands whose modules live outside the runtime register themselves; their heavy imports happen when
+    they run, so a missing optional dependency fails that subcommand alone, with an install hint."""
+    import importlib
+
+    importlib.import_module(module).register(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="retrv", description="Serve reasoning-based multimodal rerankers on edge devices.")
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -81,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     from retrv.runtime import commands
 
     commands.register(sub)
+    _register_optional(sub, "retrv.calibration.cli")  # retrv quantize
+    _register_optional(sub, "retrv.export.trt")  # retrv build-engine
 
     demo = sub.add_parser("demo", help="run the pipeline end to end on the embedded default")
     demo.add_argument("--cache-dir", default=None,

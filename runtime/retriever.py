@@ -31,9 +31,10 @@ def open_backend(pack, name: str = "auto", checkpoint: str | Path | None = None,
     """auto: ONNX Runtime when installed, else the PyTorch fallback (which needs the source checkpoint)."""
     if name not in BACKENDS:
         raise InputError(f"--backend: got {name!r}; expected one of {list(BACKENDS)}")
-    if name == "trt":
-        raise InputError("--backend trt: no TensorRT engines in this pack (build them with `retrv build-engine`, "
-                         "which needs a GPU); expected auto, ort or torch")
+    if name == "trt" or (name == "auto" and _trt_ready(pack)):
+        from retrv.runtime.backends.trt import TrtBackend
+
+        return TrtBackend(pack)  # refuses engines whose fingerprint does not match this device
     if name == "auto":
         try:
             import onnxruntime  # noqa: F401
@@ -50,6 +51,15 @@ def open_backend(pack, name: str = "auto", checkpoint: str | Path | None = None,
     from retrv.runtime.backends.torch_backend import TorchBackend
 
     return TorchBackend.from_checkpoint(checkpoint)
+
+
+def _trt_ready(pack) -> bool:
+    """auto picks TensorRT only where this pack has engines built for this very device (never raises)."""
+    if not any(e.role.startswith("trt_") for e in pack.manifest.files.values()):
+        return False
+    from retrv.runtime.backends.trt import engines_match
+
+    return engines_match(pack)
 
 
 class Components:
