@@ -1,0 +1,114 @@
+"""`retrv quantize PACK OUT --mode ...`: wired into `retrv.runtime.cli` through `register(subparsers)`.
+
+Flags left out take the config dataclass's default (defaults are written once, in quantize.py); a flag that does
+not apply to the chosen mode is refused rather than ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from retrv.runtime.errors import InputError
+
+MODES = ("int8-dynamic", "int8-static", "int4")
+# flag -> the modes it applies to
+MODE_FLAGS = {"method": ("int8-static",), "activations": ("int8-static",), "block_size": ("int4",), "algo": ("int4",)}
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"got {text!r}; expected a number from 0 to 1") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"got {value}; expected a number from 0 to 1")
+    return value
+
+
+def _default(mode: str, name: str):
+    """A config field's default, for help texts (the value lives in the dataclass only)."""
+    from dataclasses import fields
+
+    from retrv.calibration.config import CONFIGS
+
+    return next(f.default for f in fields(CONFIGS[mode]) if f.name == name)
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the `quantize` subcommand to `retrv`'s subparsers."""
+    q = subparsers.add_parser(
+        "quantize", help="fp32 pack -> INT8 or INT4 pack, gated on accuracy against the fp32 pack",
+        description="Quantize an fp32 pack with ONNX Runtime's quantization tools. Norms, rotary, softmax, the "
+                    "attention products, the ICM's attention and (by default) the LM head stay in float. "
+                    "Fp16 packs come from `retrv export --precision fp16`.")
+    q.add_argument("pack", help="fp32 pack directory (from `retrv export`)")
+    q.add_argument("out", help="output pack directory (written atomically; replaced if it exists)")
+    q.add_argument("--mode", required=True, choices=MODES)
+    q.add_argument("--calib", default=None, metavar="CORPUS",
+                   help="M-BEIR candidate JSONL, or a folder with captions.csv (image,caption) and images/: "
+                        "calibration items (int8-static, int4 --algo gptq) and the gate's held-out items (all modes)")
+    q.add_argument("--method", default=None, choices=["minmax", "entropy", "percentile"],
+                   help=f"activation calibration for int8-static (default {_default('int8-static', 'method')})")
+    q.add_argument("--activations", default=None, choices=["int8", "uint8"],
+                   help="int8-static activations: int8 symmetric, TensorRT's explicit-quantization form (default), "
+                        "or uint8 asymmetric, the form ONNX Runtime's CPU provider fuses into integer kernels")
+    q.add_argument("--max-drop", type=_fraction, default=None, metavar="X",
+                   help="refuse the pack when 1 - top-1 next-token agreement with the fp32 pack exceeds X")
+    q.add_argument("--block-size", type=int, default=None,
+                   help=f"int4 block size (default {_default('int4', 'block_size')})")
+    q.add_argument("--algo", default=None, choices=["rtn", "hqq", "gptq"],
+                   help=f"int4 algorithm (default {_default('int4', 'algo')})")
+    q.add_argument("--keep-lm-head", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the LM head in fp32 (default: on)")
+    q.add_argument("--calib-items", type=int, default=None,
+                   help=f"calibration items (default {_default('int8-static', 'num_calib')})")
+    q.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    q.set_defaults(func=run)
+    return q
+
+
+def build_config(args: argparse.Namespace):
+    from retrv.calibration.config import CONFIGS
+
+    for flag, modes in MODE_FLAGS.items():
+        if getattr(args, flag) is not None and args.mode not in modes:
+            raise InputError(f"--{flag.replace('_', '-')}: applies to --mode {' / '.join(modes)}; got --mode "
+                             f"{args.mode}")
+    given = {"calib": args.calib, "method": args.method, "activations": args.activations, "max_drop": args.max_drop,
+             "block_size": args.block_size, "algo": args.algo, "keep_lm_head": args.keep_lm_head,
+             "num_calib": args.calib_items}
+    return CONFIGS[args.mode](**{k: v for k, v in given.items() if v is not None})
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from retrv.runtime.errors import require
+
+    require("onnx", "export")
+    from retrv.calibration.quantize import quantize_pack
+
+    report = quantize_pack(args.pack, args.out, build_config(args))
+    if args.json:
+        print(json.dumps({"out": str(report.out), "config": report.config,
+                          "sizes": {k: {"before": b, "after": a} for k, (b, a) in report.sizes.items()},
+                          "gate": report.gate}))
+        return 0
+    out = sys.stdout
+    print(f"wrote {args.mode} pack {report.out}", file=out)
+    for name, (before, after) in report.sizes.items():
+        print(f"  {name:<20} {_mb(before):>12} -> {_mb(after):>12}  ({after / before:.2f}x)", file=out)
+    before, after = report.total
+    print(f"  {'quantized graphs':<20} {_mb(before):>12} -> {_mb(after):>12}  ({after / before:.2f}x)", file=out)
+    g = report.gate
+    icm = f", ICM cosine min {g['icm_cosine_min']:.4f}" if g.get("icm_cosine_min") is not None else ""
+    print(f"  gate ({g['inputs']}, {g['positions']} positions): logits cosine mean {g['logits_cosine_mean']:.4f} "
+          f"min {g['logits_cosine_min']:.4f}; top-1 agreement {g['top1_agreement']:.4f} (drop {g['drop']:.4f}); "
+          f"embedding cosine min {g['embedding_cosine_min']:.4f}{icm}; answer agreement {g['answer_agreement']}",
+          file=out)
+    return 0

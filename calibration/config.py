@@ -1,0 +1,157 @@
+"""Quantization configs: one frozen dataclass per mode, validated on construction, saved in the manifest.
+
+Light on purpose (stdlib only): the CLI builds its parser from these without importing onnx or onnxruntime.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from retrv.runtime.errors import InputError
+
+METHODS = ("minmax", "entropy", "percentile")
+ALGOS = ("rtn", "hqq", "gptq")
+# MatMulNBits takes power-of-two blocks of at least 16 (ORT's contrib op spec).
+MIN_BLOCK = 16
+
+
+def _check_fraction(name: str, value, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value <= 1.0) \
+            or not math.isfinite(value):
+        raise InputError(f"{name}: got {value!r}; expected a number from 0 to 1")
+
+
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name}: got {value!r}; expected an integer >= 1")
+
+
+# ------------------------------------------------------------------------------------------------------ configs
+@dataclass(frozen=True)
+class QuantConfig:
+    """What every mode shares. `calib` is a corpus (M-BEIR candidate JSONL, or a folder with captions.csv and
+    images/): calibration items for the modes that calibrate, and the accuracy gate's held-out items for all."""
+
+    calib: str | None = None
+    keep_lm_head: bool = True
+    num_calib: int = 16  # calibration items; ORT's docs suggest tens to hundreds, decode-like steps multiply them
+    num_heldout: int = 4  # gate items, never used for calibration
+    gate_tokens: int = 16  # positions per gate item: the prefill's last position + 15 teacher-forced steps
+    max_drop: float | None = None  # refuse when 1 - top-1 agreement exceeds this
+
+    mode: ClassVar[str] = ""
+    precision: ClassVar[str] = "int8"  # what the manifest says of a quantized graph
+    roles: ClassVar[tuple[str, ...]] = ("vision", "decoder", "icm_content", "icm_relation")
+    needs_calib: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if self.calib is not None and not isinstance(self.calib, (str, Path)):
+            raise InputError(f"--calib: got {self.calib!r}; expected a path")
+        if self.calib is not None:
+            object.__setattr__(self, "calib", str(self.calib))
+        for name in ("num_calib", "num_heldout", "gate_tokens"):
+            _check_positive(name, getattr(self, name))
+        _check_fraction("--max-drop", self.max_drop)
+        if self.needs_calib and self.calib is None:
+            raise InputError(f"--calib: required for {self.describe()}; expected a corpus (M-BEIR JSONL or a folder "
+                             f"with captions.csv and images/)")
+
+    def describe(self) -> str:
+        return f"--mode {self.mode}"
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class Int8DynamicConfig(QuantConfig):
+    """Weights per output channel; activations quantized per tensor at run time (no calibration).
+
+    Weights default to uint8 (asymmetric): ONNX Runtime's u8 x s8 CPU kernel on x86 without VNNI (AVX2's
+    vpmaddubsw) can saturate its int16 pair sums, and per-channel s8 weights make it worse; ORT's guidance is u8
+    weights (or reduce_range) there. Measured on the mid config's decoder with real prompts: logits cosine
+    0.978-0.993 with s8 per channel, 0.989-0.998 with u8 per channel. `weight_type="int8"` for VNNI/ARM targets."""
+
+    per_channel: bool = True
+    weight_type: str = "uint8"
+    mode: ClassVar[str] = "int8-dynamic"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.weight_type not in ("uint8", "int8"):
+            raise InputError(f"weight_type: got {self.weight_type!r}; expected 'uint8' or 'int8'")
+
+
+@dataclass(frozen=True)
+class Int8StaticConfig(QuantConfig):
+    """QDQ with calibrated activation ranges and per-channel symmetric S8 weights, Q/DQ on the MatMul inputs only.
+
+    `activations="int8"` (default): symmetric S8, every zero point 0: the form TensorRT's explicit quantization
+    consumes. ONNX Runtime's CPU provider fuses only the single-consumer MatMuls of that form (o_proj, down_proj)
+    into integer kernels and dequantizes the other weights on every call: on the mid config a decode step takes
+    ~74 ms against 16 ms in fp32. `activations="uint8"` (asymmetric) is the form ORT's CPU provider fuses
+    completely (MatMulIntegerToFloat, ~11 ms), for a static pack served by ORT on a CPU; TensorRT refuses it."""
+
+    method: str = "minmax"
+    activations: str = "int8"
+    percentile: float = 99.999  # for method="percentile": ORT's default
+    decode_steps: int = 3  # one-token feeds after each prefill, on the real KV cache
+    per_channel: bool = True
+    mode: ClassVar[str] = "int8-static"
+    needs_calib: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.method not in METHODS:
+            raise InputError(f"--method: got {self.method!r}; expected one of {list(METHODS)}")
+        if self.activations not in ("int8", "uint8"):
+            raise InputError(f"--activations: got {self.activations!r}; expected 'int8' (TensorRT) or 'uint8' "
+                             f"(ONNX Runtime CPU)")
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
+                or not 50.0 < self.percentile <= 100.0:
+            raise InputError(f"percentile: got {self.percentile!r}; expected a number in (50, 100]")
+        if isinstance(self.decode_steps, bool) or not isinstance(self.decode_steps, int) or self.decode_steps < 0:
+            raise InputError(f"decode_steps: got {self.decode_steps!r}; expected an integer >= 0")
+
+
+@dataclass(frozen=True)
+class Int4WeightOnlyConfig(QuantConfig):
+    """4-bit blockwise weights (MatMulNBits), activations in float. `accuracy_level=4` lets ONNX Runtime's CPU
+    kernel quantize activations to int8 per block for the dot products (what onnxruntime-genai uses on CPU);
+    0 computes in fp32."""
+
+    block_size: int = 32
+    algo: str = "rtn"
+    symmetric: bool = False  # asymmetric blocks (a 4-bit zero point each): lower error for the same bits
+    accuracy_level: int = 4
+    decode_steps: int = 3  # GPTQ's calibration feeds, as for static INT8
+    mode: ClassVar[str] = "int4"
+    precision: ClassVar[str] = "int4"
+    roles: ClassVar[tuple[str, ...]] = ("decoder",)
+
+    @property
+    def needs_calib(self) -> bool:  # type: ignore[override]
+        return self.algo == "gptq"
+
+    def __post_init__(self) -> None:
+        if self.algo not in ALGOS:
+            raise InputError(f"--algo: got {self.algo!r}; expected one of {list(ALGOS)}")
+        b = self.block_size
+        if isinstance(b, bool) or not isinstance(b, int) or b < MIN_BLOCK or b & (b - 1):
+            raise InputError(f"--block-size: got {b!r}; expected a power of two >= {MIN_BLOCK} (MatMulNBits)")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise InputError(f"accuracy_level: got {self.accuracy_level!r}; expected 0-4 (MatMulNBits)")
+        if self.algo == "hqq" and self.symmetric:
+            raise InputError("--algo hqq: symmetric blocks are not supported by ORT's HQQ; expected symmetric=False")
+        super().__post_init__()
+
+    def describe(self) -> str:
+        return f"--mode int4 --algo {self.algo}"
+
+
+CONFIGS = {c.mode: c for c in (Int8DynamicConfig, Int8StaticConfig, Int4WeightOnlyConfig)}

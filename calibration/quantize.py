@@ -1,0 +1,407 @@
+"""`retrv quantize`: an fp32 pack in, an INT8 or INT4 pack out, gated on accuracy, written atomically.
+
+One entry point, one frozen config per mode, one handler registered per config type (torchao's shape):
+
+    quantize_pack("pack/", "pack-int4/", Int4WeightOnlyConfig(block_size=32, algo="rtn"))
+
+| config | ONNX Runtime tool | graphs | format |
+| --- | --- | --- | --- |
+| `Int8DynamicConfig` | `quantize_dynamic` | all | MatMulInteger, u8 per-channel weights |
+| `Int8StaticConfig` | `quantize_static`, `QuantFormat.QDQ`, `CalibrationMethod` | all | ONNX QDQ (TensorRT's form) |
+| `Int4WeightOnlyConfig` | `matmul_nbits_quantizer.MatMulNBitsQuantizer` (RTN, HQQ) | decoder | MatMulNBits |
+
+(GPTQ: onnxruntime's `gptq_quantize` is wired, but refused while `ort_gptq_propagates_error()` is false.)
+
+INT4 touches the decoder only: it is what decode reads per token (bandwidth-bound). The vision tower runs once
+per image, compute-bound, mostly at index time; the ICM is small and carries all the reranker knows of each
+candidate; both stay fp32 in an INT4 pack (weight-only INT4 would save them bytes, not time).
+
+What stays in float inside a quantized graph is `rules.plan_graph`'s rule. The LM head is kept by default
+(`keep_lm_head=True`): the answer is read from its logits, its error lands on them undiluted by later layers,
+and GPTQ/AWQ practice keeps it in 16 bits. The price is its size: 152k x 3584 weights, about 8% of
+Qwen2.5-VL-7B's language model, stay fp32 (`--no-keep-lm-head` quantizes it too).
+
+Fp16 packs come from `retrv export --precision fp16` (norms, rotary and softmax stay fp32 by construction); this
+module starts from an fp32 pack only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from retrv.calibration import gates, readers
+from retrv.calibration.config import (  # noqa: F401 - re-exported: the public API is quantize.*
+    ALGOS,
+    CONFIGS,
+    METHODS,
+    Int4WeightOnlyConfig,
+    Int8DynamicConfig,
+    Int8StaticConfig,
+    QuantConfig,
+)
+from retrv.calibration.rules import Plan, plan_graph
+from retrv.runtime.errors import InputError, RetrvError, require
+from retrv.runtime.fsutil import atomic_dir
+from retrv.runtime.pack import EXTERNAL_DATA, Manifest, Pack, describe_file, write_manifest
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------------ handlers
+@dataclass
+class Job:
+    """One graph to quantize: the canonical (Gemm-free) source, where to write, and the calibration reader."""
+
+    role: str
+    src: Path  # canonical fp32 graph
+    dst: Path
+    external: bool  # write weights as <dst>.data (the source had external data)
+    plan: Plan
+    reader: Callable[[], readers.FeedReader] | None
+
+
+_HANDLERS: dict[type, Callable[[QuantConfig, Job], dict]] = {}
+
+
+def register_handler(config_type: type):
+    def wrap(fn):
+        _HANDLERS[config_type] = fn
+        return fn
+    return wrap
+
+
+@contextlib.contextmanager
+def quiet_ort():
+    """ONNX Runtime's quantization tools log through the root logger (and one module calls `basicConfig` at
+    import), print progress to stdout and warn about missing pre-processing. Library code prints nothing
+    (STYLE.md): for the duration, root-logger records are dropped, stdout goes to this module's debug log."""
+    root = logging.getLogger()
+    guard = None if root.handlers else logging.NullHandler()  # stops logging.warning() from calling basicConfig
+    drop = logging.Filter("retrv")  # root's own records (name "root") fail it; our loggers' do not reach root's
+    if guard:
+        root.addHandler(guard)
+    root.addFilter(drop)
+    level = root.level
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.removeFilter(drop)
+        root.setLevel(level)
+        if guard:
+            root.removeHandler(guard)
+        if buf.getvalue().strip():
+            log.debug("onnxruntime.quantization output: %s", buf.getvalue().strip()[-2000:])
+
+
+@register_handler(Int8DynamicConfig)
+def _int8_dynamic(config: Int8DynamicConfig, job: Job) -> dict:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with quiet_ort():
+        quantize_dynamic(job.src, job.dst, op_types_to_quantize=["MatMul"], per_channel=config.per_channel,
+                         weight_type=QuantType.QUInt8 if config.weight_type == "uint8" else QuantType.QInt8,
+                         nodes_to_exclude=job.plan.exclude, use_external_data_format=job.external,
+                         extra_options={"MatMulConstBOnly": True})
+    weights = "uint8 asymmetric" if config.weight_type == "uint8" else "int8 symmetric"
+    return {"format": "QOperator (DynamicQuantizeLinear + MatMulInteger)", "weights": weights,
+            "per_channel": config.per_channel, "activations": "uint8, per tensor, at run time"}
+
+
+@register_handler(Int8StaticConfig)
+def _int8_static(config: Int8StaticConfig, job: Job) -> dict:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[config.method]
+    reader = job.reader()
+    trt = config.activations == "int8"
+    options = {
+        "ActivationSymmetric": trt,  # zero point 0: TensorRT's explicit quantization accepts nothing else
+        "WeightSymmetric": True,
+        "MatMulConstBOnly": True,
+        # Q/DQ on the MatMul inputs only: the output stays float into the (float) residual Add, as TensorRT's own
+        # QDQ producers place them; an extra int8 rounding of every projection output buys nothing.
+        "OpTypesToExcludeOutputQuantization": ["MatMul"],
+        # One feed per collection pass: prefill and decode feeds have different shapes, and ORT's histogram
+        # calibrators (entropy, percentile) stack all feeds of a pass into one array.
+        "CalibStridedMinMax": 1,
+        "CalibPercentile": config.percentile,
+    }
+    with quiet_ort():
+        quantize_static(job.src, job.dst, reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+                        per_channel=config.per_channel,
+                        activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, nodes_to_exclude=job.plan.exclude,
+                        use_external_data_format=job.external, calibrate_method=method, extra_options=options)
+    return {"format": "QDQ (QuantizeLinear/DequantizeLinear, ONNX domain)", "method": config.method,
+            "weights": "int8 symmetric", "per_channel": config.per_channel,
+            "activations": f"{'int8 symmetric' if trt else 'uint8 asymmetric'}, per tensor, calibrated",
+            "tensorrt_explicit_quantization": trt, "calibration_feeds": len(reader),
+            **({"percentile": config.percentile} if config.method == "percentile" else {})}
+
+
+@register_handler(Int4WeightOnlyConfig)
+def _int4(config: Int4WeightOnlyConfig, job: Job) -> dict:
+    import onnx
+
+    with quiet_ort():
+        from onnxruntime.quantization import matmul_nbits_quantizer as mnb
+
+        if config.algo == "gptq":
+            model = _gptq(config, job)
+        else:
+            if config.algo == "hqq":
+                require("torch", "export")  # ORT's HQQ runs in PyTorch
+                algo = mnb.HQQWeightOnlyQuantConfig(block_size=config.block_size, bits=4,
+                                                    op_types_to_quantize=("MatMul",))
+            else:  # round to nearest: ORT's default (C++) blockwise quantizer
+                algo = mnb.DefaultWeightOnlyQuantConfig(
+                    block_size=config.block_size, is_symmetric=config.symmetric,
+                    accuracy_level=config.accuracy_level, op_types_to_quantize=("MatMul",), bits=4)
+            quantizer = mnb.MatMulNBitsQuantizer(onnx.load(str(job.src)), nodes_to_exclude=job.plan.exclude,
+                                                 algo_config=algo)
+            quantizer.process()
+            model = quantizer.model
+        for node in model.model.graph.node:  # HQQ and GPTQ leave accuracy_level unset; one level for all
+            if node.op_type == "MatMulNBits":
+                for attr in node.attribute:
+                    if attr.name == "accuracy_level":
+                        attr.i = config.accuracy_level
+                        break
+                else:
+                    node.attribute.append(onnx.helper.make_attribute("accuracy_level", config.accuracy_level))
+        if not any(o.domain == "com.microsoft" for o in model.model.opset_import):  # GPTQ omits it
+            model.model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+        model.save_model_to_file(str(job.dst), job.external)
+    return {"format": "QOperator (com.microsoft MatMulNBits)", "algo": config.algo, "bits": 4,
+            "block_size": config.block_size, "symmetric": config.symmetric if config.algo != "hqq" else False,
+            "accuracy_level": config.accuracy_level, "activations": "float"}
+
+
+def ort_gptq_propagates_error() -> bool:
+    """Whether the installed onnxruntime's GPTQ does what GPTQ is for: carry each column's rounding error into
+    the columns not yet quantized. onnxruntime 1.31's (vendored `neural_compressor.weight_only.gptq`) factors the
+    inverse Hessian as upper-triangular (`cholesky(inv(H)).T`) and then reads it below the diagonal
+    (`Hinv1[i:, i]`, `Hinv[i2:, i1:i2]`), where it is zero: nothing propagates and the weights equal
+    round-to-nearest (on a correlated 256x128 problem: output error 0.0814 for both; 0.0586 with the factor read
+    the right way round). Checked on a small problem rather than assumed from the version, so a fixed release is
+    picked up."""
+    import numpy as np
+    from onnxruntime.quantization.neural_compressor.weight_only import gptq
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 64)) @ rng.normal(size=(64, 64))  # (S, K) correlated inputs
+    w = rng.normal(size=(64, 8))  # (K, N)
+    h = 2 * x.T @ x / len(x)
+    kw = dict(num_bits=4, group_size=32, scheme="asym", blocksize=32, percdamp=0.01)
+    with quiet_ort():
+        correlated = gptq(w.copy(), h.copy(), **kw)
+        independent = gptq(w.copy(), np.diag(np.diag(h)), **kw)  # a diagonal Hessian: GPTQ is RTN
+    return not np.allclose(correlated, independent)
+
+
+def _gptq(config: Int4WeightOnlyConfig, job: Job):
+    """ORT's GPTQ (`neural_compressor.gptq_quantize`, vendored in onnxruntime). Called directly rather than
+    through MatMulNBitsQuantizer, whose GPTQ path ignores `nodes_to_exclude`; excluded nodes are marked "fp32"
+    in the weight config, the form gptq_quantize honours."""
+    from onnxruntime.quantization.neural_compressor import gptq_quantize
+
+    reader = job.reader()
+    scheme = "sym" if config.symmetric else "asym"
+    weights = {n: {"bits": 4, "group_size": config.block_size, "scheme": scheme, "algorithm": "GPTQ"}
+               for n in job.plan.quantize}
+    weights.update({n: "fp32" for n in job.plan.exclude})
+    # A path, not a ModelProto: gptq_quantize then handles graphs over 2 GB through their external data.
+    return gptq_quantize(str(job.src), ((feed, None) for feed in reader), weight_config=weights,
+                         num_bits=4, group_size=config.block_size, scheme=scheme, n_samples=-1,
+                         accuracy_level=config.accuracy_level)
+
+
+# ------------------------------------------------------------------------------------------------- entry point
+@dataclass(frozen=True)
+class QuantizeReport:
+    out: Path
+    config: dict
+    sizes: dict[str, tuple[int, int]]  # graph file -> (fp32 bytes, quantized bytes), external data included
+    gate: dict
+
+    @property
+    def total(self) -> tuple[int, int]:
+        return sum(b for b, _ in self.sizes.values()), sum(a for _, a in self.sizes.values())
+
+
+def count_matmuls(model) -> dict:
+    """MatMuls quantized vs kept in float in a written graph (what was done, not what was planned)."""
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    ops = [n.op_type for n in model.graph.node]
+    qdq = sum(1 for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1
+              and producer.get(n.input[1]) == "DequantizeLinear")
+    quantized = qdq + sum(ops.count(t) for t in ("MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul"))
+    return {"matmuls_quantized": quantized, "matmuls_kept": ops.count("MatMul") - qdq}
+
+
+def qdq_form(model) -> dict:
+    """Check that a static graph is plain ONNX QDQ as TensorRT's explicit quantization consumes it: Quantize/
+    DequantizeLinear in the ONNX domain, int8, every zero point 0."""
+    from onnx import TensorProto, numpy_helper
+
+    consts = {t.name: t for t in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    zps = [consts[n.input[2]] for n in nodes if len(n.input) > 2 and n.input[2] in consts]
+    return {
+        "qdq_nodes": len(nodes),
+        "domains": sorted({n.domain or "ai.onnx" for n in nodes}),
+        "int8": all(z.data_type == TensorProto.INT8 for z in zps),
+        "zero_points_all_zero": all(not numpy_helper.to_array(z).any() for z in zps),
+        "per_channel_weights": sum(1 for n in nodes if any(a.name == "axis" for a in n.attribute)
+                                   and n.input[0] in consts),
+    }
+
+
+def _graph_bytes(files: dict, name: str) -> int:
+    return sum(e.bytes for n, e in files.items() if n == name or e.data_of == name)
+
+
+def _check_source(src: Pack) -> None:
+    for name, entry in src.manifest.files.items():
+        if name.endswith(".onnx") and entry.precision != "fp32":
+            raise InputError(f"{src.path}: {name} has precision {entry.precision!r}; expected an fp32 pack "
+                             f"(quantization starts from fp32 weights; fp16 packs come from `retrv export "
+                             f"--precision fp16`)")
+
+
+def _synthetic_gate_items(folder: Path) -> list[readers.CalibItem]:
+    """Without a corpus: the built-in texts plus two drawn images, so the vision graph is gated too."""
+    from PIL import Image, ImageDraw
+
+    items = gates.builtin_items()
+    for k, (size, colour) in enumerate((((224, 168), (200, 40, 40)), ((168, 224), (30, 90, 200)))):
+        im = Image.new("RGB", size, (235, 230, 220))
+        draw = ImageDraw.Draw(im)
+        draw.ellipse((20, 30, size[0] // 2 + 40, size[1] - 30), fill=colour)
+        draw.rectangle((size[0] // 2, 10, size[0] - 15, size[1] // 2), fill=(40, 160, 60))
+        path = folder / f"gate-{k}.png"
+        im.save(path)
+        items.append(readers.CalibItem(text=items[k].text, image=str(path)))
+    return items
+
+
+def _quantize_file(config: QuantConfig, src: Pack, name: str, tmp: Path, work: Path,
+                   reader: Callable[[], readers.FeedReader]) -> dict:
+    """One graph: canonicalise (Gemm -> MatMul + Add), plan the exclusions, quantize with the config's handler,
+    describe what was written. Returns the manifest entries (the graph and its external data, if any)."""
+    import onnx
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    entry = src.manifest.files[name]
+    log.info("quantizing %s (%s)", name, config.mode)
+    external = any(e.data_of == name for e in src.manifest.files.values())
+    model = onnx.load(str(src.path / name))
+    ONNXModel(model).replace_gemm_with_matmul()  # MatMulNBits and MatMulInteger take MatMul only
+    plan = plan_graph(model, entry.role, config.keep_lm_head)
+    canon = work / name
+    onnx.save_model(model, str(canon), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=name + ".data")
+    del model
+    info = _HANDLERS[type(config)](config, Job(entry.role, canon, tmp / name, external, plan, reader))
+    written = onnx.load(str(tmp / name), load_external_data=False)
+    record = {"mode": config.mode, **info, **plan.to_dict(), **count_matmuls(written)}
+    if isinstance(config, Int8StaticConfig):
+        record["qdq_check"] = form = qdq_form(written)
+        trt = config.activations == "int8"
+        if form["domains"] != ["ai.onnx"] or (trt and not (form["zero_points_all_zero"] and form["int8"])):
+            raise RetrvError(f"{name}: static quantization produced non-standard QDQ {form}; expected ONNX-domain "
+                             f"Q/DQ{', int8, zero points 0' if trt else ''}")
+    files = {name: describe_file(tmp, name, entry.role, precision=config.precision, quantization=record,
+                                 inputs=entry.inputs, outputs=entry.outputs)}
+    if (tmp / (name + ".data")).exists():
+        files[name + ".data"] = describe_file(tmp, name + ".data", EXTERNAL_DATA, data_of=name)
+    return files
+
+
+def quantize_pack(pack_dir: str | Path, out_dir: str | Path, config: QuantConfig, *,
+                  answer_agreement: gates.AnswerFn | None = None) -> QuantizeReport:
+    """Quantize the fp32 pack at `pack_dir` into a new pack at `out_dir` (written atomically: a failure, the
+    gate's included, leaves nothing new there). Raises InputError for bad inputs, GateError over `max_drop`."""
+    require("onnx", "export")
+    if type(config) not in _HANDLERS:
+        raise InputError(f"config: got {type(config).__name__}; expected one of "
+                         f"{[t.__name__ for t in _HANDLERS]}")
+    if isinstance(config, Int4WeightOnlyConfig) and config.algo == "gptq" and not ort_gptq_propagates_error():
+        raise InputError(f"--algo gptq: onnxruntime {_version('onnxruntime')}'s GPTQ returns round-to-nearest "
+                         f"weights (its error propagation reads the zero half of the triangular inverse Hessian); "
+                         f"expected --algo rtn (the same weights, in seconds) or --algo hqq")
+    src = Pack.open(pack_dir)
+    _check_source(src)
+    calib_items, held = [], []
+    if config.calib is not None:
+        items = readers.load_items(config.calib, limit=config.num_calib + config.num_heldout)
+        calib_items, held = readers.split_items(items, config.num_heldout)
+    shared: list[readers.PackFeeds] = []  # built once, on the first reader that needs it
+
+    def reader_for(role: str) -> Callable[[], readers.FeedReader]:
+        def make() -> readers.FeedReader:
+            if not shared:
+                shared.append(readers.PackFeeds(src.path))
+            return readers.make_reader(role, shared[0], calib_items, getattr(config, "decode_steps", 3))
+        return make
+
+    entries = src.manifest.files
+    targets = [n for n, e in entries.items() if e.role in config.roles and n.endswith(".onnx")]
+    out = Path(out_dir)
+    with tempfile.TemporaryDirectory(prefix="retrv-quantize-") as work, atomic_dir(out) as tmp:
+        files = {}
+        for name, entry in entries.items():
+            if name in targets:
+                files.update(_quantize_file(config, src, name, tmp, Path(work), reader_for(entry.role)))
+            elif entry.data_of not in targets:  # (the fp32 weights of a quantized graph are not copied)
+                shutil.copyfile(src.path / name, tmp / name)
+                files[name] = describe_file(tmp, name, entry.role, precision=entry.precision,
+                                            quantization=entry.quantization, inputs=entry.inputs,
+                                            outputs=entry.outputs, data_of=entry.data_of)
+        sizes = {name: (_graph_bytes(entries, name), _graph_bytes(files, name)) for name in targets}
+
+        m = src.manifest
+        quantized_roles = {entries[n].role for n in targets}
+        kept_validation = {k: v for k, v in m.validation.items() if k not in quantized_roles and k != "generation"}
+        extra = {**m.extra, "quantization": {
+            **{k: v for k, v in config.to_dict().items() if k != "calib"},
+            "calib": Path(config.calib).name if config.calib else None,
+            "calibration_items": len(calib_items) if config.needs_calib else 0,
+            "heldout_items": len(held),
+            "source_pack_sha256": src.sha256,
+            "quantized_by": {d: _version(d) for d in ("onnxruntime", "onnx")},
+        }}
+        manifest = Manifest(**{**m.__dict__, "files": files, "validation": kept_validation, "extra": extra})
+        write_manifest(tmp, manifest)
+
+        inputs = f"held-out from {Path(config.calib).name}" if held else "built-in (no held-out corpus items)"
+        result = gates.run_gate(src.path, tmp, held or _synthetic_gate_items(Path(work)),
+                                new_tokens=config.gate_tokens, inputs=inputs, answer_agreement=answer_agreement)
+        gate = {**result.to_dict(), "max_drop": config.max_drop,
+                "drop_definition": "1 - top-1 agreement (teacher-forced on the fp32 greedy tokens)"}
+        gates.check_gate(result, config.max_drop)
+        manifest = Manifest(**{**manifest.__dict__, "validation": {**kept_validation, "gate": gate}})
+        write_manifest(tmp, manifest)
+        Pack.open(tmp)  # the finished pack passes the same checks a device will run
+    log.info("wrote quantized pack %s", out)
+    return QuantizeReport(out=out, config=config.to_dict(), sizes=sizes, gate=gate)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
