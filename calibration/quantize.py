@@ -388,7 +388,12 @@ def quantize_pack(pack_dir: str | Path, out_dir: str | Path, config: QuantConfig
         write_manifest(tmp, manifest)
 
         inputs = f"held-out from {Path(config.calib).name}" if held else "built-in (no held-out corpus items)"
-        result = gates.run_gate(src.path, tmp, held or _synthetic_gate_items(Path(work)),
+        gate_items = held or _synthetic_gate_items(Path(work))
+        if answer_agreement is None:  # default: the runtime's reranker on a query set made of the gate items
+            from retrv.calibration.answers import reranker_answers
+
+            answer_agreement = reranker_answers(gate_items)
+        result = gates.run_gate(src.path, tmp, gate_items,
                                 new_tokens=config.gate_tokens, inputs=inputs, answer_agreement=answer_agreement)
         gate = {**result.to_dict(), "max_drop": config.max_drop,
                 "drop_definition": "1 - top-1 agreement (teacher-forced on the fp32 greedy tokens)"}
