@@ -1,0 +1,280 @@
+"""Training: rewards, curriculum, CoT format, prompt parity with the runtime, and one optimizer step per stage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from retrv.model.loading import load_checkpoint
+from retrv.model.tiny import VOCAB_SIZE, write_tiny_checkpoint
+from retrv.model.tiny_tokenizer import build_tiny_tokenizer
+from retrv.runtime.answer import parse_index
+from retrv.runtime.backends.torch_backend import TorchBackend
+from retrv.runtime.budget import Budget
+from retrv.runtime.prompt import PromptTokenizer
+from retrv.runtime.rerank import Reranker
+from retrv.runtime.rerank_prompt import RerankTemplate
+from retrv.train import losses
+from retrv.train.cot import (
+    INSPECT_END,
+    INSPECT_START,
+    coarse_key,
+    cot_events,
+    cot_text,
+    own_text,
+    parse_cot,
+    plan_cot,
+)
+from retrv.train.grpo import Rollout, advantages, policy_loss, rollouts, to_runtime
+from retrv.train.probe import token_labels
+from retrv.train.rewards import curriculum, format_reward, retrv_reward
+from retrv.train.sequences import Item, SequenceBuilder
+from retrv.train.synth import Scene, SceneObject
+
+GRID = (1, 8, 8)  # a 112 px image: 8x8 patches, 16 merged tokens
+
+
+# -- rewards and curriculum -----------------------------------------------------------------------------------------
+WELL_FORMED = (f"red: red circle left dot.\ndrop 2 4\n{INSPECT_START}1{INSPECT_END}{INSPECT_START}3{INSPECT_END}"
+               "</think><answer>3</answer>")
+
+
+def test_reward_hand_worked_cases():
+    r_f = format_reward(WELL_FORMED)
+    assert r_f == 1.0
+    assert retrv_reward(r_f, True, 2, 5, 0.5) == pytest.approx(r_f + 0.8)  # 1 - 0.5 * 2 / 5
+    assert retrv_reward(r_f, False, 2, 5, 0.5) == r_f  # a wrong answer earns the format reward only
+    assert retrv_reward(r_f, True, 0, 5, 1.0) == pytest.approx(2.0)
+    assert retrv_reward(r_f, True, 5, 5, 1.0) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        retrv_reward(1.0, True, 1, 0, 0.5)
+
+
+@pytest.mark.parametrize("text", [
+    "no answer at all",
+    "reasoning <answer>3</answer>",  # think block never closed
+    "reasoning </think><answer>three</answer>",  # answer not an index
+    f"reasoning {INSPECT_START}x{INSPECT_END}</think><answer>3</answer>",  # inspection index not an index
+    f"reasoning {INSPECT_START}2</think><answer>3</answer>",  # inspection never closed
+    "reasoning </think><answer>3</answer> and more",  # text after the answer
+    "<think>reasoning</think><answer>3</answer>",  # a stray tag in the free text
+])
+def test_malformed_reasoning_gets_format_zero(text):
+    assert format_reward(text) == 0.0
+    assert retrv_reward(format_reward(text), False, 0, 5, 0.5) == 0.0
+
+
+def test_curriculum_goes_from_zero_to_one_monotonically():
+    n = 37
+    lams = [curriculum(i, n) for i in range(n + 1)]
+    assert lams[0] == 0.0 and lams[-1] == 1.0
+    assert all(a < b for a, b in zip(lams, lams[1:]))
+    with pytest.raises(ValueError):
+        curriculum(n + 1, n)
+
+
+# -- chain of thought -----------------------------------------------------------------------------------------------
+def _scene(colour="red", shape="circle", position="left", detail="dot", background="grey") -> Scene:
+    return Scene(background, (SceneObject(shape, colour, position, detail),
+                              SceneObject("star", "blue", "right")))
+
+
+def _window() -> tuple[Scene, list[Scene]]:
+    target = _scene()
+    window = [_scene(detail="ring"), _scene(colour="green"), target, _scene(detail="slash"),
+              _scene(position="top"), _scene(shape="square"), _scene(background="beige")]
+    return target, window
+
+
+def test_cot_has_four_phases_and_parses_back_through_the_runtime():
+    target, window = _window()
+    plan = plan_cot(target, window, answer=3)
+    assert plan.drop == (2, 5, 6, 7)  # everything that differs in a coarse attribute
+    assert plan.inspect == (1, 3)  # look-alikes in coarse order, up to and including the target
+    text = cot_text(cot_events(plan), shown=lambda i: f"<tokens of {i}>")
+    imagine, rest = text.split("\n", 1)
+    assert imagine == "grey: red circle left dot, blue star right."  # (1) the ideal result
+    assert rest.startswith("drop 2 5 6 7\n")  # (2) eliminate
+    assert text.count(INSPECT_START) == text.count(INSPECT_END) == 2  # (3) inspect, markup well formed
+    assert "\n[1] <tokens of 1>\n" in text and "\n[3] <tokens of 3>\n" in text  # RerankTemplate.inspected_prefix
+    assert text.endswith("</think><answer>3</answer>")  # (4) answer
+    inspected, answer = parse_cot(text)
+    assert inspected == [1, 3] and answer == 3 == plan.answer
+    assert parse_index(text.split("<answer>")[1].split("</answer>")[0]) == 3
+    assert format_reward(own_text(cot_events(plan))) == 1.0  # the model's own tokens earn the format reward
+    assert format_reward(own_text(cot_events(plan, inspect_budget=0))) == 1.0
+
+
+def test_cot_under_an_exhausted_inspection_budget_answers_without_looking():
+    target, window = _window()
+    plan = plan_cot(target, window, answer=3)
+    events = cot_events(plan, inspect_budget=0)
+    assert events[1] == ("inspect", 1, False) and events[-1][1].endswith("<answer>3</answer>")
+    assert RerankTemplate().marker_inspect_budget in cot_text(events)
+    alone = plan_cot(target, [target, _scene(colour="green")], answer=1)
+    assert alone.inspect == () and alone.drop == (2,)  # the only survivor needs no inspection
+
+
+def test_cot_plan_refuses_a_wrong_answer_index():
+    target, window = _window()
+    with pytest.raises(ValueError):
+        plan_cot(target, window, answer=1)
+    assert coarse_key(window[0]) == coarse_key(target) != coarse_key(window[1])
+
+
+# -- a tiny random checkpoint ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    ckpt = write_tiny_checkpoint(tmp_path_factory.mktemp("train") / "ckpt", icm=True, seed=0)
+    model = load_checkpoint(ckpt).train()
+    tok = PromptTokenizer.from_tokenizer(build_tiny_tokenizer(VOCAB_SIZE)[0])
+    return model, tok
+
+
+def _items(h: int, n: int, seed: int) -> list[Item]:
+    gen = torch.Generator().manual_seed(seed)
+    return [Item(None, torch.randn(16, h, generator=gen), GRID, f"d{i}") for i in range(n)]
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _one_step_lowers(model, params, loss_fn, lr=1e-3) -> tuple[float, float]:
+    state = _snapshot(model)
+    opt = torch.optim.Adam([p for p in params if p.requires_grad], lr=lr)
+    before = loss_fn()
+    opt.zero_grad()
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after = loss_fn()
+    model.load_state_dict(state)
+    return float(before.detach()), float(after)
+
+
+def test_training_prompt_is_the_runtime_prompt_and_replays_its_logits(tiny):
+    model, tok = tiny
+    sb = SequenceBuilder(model, tok)
+    h = model.cfg.text.hidden_size
+    query, cands = Item("a red circle", _items(h, 1, 1)[0].tokens, GRID), _items(h, 4, 2)
+    with torch.no_grad():
+        icm = losses.icm_tokens(sb, query, cands)
+        seq = sb.rerank(query, cands, icm, [])
+    table = model.language_model.embed_tokens.weight.detach().numpy()
+    rr = Reranker(TorchBackend(model), tok, model.cfg, table, temperature=1.0, seed=0, record=True)
+    q_in, c_in = to_runtime(query, cands)
+    trace = rr.rerank(q_in, c_in, Budget(think=24), window=4, stride=4).windows[0]
+    ids, embeds, pos = trace.chunks[0]
+    assert seq.chunks[0].ids == ids and np.array_equal(seq.chunks[0].pos, pos[:, 0])
+    slots = [j for j, i in enumerate(ids) if i == sb.pb.slot_id]
+    np.testing.assert_allclose(embeds[slots], icm.reshape(-1, h).numpy(), atol=1e-5)
+    # every action's log-probability, replayed from the recorded feeds, is the runtime's own distribution
+    steps = []
+    backend = TorchBackend(model)
+    state = backend.start(1)
+    for c_ids, c_emb, c_pos in trace.chunks:
+        steps.append((len(c_ids), backend.step(state, c_emb[None], c_pos, np.ones((1, len(c_ids)), np.int64))[0]))
+    fed, by_count = 0, {}
+    for n, logits in steps:
+        fed += n
+        by_count[fed] = logits
+    replay = sb.from_trace(trace.chunks)
+    with torch.no_grad():
+        hidden, _ = sb.forward([replay])
+        logits = model.lm_head(hidden[0]).numpy()
+    model.train()
+    for fed, _tok in trace.actions:
+        np.testing.assert_allclose(logits[fed - 1], by_count[fed], atol=1e-4)
+
+
+def test_embedder_step_lowers_infonce(tiny):
+    model, tok = tiny
+    sb = SequenceBuilder(model, tok)
+    h = model.cfg.text.hidden_size
+    cands = {c.did: c for c in _items(h, 6, 3)}
+    queries = [Item("a red circle"), Item("a blue star"), Item("make it green", _items(h, 1, 4)[0].tokens, GRID)]
+
+    def loss():
+        return losses.info_nce(sb, queries, ["d0", "d1", "d2"], [["d3", "d4"], ["d5"], ["d3"]], cands.__getitem__)
+
+    before, after = _one_step_lowers(model, model.parameters(), loss)
+    assert after < before
+
+
+def _sft_batch(sb, h, icm: bool):
+    target, window = _window()
+    plan = plan_cot(target, window[:5], answer=3)
+    seqs = []
+    for n, budget in enumerate((None, 0)):
+        query, cands = Item("a red circle with a dot", None, None), _items(h, 5, 10 + n)
+        tokens = losses.icm_tokens(sb, query, cands) if icm else None
+        seqs.append(sb.rerank(query, cands, tokens, cot_events(plan, budget)))
+    return seqs
+
+
+def test_sft_step_lowers_the_cot_loss_on_own_tokens_only(tiny):
+    model, tok = tiny
+    sb = SequenceBuilder(model, tok)
+    h = model.cfg.text.hidden_size
+    seqs = _sft_batch(sb, h, icm=True)
+    own_text = tok.decode([i for s in seqs[:1] for i, o in zip(s.ids, s.own) if o])
+    assert own_text.startswith("grey: red circle") and "<|image_pad|>" not in own_text  # appends are not targets
+    assert own_text.count(INSPECT_END) == 2
+    before, after = _one_step_lowers(model, model.parameters(), lambda: losses.rerank_loss(sb, _sft_batch(sb, h, True)))
+    assert after < before
+
+
+def test_icm_alignment_step_lowers_kl_with_the_lm_frozen(tiny):
+    model, tok = tiny
+    sb = SequenceBuilder(model, tok)
+    h = model.cfg.text.hidden_size
+    target, window = _window()
+    plan = plan_cot(target, window[:5], answer=3)
+    events = cot_events(plan.__class__(plan.ideal, plan.drop, (), plan.answer))
+    query, cands = Item("a red circle", None, None), _items(h, 5, 20)
+
+    def loss():
+        teacher = [sb.rerank(query, cands, None, events)]
+        student = [sb.rerank(query, cands, losses.icm_tokens(sb, query, cands), events)]
+        return losses.align_loss(sb, teacher, student)
+
+    lm_before = {k: v.clone() for k, v in model.language_model.state_dict().items()}
+    before, after = _one_step_lowers(model, model.icm.parameters(), loss, lr=1e-4)
+    assert after < before
+    assert all(torch.equal(v, lm_before[k]) for k, v in model.language_model.state_dict().items())
+
+
+def test_grpo_rollouts_use_the_runtime_and_a_step_raises_advantaged_actions(tiny):
+    model, tok = tiny
+    sb = SequenceBuilder(model, tok)
+    h = model.cfg.text.hidden_size
+    query, cands = Item("a red circle", None, None), _items(h, 4, 30)
+    group = rollouts(sb, query, cands, answer=2, group=4, lam=0.5, temperature=1.0, seed=0, budget=Budget(think=12))
+    assert len(group) == 4 and all(r.trace.actions for r in group)
+    assert all(r.reward == retrv_reward(r.format_ok, r.correct, r.inspected, 4, 0.5) for r in group)
+    adv = advantages([1.0, 0.0, 2.0, 1.0])
+    assert adv.mean() == pytest.approx(0.0) and adv[2] > adv[0] > adv[1]
+    assert not advantages([1.0, 1.0]).any()  # a group that agrees carries no signal
+    batch = [(r, a) for r, a in zip(group, (1.0, -1.0, 1.0, -1.0))]
+    before, after = _one_step_lowers(model, model.parameters(), lambda: policy_loss(sb, batch, 1.0))
+    assert after < before
+
+
+def test_grpo_loss_is_zero_without_signal(tiny):
+    model, tok = tiny
+    sb = SequenceBuilder(model, tok)
+    dummy = Rollout(trace=None, text="", reward=0.0, correct=False, inspected=0, format_ok=0.0)
+    assert float(policy_loss(sb, [(dummy, 0.0)], 1.0).detach()) == 0.0
+
+
+def test_vision_probe_labels_the_tokens_under_each_object():
+    scene = Scene("grey", (SceneObject("circle", "red", "left", "ring"), SceneObject("star", "blue", "right")))
+    labels = token_labels(scene, GRID).reshape(4, 4, 4)  # (row, col, [background, colour, shape, detail])
+    assert (labels[..., 0] == 1).all()  # grey everywhere
+    assert set(labels[1:3, 0, 1].ravel()) == {1} and set(labels[1:3, 3, 1].ravel()) == {5}  # red left, blue right
+    assert (labels[0, :, 1] == 0).all() and (labels[3, :, 1] == 0).all()  # top and bottom rows: no object
+    assert set(labels[1:3, 0, 3].ravel()) == {3} and set(labels[1:3, 3, 3].ravel()) == {0}  # ring / no mark
+    assert (labels[0, :, 3] == -100).all()  # no detail label away from an object's middle

@@ -1,0 +1,107 @@
+"""Synthetic chain of thought in Retrv-R1's four phases, written from the ground truth of a window of candidates.
+
+    beige: yellow cross bottom stripe.            (1) imagine the ideal result
+    drop 2 4 5 6 7 8 9 10                         (2) eliminate the clear negatives
+    <inspection-index-start>1<inspection-index-end>[candidate 1's full tokens]
+    <inspection-index-start>3<inspection-index-end>[candidate 3's full tokens]    (3) inspect the hard ones
+    </think><answer>3</answer>                    (4) the index
+
+Phase 2 drops every candidate whose scene differs from the target in a coarse attribute (background, number of
+objects, an object's shape, colour or position): what two compressed tokens can plausibly carry. The survivors
+differ at most in the fine detail, and phase 3 inspects them in coarse-rank order until it reaches the target,
+so the reasoning costs one inspection per plausible look-alike ranked above the target, none when the target is
+the only survivor. The text is short on purpose: every token is a decoder step the runtime pays per query.
+
+When the inspection budget runs out (the runtime answers an inspection with a marker instead of the tokens), the
+reasoning stops inspecting and answers: training on that case teaches the model to answer from the compressed
+tokens alone rather than to stall, which is what a budget of 0 asks of it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from retrv.runtime.answer import parse_index
+from retrv.runtime.rerank_prompt import RerankTemplate
+from retrv.train.synth import Scene
+
+INSPECT_START, INSPECT_END = "<inspection-index-start>", "<inspection-index-end>"
+
+
+def coarse_key(scene: Scene) -> tuple:
+    """What a scene is without its fine detail."""
+    return (scene.background,) + tuple((o.shape, o.colour, o.position) for o in scene.objects)
+
+
+def ideal_text(scene: Scene) -> str:
+    """Phase 1: the ideal result in a few words, e.g. 'beige: yellow cross bottom stripe, red star left.'"""
+    objs = [f"{o.colour} {o.shape} {o.position}" + (f" {o.detail}" if o.detail else "") for o in scene.objects]
+    return f"{scene.background}: " + ", ".join(objs) + "."
+
+
+@dataclass(frozen=True)
+class CotPlan:
+    ideal: str
+    drop: tuple[int, ...]  # 1-based window indices eliminated in phase 2
+    inspect: tuple[int, ...]  # 1-based, in the order inspected
+    answer: int  # 1-based
+
+    def __post_init__(self) -> None:
+        if self.answer in self.drop:
+            raise ValueError(f"CoT plan: answer {self.answer} is also dropped ({list(self.drop)})")
+
+
+def plan_cot(target: Scene, window: list[Scene], answer: int) -> CotPlan:
+    """`window`: the scenes of the candidates in window order; `answer`: 1-based index of the target in it."""
+    if not 1 <= answer <= len(window) or window[answer - 1].key() != target.key():
+        raise ValueError(f"CoT plan: candidate {answer} of {len(window)} is not the target")
+    key = coarse_key(target)
+    survivors = [i for i, s in enumerate(window, 1) if coarse_key(s) == key]
+    drop = tuple(i for i in range(1, len(window) + 1) if i not in survivors)
+    inspect = tuple(survivors[:survivors.index(answer) + 1]) if len(survivors) > 1 else ()
+    return CotPlan(ideal_text(target), drop, inspect, answer)
+
+
+def cot_events(plan: CotPlan, inspect_budget: int | None = None) -> list[tuple]:
+    """What the model writes and what the runtime appends, in order:
+    ("write", text) | ("inspect", i, granted): the model writes the inspection markup for candidate i; the
+    runtime appends its full tokens (granted) or the inspection-budget marker (not granted)."""
+    budget = len(plan.inspect) if inspect_budget is None else inspect_budget
+    drops = " ".join(str(i) for i in plan.drop) if plan.drop else "none"
+    events: list[tuple] = [("write", f"{plan.ideal}\ndrop {drops}\n")]
+    for n, i in enumerate(plan.inspect):
+        events.append(("inspect", i, n < budget))
+        if n >= budget:
+            break
+    events.append(("write", f"</think><answer>{plan.answer}</answer>"))
+    return events
+
+
+def cot_text(events: list[tuple], template: RerankTemplate | None = None, shown=lambda i: "") -> str:
+    """The whole reasoning as text (the model's tokens and, via `shown(i)`, a stand-in for appended tokens)."""
+    t = template or RerankTemplate()
+    out = []
+    for ev in events:
+        if ev[0] == "write":
+            out.append(ev[1])
+        else:
+            _, i, granted = ev
+            appended = t.inspected_prefix.format(i=i) + shown(i) + "\n" if granted else t.marker_inspect_budget
+            out.append(f"{INSPECT_START}{i}{INSPECT_END}{appended}")
+    return "".join(out)
+
+
+def own_text(events: list[tuple]) -> str:
+    """Only what the model itself writes (no appended tokens, no budget markers): what the format reward reads."""
+    return "".join(ev[1] if ev[0] == "write" else f"{INSPECT_START}{ev[1]}{INSPECT_END}" for ev in events)
+
+
+_ANSWER = re.compile(r"</think>\s*<answer>(.*?)</answer>\s*$", re.S)
+_INSPECTION = re.compile(re.escape(INSPECT_START) + r"(.*?)" + re.escape(INSPECT_END), re.S)
+
+
+def parse_cot(text: str) -> tuple[list[int | None], int | None]:
+    """-> (inspected indices, answer) read back with the runtime's `parse_index`; None where unparsable."""
+    m = _ANSWER.search(text)
+    return [parse_index(s) for s in _INSPECTION.findall(text)], (parse_index(m.group(1)) if m else None)
