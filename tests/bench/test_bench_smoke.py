@@ -1,0 +1,64 @@
+"""The benchmark's quick path on the tiny preset, end to end, so that CI catches a broken bench.
+
+`bench/run_all.py --quick` as a user runs it, into a temporary directory (never over docs/ or bench/results/): every
+configuration (transformers baseline, PyTorch fallback, ONNX Runtime fp32/INT8/INT4, no-ICM) at one small K, the
+embedded-default part on the same tiny random checkpoint (so the recall and budget code runs before the trained
+default exists), a small ANN part, the plots and the markdown page.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_quick_run_on_the_tiny_preset_writes_results_tables_and_plots(tmp_path):
+    work = tmp_path / "work"
+    cmd = [sys.executable, str(REPO / "bench" / "run_all.py"), "--quick", "--preset", "tiny",
+           "--workdir", str(work), "--results-dir", str(tmp_path / "results"), "--md", str(tmp_path / "B.md"),
+           "--img-dir", str(tmp_path / "img"), "--ann-ns", "1000",
+           # e2e.py: K=4 over 4 photos; the default part on the same checkpoint with 2 synthetic test scenes
+           "--ks", "4", "--corpus", "4", "--size-k", "4", "--queries", "1", "--warmup", "0", "--think", "4",
+           "--default-ckpt", str(work / "tiny-ckpt"), "--default-k", "4", "--default-think", "4",
+           "--default-n-test", "2",
+           "--default-queries", "2", "--sweep-think", "0", "4", "--sweep-inspect", "0"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    e2e = json.loads((tmp_path / "results" / "e2e.json").read_text())
+    rows = e2e["k_sweep"]["rows"]
+    assert e2e["k_sweep"]["errors"] == {}, e2e["k_sweep"]["errors"]
+    assert set(rows) == {"transformers", "torch", "ort-fp32", "ort-int8", "ort-int4", "ort-fp32-full"}
+    for name, row in rows.items():
+        point = row["by_k"]["4"]
+        assert point["latency_ms"]["total"]["n"] == 1 and point["latency_ms"]["total"]["p50"] > 0, name
+        assert point["tokens"]["total_tokens"] > 0 and point["peak_rss_mb"] > 0, name
+    # The ICM replaces each candidate's full image tokens by two: the baseline's prompt must be the longer one.
+    assert rows["transformers"]["by_k"]["4"]["tokens"]["prefill_tokens"] > \
+        rows["ort-fp32"]["by_k"]["4"]["tokens"]["prefill_tokens"]
+    assert rows["transformers"]["by_k"]["4"]["tokens"]["images_encoded"] == 4
+    assert not rows["ort-fp32"]["load"]["modules"]["torch"]  # the ONNX Runtime path never imports torch
+
+    d = e2e["default"]
+    assert d["present"] and d["errors"] == {}, d.get("errors")
+    assert {"transformers", "ort-fp32", "ort-int8", "ort-int4"} <= set(d["rows"])
+    assert 0.0 <= d["rows"]["ort-fp32"]["recall"]["reranked"]["recall@1"] <= 1.0
+    assert len(d["sweep"]) == 2
+
+    ann = json.loads((tmp_path / "results" / "ann.json").read_text())
+    assert ann["results"][0]["n"] == 1000 and ann["results"][0]["recall_at_10"] > 0.5
+
+    md = (tmp_path / "B.md").read_text()
+    assert "python bench/run_all.py" in md and "| K | configuration |" in md and "Headline" in md
+    for png in ("latency_vs_k.png", "latency_breakdown.png", "recall_vs_budget.png"):
+        assert (tmp_path / "img" / png).stat().st_size > 1000, png
+    assert "speed-up" in done.stdout and "Decoder tokens per query" in done.stdout
