@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 
 
-def measure(backend, cfg, table, prompt_tokens: int, new_tokens: int, repeats: int, seed: int = 0) -> dict:
+def measure(backend, table, prompt_tokens: int, new_tokens: int, repeats: int, seed: int = 0) -> dict:
+    """Prefill of a random `prompt_tokens` prompt, then greedy decode of `new_tokens`; medians over `repeats`
+    after one warm-up. Shared by bench/quant.py."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, 400, prompt_tokens)
     embeds = table[ids][None].astype(np.float32)  # (1, S, H)
@@ -80,9 +82,8 @@ def main() -> int:
 
     results = {}
     with OrtBackend(pack, provider="cpu", threads=args.threads, cache_dir=work / "cache") as ort_b:
-        results["ort-cpu"] = measure(ort_b, pack.model_config, table, args.prompt_tokens, args.new_tokens, args.repeats)
-    results["pytorch"] = measure(TorchBackend(model), pack.model_config, table, args.prompt_tokens, args.new_tokens,
-                                 args.repeats)
+        results["ort-cpu"] = measure(ort_b, table, args.prompt_tokens, args.new_tokens, args.repeats)
+    results["pytorch"] = measure(TorchBackend(model), table, args.prompt_tokens, args.new_tokens, args.repeats)
     ratio = {k: results["ort-cpu"][k] / results["pytorch"][k] for k in results["ort-cpu"]}
 
     print(f"decoder: {n_params / 1e6:.1f} M parameters (mid preset), prompt {args.prompt_tokens} tokens, "

@@ -21,13 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from decode import measure  # bench/ is the script's folder, so its sibling imports directly
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,29 +52,6 @@ def decoder_weight_bytes(path: Path) -> int:
 
     model = onnx.load(str(path))
     return sum(onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
-
-
-def measure(backend, table, prompt_tokens: int, new_tokens: int, repeats: int, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, 400, prompt_tokens)
-    embeds = table[ids][None].astype(np.float32)  # (1, S, H)
-    pos = np.broadcast_to(np.arange(prompt_tokens), (3, 1, prompt_tokens)).astype(np.int64).copy()
-    prefill, per_token = [], []
-    for r in range(repeats + 1):  # run 0 is the warm-up
-        state = backend.start(1)
-        t0 = time.perf_counter()
-        logits = backend.step(state, embeds, pos, np.ones((1, prompt_tokens), np.int64))
-        t1 = time.perf_counter()
-        for i in range(new_tokens):
-            tok = int(np.argmax(logits[0]))
-            step_pos = np.full((3, 1, 1), prompt_tokens + i, np.int64)
-            logits = backend.step(state, table[[tok]][None].astype(np.float32), step_pos, np.ones((1, 1), np.int64))
-        t2 = time.perf_counter()
-        if r:
-            prefill.append(t1 - t0)
-            per_token.append((t2 - t1) / new_tokens)
-    p, d = statistics.median(prefill), statistics.median(per_token)
-    return {"prefill_tokens_per_s": prompt_tokens / p, "ms_per_token": d * 1e3}
 
 
 def main() -> int:

@@ -7,6 +7,7 @@ import argparse
 import logging
 import sys
 
+from retrv.runtime.commands import positive_int
 from retrv.runtime.errors import RetrvError
 
 
@@ -46,13 +47,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"got {value}; expected an integer >= 1")
-    return value
-
-
 def _register_optional(sub, module: str) -> None:
     """Subcommands whose modules live outside the runtime register themselves; their heavy imports happen when
     they run, so a missing optional dependency fails that subcommand alone, with an install hint."""
@@ -80,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("pack")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--image", action="append", help="image path; repeat for several, in order")
-    gen.add_argument("--max-new-tokens", type=_positive, default=32)
+    gen.add_argument("--max-new-tokens", type=positive_int, default=32)
     gen.add_argument("--backend", default="auto", choices=["auto", "ort"])
     gen.add_argument("--provider", default=None, choices=["auto", "cpu", "cuda"], help="ONNX Runtime provider")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
@@ -95,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the pipeline end to end on the embedded default")
     demo.add_argument("--cache-dir", default=None,
                       help="where to keep the demo's data, packs and index (default: ~/.cache/retrv/demo)")
-    demo.add_argument("--queries", type=_positive, default=40, help="held-out queries to evaluate")
+    demo.add_argument("--queries", type=positive_int, default=40, help="held-out queries to evaluate")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)
     return ap

@@ -77,14 +77,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"got {value}; expected an integer >= 1")
     return value
 
 
-def _non_negative(text: str) -> int:
+def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"got {value}; expected an integer >= 0")
@@ -99,13 +99,13 @@ def _backend_flags(p) -> None:
 
 def _query_flags(p) -> None:
     p.add_argument("--pack", required=True)
-    p.add_argument("--k", type=_positive, default=50, help="coarse candidates to rerank")
-    p.add_argument("--window", type=_positive, default=20)
-    p.add_argument("--stride", type=_positive, default=10)
-    p.add_argument("--think-budget", type=_non_negative, default=128)
-    p.add_argument("--inspect-budget", type=_non_negative, default=3)
-    p.add_argument("--tool-budget", type=_non_negative, default=3)
-    p.add_argument("--token-budget", type=_positive, default=None)
+    p.add_argument("--k", type=positive_int, default=50, help="coarse candidates to rerank")
+    p.add_argument("--window", type=positive_int, default=20)
+    p.add_argument("--stride", type=positive_int, default=10)
+    p.add_argument("--think-budget", type=non_negative_int, default=128)
+    p.add_argument("--inspect-budget", type=non_negative_int, default=3)
+    p.add_argument("--tool-budget", type=non_negative_int, default=3)
+    p.add_argument("--token-budget", type=positive_int, default=None)
     p.add_argument("--no-rerank", action="store_true", help="coarse stage only")
     p.add_argument("--json", action="store_true")
     _backend_flags(p)
@@ -118,9 +118,9 @@ def register(sub) -> None:
     build.add_argument("pack")
     build.add_argument("corpus", help="M-BEIR candidate JSONL")
     build.add_argument("index", help="output index directory (replaced atomically)")
-    build.add_argument("--m", type=_positive, default=16)
-    build.add_argument("--ef-construction", type=_positive, default=200)
-    build.add_argument("--ef-search", type=_positive, default=200,
+    build.add_argument("--m", type=positive_int, default=16)
+    build.add_argument("--ef-construction", type=positive_int, default=200)
+    build.add_argument("--ef-search", type=positive_int, default=200,
                        help="HNSW search breadth; 200 gives recall@10 >= 0.95 on 10k random vectors (bench/index.py)")
     _backend_flags(build)
     build.set_defaults(func=cmd_index_build)
