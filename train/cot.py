@@ -6,11 +6,16 @@
     <inspection-index-start>3<inspection-index-end>[candidate 3's full tokens]    (3) inspect the hard ones
     </think><answer>3</answer>                    (4) the index
 
-Phase 2 drops every candidate whose scene differs from the target in a coarse attribute (background, number of
-objects, an object's shape, colour or position): what two compressed tokens can plausibly carry. The survivors
-differ at most in the fine detail, and phase 3 inspects them in coarse-rank order until it reaches the target,
-so the reasoning costs one inspection per plausible look-alike ranked above the target, none when the target is
-the only survivor. The text is short on purpose: every token is a decoder step the runtime pays per query.
+Phase 2 drops every candidate whose scene differs from the target in what two compressed tokens can carry: the
+background and which objects are present (their shapes and colours). Where an object is and its few-pixel mark
+are what the compressed tokens cannot carry: the ICM pools a candidate's tokens with attention that has no
+positional encoding, so `t_con`/`t_rel` are blind to layout, and the detail is a few pixels of one token by the
+dataset's design. (An earlier cut that dropped position negatives too left the model nothing to inspect: the
+trained embedder already separates details, and position and shape look-alikes were what the coarse stage
+confused, median rank 2 on validation.) The survivors differ from the target at most in position or detail,
+and phase 3 inspects them in coarse-rank order until it reaches the target, so the reasoning costs one
+inspection per look-alike ranked above the target, none when the target is the only survivor. The text is short
+on purpose: every token is a decoder step the runtime pays per query.
 
 When the inspection budget runs out (the runtime answers an inspection with a marker instead of the tokens), the
 reasoning stops inspecting and answers: training on that case teaches the model to answer from the compressed
@@ -30,8 +35,8 @@ INSPECT_START, INSPECT_END = "<inspection-index-start>", "<inspection-index-end>
 
 
 def coarse_key(scene: Scene) -> tuple:
-    """What a scene is without its fine detail."""
-    return (scene.background,) + tuple((o.shape, o.colour, o.position) for o in scene.objects)
+    """What a scene is without its layout and fine detail: the background and the objects present."""
+    return (scene.background,) + tuple(sorted((o.shape, o.colour) for o in scene.objects))
 
 
 def ideal_text(scene: Scene) -> str:

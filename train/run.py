@@ -34,7 +34,7 @@ class DataSizes:
 # Seconds per step of each stage on an idle 2-core CPU at the default sizes (measured; see CARD.md), and the share
 # of the budget each stage gets. GRPO steps are dominated by sampling (the runtime's decode loop).
 STEP_SECONDS = {"vision": 0.3, "pretrain": 1.0, "sft_full": 0.6, "align": 0.35, "sft_icm": 0.6, "grpo": 3.0}
-SHARES = {"vision": 0.10, "pretrain": 0.30, "sft_full": 0.12, "align": 0.04, "sft_icm": 0.28, "grpo": 0.16}
+SHARES = {"vision": 0.10, "pretrain": 0.30, "sft_full": 0.08, "align": 0.05, "sft_icm": 0.33, "grpo": 0.12}
 FIXED_MINUTES = 7.0  # data generation, token caching, coarse rankings, export and evaluation
 
 

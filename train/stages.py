@@ -87,6 +87,7 @@ class Trainer:
         self.store = TokenStore()
         self.history: dict[str, dict] = {}
         self._embed_sampler = Sampler(list(range(len(train.queries))), seed + 2)
+        self.relevance = losses.RelevanceHead(model.cfg.text.hidden_size)  # training only, see losses.py
 
     # -- helpers ---------------------------------------------------------------------------------------------------
     def _optimizer(self, params):
@@ -238,16 +239,19 @@ class Trainer:
             p.requires_grad_(False)
 
         def step(i):
-            teacher, student = [], []
+            teacher, student, icms, answers = [], [], [], []
             for w in sampler.take(cfg.batch):
                 q, cs = self._window_items(w)
                 events = self._plain(w)
+                icms.append(losses.icm_tokens(self.sb, q, cs))
+                answers.append(w.answer)
                 teacher.append(self.sb.rerank(q, cs, None, events))
-                student.append(self.sb.rerank(q, cs, losses.icm_tokens(self.sb, q, cs), events))
-            return {"kl": losses.align_loss(self.sb, teacher, student)}
+                student.append(self.sb.rerank(q, cs, icms[-1], events))
+            return {"kl": losses.align_loss(self.sb, teacher, student), "rel": self.relevance(icms, answers)}
 
         try:
-            return self._loop("align", cfg, self.model.icm.parameters(), step)
+            return self._loop("align", cfg, list(self.model.icm.parameters()) + list(self.relevance.parameters()),
+                              step)
         finally:
             for p in frozen:
                 p.requires_grad_(True)
@@ -261,17 +265,18 @@ class Trainer:
         sampler = Sampler(self.windows("sft_icm"), self.seed + 5)
 
         def step(i):
-            seqs = []
+            seqs, icms, answers = [], [], []
             for w in sampler.take(cfg.batch):
                 q, cs = self._window_items(w)
-                seqs.append(self.sb.rerank(q, cs, losses.icm_tokens(self.sb, q, cs),
-                                           cot_events(w.plan, self._budget())))
-            parts = {"cot": losses.rerank_loss(self.sb, seqs)}
+                icms.append(losses.icm_tokens(self.sb, q, cs))
+                answers.append(w.answer)
+                seqs.append(self.sb.rerank(q, cs, icms[-1], cot_events(w.plan, self._budget())))
+            parts = {"cot": losses.rerank_loss(self.sb, seqs), "rel": self.relevance(icms, answers)}
             if cfg.embed_batch:
                 parts["nce"] = self._embed_step(cfg.embed_batch)
             return parts
 
-        return self._loop("sft_icm", cfg, self.model.parameters(), step)
+        return self._loop("sft_icm", cfg, list(self.model.parameters()) + list(self.relevance.parameters()), step)
 
     # -- validation ------------------------------------------------------------------------------------------------
     @torch.no_grad()

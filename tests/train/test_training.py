@@ -90,12 +90,12 @@ def _window() -> tuple[Scene, list[Scene]]:
 def test_cot_has_four_phases_and_parses_back_through_the_runtime():
     target, window = _window()
     plan = plan_cot(target, window, answer=3)
-    assert plan.drop == (2, 5, 6, 7)  # everything that differs in a coarse attribute
+    assert plan.drop == (2, 6, 7)  # everything that differs in what compressed tokens carry (colour, shape, bg)
     assert plan.inspect == (1, 3)  # look-alikes in coarse order, up to and including the target
     text = cot_text(cot_events(plan), shown=lambda i: f"<tokens of {i}>")
     imagine, rest = text.split("\n", 1)
     assert imagine == "grey: red circle left dot, blue star right."  # (1) the ideal result
-    assert rest.startswith("drop 2 5 6 7\n")  # (2) eliminate
+    assert rest.startswith("drop 2 6 7\n")  # (2) eliminate
     assert text.count(INSPECT_START) == text.count(INSPECT_END) == 2  # (3) inspect, markup well formed
     assert "\n[1] <tokens of 1>\n" in text and "\n[3] <tokens of 3>\n" in text  # RerankTemplate.inspected_prefix
     assert text.endswith("</think><answer>3</answer>")  # (4) answer
@@ -120,7 +120,7 @@ def test_cot_plan_refuses_a_wrong_answer_index():
     target, window = _window()
     with pytest.raises(ValueError):
         plan_cot(target, window, answer=1)
-    assert coarse_key(window[0]) == coarse_key(target) != coarse_key(window[1])
+    assert coarse_key(window[0]) == coarse_key(target) == coarse_key(window[4]) != coarse_key(window[1])
 
 
 # -- a tiny random checkpoint ---------------------------------------------------------------------------------------
