@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, default=50.0, help="budget the schedule is sized for (idle 2-core CPU)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default=None, help="folder for data, pack and indexes (default: a temporary folder)")
-    ap.add_argument("--flickr", default=str(FLICKR_DEFAULT), help="Flickr8k folder for the photo evaluation ('' = skip)")
+    ap.add_argument("--flickr", default=str(FLICKR_DEFAULT),
+                    help="Flickr8k folder for the photo evaluation ('' = skip)")
     ap.add_argument("--flickr-queries", type=int, default=500)
     ap.add_argument("--skip-eval", action="store_true")
     for split in ("train", "val", "test"):  # smaller data for smoke runs; the shipped model uses the defaults
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     config = {"minutes": args.minutes, "seed": args.seed, "size": size.to_dict(), "data": asdict(sizes),
               "schedule": schedule.to_dict()}
     record = {"config": config, "params": params, "stages": trainer.history,
-              "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"}
+              "machine": f"a 2-core {platform.machine()} CPU (1 torch thread), torch {torch.__version__}"}
     if out.exists():
         shutil.rmtree(out)
     saved = save_checkpoint(model.eval(), tok_raw, ids, size, out, extra=record)

@@ -70,7 +70,8 @@ class SequenceBuilder:
         cfg = model.cfg
         self.model, self.tok, self.cfg = model, tokenizer, cfg
         self.hidden = cfg.text.hidden_size
-        table = np.zeros((cfg.text.vocab_size, self.hidden), np.float32)  # positions only: embeddings come from the model
+        # The builder's table only feeds positions here: every embedding comes from the model.
+        table = np.zeros((cfg.text.vocab_size, self.hidden), np.float32)
         self.pb = PromptBuilder(tokenizer, cfg, table, template)
         self.embedder = Embedder(None, self.pb, embed_template)
         self.t = self.pb.t
@@ -153,8 +154,10 @@ class SequenceBuilder:
         fixed = {self.cfg.tokens.image_token_id, self.pb.slot_id}
         seq = Sequence()
         for ids, embeds, pos in chunks:
-            keep = np.isin(np.asarray(ids), list(fixed))
-            src = [(int(j), torch.from_numpy(np.asarray(embeds[j:j + 1], np.float32))) for j in np.flatnonzero(keep)]
+            keep = np.isin(np.asarray(ids), list(fixed)).astype(np.int8)
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], keep, [0]])))  # starts and ends of fixed runs
+            src = [(int(a), torch.from_numpy(np.asarray(embeds[a:b], np.float32)))
+                   for a, b in zip(edges[::2], edges[1::2])]
             seq.add(Chunk(list(ids), np.asarray(pos)[:, 0], src, np.zeros(len(ids), bool)))
         return seq
 

@@ -163,7 +163,8 @@ class Trainer:
         def step(i):
             qs, negs, keys = self._embed_batch(cfg.embed_batch)
             tokens = dict(zip(keys, self.bank.encode(self.model, keys)))
-            labels = torch.from_numpy(np.concatenate([token_labels(self.train.scenes[k].scene, grids[k]) for k in keys]))
+            labels = [token_labels(self.train.scenes[k].scene, grids[k]) for k in keys]
+            labels = torch.from_numpy(np.concatenate(labels))
             captioned = keys[:cfg.batch]
             parts = {"caption": losses.caption_loss(self.sb, [Item(None, tokens[k], grids[k]) for k in captioned],
                                                     [ideal_text(self.train.scenes[k].scene) for k in captioned])}

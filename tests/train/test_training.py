@@ -278,3 +278,39 @@ def test_vision_probe_labels_the_tokens_under_each_object():
     assert (labels[0, :, 1] == 0).all() and (labels[3, :, 1] == 0).all()  # top and bottom rows: no object
     assert set(labels[1:3, 0, 3].ravel()) == {3} and set(labels[1:3, 3, 3].ravel()) == {0}  # ring / no mark
     assert (labels[0, :, 3] == -100).all()  # no detail label away from an object's middle
+
+
+def test_schedule_is_a_function_of_the_budget_only():
+    from retrv.train.run import schedule_for
+
+    a, b, short = schedule_for(50), schedule_for(50), schedule_for(20)
+    assert a == b  # no clock involved: the same minutes give the same steps
+    for stage in ("vision", "pretrain", "sft_full", "align", "sft_icm", "grpo"):
+        assert getattr(short, stage).steps < getattr(a, stage).steps
+
+
+def test_per_task_results_combine_into_query_weighted_means():
+    from retrv.train.evaluation import combine
+
+    def part(n, r1, tokens):
+        return {"queries": n, "coarse": {"recall@1": r1}, "reranked": {"recall@1": r1 + 0.1},
+                "tokens_per_query": {"total_tokens": tokens}, "fallback_rate": 0.0, "forced_rate": 0.0,
+                "latency_ms_p50": {"total": 1.0}}
+
+    out = combine([part(100, 0.2, 200.0), part(300, 0.6, 100.0)])
+    assert out["queries"] == 400
+    assert out["coarse"]["recall@1"] == pytest.approx(0.5) and out["reranked"]["recall@1"] == pytest.approx(0.6)
+    assert out["tokens_per_query"]["total_tokens"] == pytest.approx(125.0)
+
+
+def test_shipped_checkpoint_loads_and_says_how_it_was_made():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "model" / "default"
+    if not (root / "config.json").exists():
+        pytest.skip("model/default has not been trained yet (python -m retrv.train.run model/default)")
+    model = load_checkpoint(root)
+    assert model.icm is not None and model.cfg.tokens.inspection_start_token_id is not None
+    card = (root / "CARD.md").read_text()
+    assert "python -m retrv.train.run model/default" in card and "Flickr8k" in card
+    assert sum(p.stat().st_size for p in root.glob("*.safetensors")) < 20e6  # a few MB
