@@ -353,8 +353,22 @@ class _Group:
     reference: tuple[str, Scene, str, SceneObject, SceneObject] | None  # attribute, scene, text, before, after
 
 
+_GROUP_REDRAWS = 100  # targets given up before generation fails; a few per thousand scenes need one redraw
+
+
 def _group(rng: _Rng, seen: set, cfg: SynthConfig) -> _Group:
-    """A target, its hard negatives, distractors and (for task 7) a reference; every scene unused so far."""
+    """A target, its hard negatives, distractors and (for task 7) a reference; every scene unused so far. A target
+    whose variants for some hard negative are all taken by earlier scenes is dropped and another drawn from the same
+    stream (`seen` only grows once a group is complete), so the output stays a function of the seed."""
+    for _ in range(_GROUP_REDRAWS):
+        try:
+            return _try_group(rng, seen, cfg)
+        except RetrvError:
+            continue
+    return _try_group(rng, seen, cfg)
+
+
+def _try_group(rng: _Rng, seen: set, cfg: SynthConfig) -> _Group:
     taken: set = set()
     used = _Union(seen, taken)
     target = _draw_unused(lambda: _random_scene(rng), used)

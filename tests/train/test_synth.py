@@ -242,3 +242,26 @@ def test_cli_writes_a_dataset_and_overwrites_its_own(tmp_path, capsys):
     manifest = json.loads((tmp_path / "d" / "dataset.json").read_text())
     assert manifest["config"]["image_size"] == 64 and manifest["splits"]["val"]["n_queries"] == 0
     assert Image.open(tmp_path / "d" / "images" / "test-c000000.png").size == (64, 64)
+
+
+def test_a_target_with_every_variant_taken_is_redrawn_not_fatal():
+    """After a few hundred scenes some drawn targets have all their variants for a hard negative taken already;
+    the generator drops such a target and draws another from the same stream (it used to raise)."""
+    from retrv.runtime.errors import RetrvError
+    from retrv.train import synth
+
+    def draw(make):
+        rng = synth._Rng("retrv.train.synth", synth.GENERATOR_VERSION, 0, "train")
+        seen, failed, keys = set(), 0, []
+        for _ in range(400):
+            try:
+                g = make(rng, seen, synth.SynthConfig(seed=0))
+            except RetrvError:
+                failed += 1
+                continue
+            keys += [g.target.key()] + [s.key() for _, s in g.negatives] + [s.key() for s in g.distractors]
+        return failed, keys
+
+    assert draw(synth._try_group)[0] > 0  # the case this test is about does occur in 400 groups
+    failed, keys = draw(synth._group)
+    assert failed == 0 and len(keys) == len(set(keys)) == 400 * 8
