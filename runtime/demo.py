@@ -79,9 +79,10 @@ def run_demo(cache_dir: str | None, seed: int, out: TextIO, n_queries: int = DEM
     clock, setup = time.perf_counter, {}
 
     t0 = clock()
-    data = root / "data"
+    scenes = (max(n_queries, DEMO_QUERIES) + 1) // 2  # each scene gives a text and a composed query
+    data = root / f"data-seed{seed}-{scenes}"
     if not (data / "dataset.json").is_file():
-        generate_dataset(data, seed=1000 + seed, n_train=0, n_val=0, n_test=max(1, DEMO_QUERIES // 2))
+        generate_dataset(data, seed=1000 + seed, n_train=0, n_val=0, n_test=scenes)
     setup["data"] = clock() - t0
     t0 = clock()
     if not (root / "pack" / "manifest.json").is_file():
@@ -94,16 +95,16 @@ def run_demo(cache_dir: str | None, seed: int, out: TextIO, n_queries: int = DEM
     pack = Pack.open(root / "pack-int8")
     backend = open_backend(pack, "ort", cache_dir=root / "ort-cache")
     t0 = clock()
-    if not (root / "index" / "index.json").is_file():
-        Index.build(CandidateEncoder(Components(pack, backend)), data / "corpus_test.jsonl", root / "index")
+    index_dir = root / f"index-seed{seed}-{scenes}"
+    if not (index_dir / "index.json").is_file():
+        Index.build(CandidateEncoder(Components(pack, backend)), data / "corpus_test.jsonl", index_dir)
     setup["index"] = clock() - t0
-    index = Index.open(root / "index", pack=pack)
+    index = Index.open(index_dir, pack=pack)
     retriever = Retriever(pack, index, backend=backend)
     queries = read_queries(data / "queries_test.jsonl")[:n_queries]
 
-    k, window = 8, 8  # the whole pool of a query is one window: the target and its hard negatives
-    with_insp = Budget(think=96, inspect=3)
-    without = Budget(think=96, inspect=0)
+    k = window = 10  # as the model was trained and its card evaluated: one window over the coarse top 10
+    with_insp, without = Budget(), Budget(inspect=0)  # the runtime's default budgets, and no inspection
     print("retrv demo: the embedded default (a small Retrv-R1 trained on synthetic scenes; see its CARD.md)", file=out)
     print(f"pack {pack.path} (INT8 dynamic), index of {index.meta.count} candidates the model never saw in "
           f"training\n", file=out)

@@ -1,0 +1,60 @@
+"""`retrv demo`: the product path on the shipped default, and the labelled random-weights path without it."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+
+from retrv.runtime import demo
+from retrv.runtime.cli import main as cli
+
+pytest.importorskip("torch")
+
+ROWS = ("coarse stage only", "rerank, no inspection", "rerank + inspection")
+
+
+def _run(argv: list[str]) -> str:
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert cli(argv) == 0
+    return buf.getvalue()
+
+
+def test_without_a_default_the_demo_says_it_runs_random_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "default_checkpoint", lambda: tmp_path / "no-default")
+    out = _run(["demo", "--cache-dir", str(tmp_path / "cache")])
+    assert "RANDOM WEIGHTS" in out and "retrieves nothing" in out
+    assert re.search(r"generated \[\d+(, \d+)*\]", out)
+
+
+@pytest.mark.skipif(not (demo.default_checkpoint() / "config.json").is_file(),
+                    reason="model/default is not in this tree (python -m retrv.train.run retrv/model/default)")
+def test_demo_on_the_shipped_default_prints_what_it_measured(tmp_path):
+    cache = tmp_path / "cache"
+    out = _run(["demo", "--cache-dir", str(cache), "--queries", "4"])
+    assert "RANDOM WEIGHTS" not in out and "INT8" in out
+    assert out.count("reasoning: ") == demo.SHOWN and out.count("gold   ") == demo.SHOWN
+    runs = json.loads(next(cache.glob("default-*/last_run.json")).read_text())
+    assert list(runs) == list(ROWS)
+    for name in ROWS:  # the printed table is the evaluation it saved, not other numbers
+        row = next(line for line in out.splitlines() if line.startswith(name))
+        r1, r5 = (float(x) for x in row[len(name):].split()[:2])
+        res = runs[name]["reranked" if "rerank" in name else "coarse"]
+        assert (r1, r5) == (round(res["recall@1"], 3), round(res["recall@5"], 3))
+        assert runs[name]["queries"] == 4
+    assert runs["rerank, no inspection"]["tokens_per_query"]["inspected"] == 0
+
+    again = _run(["demo", "--cache-dir", str(cache), "--queries", "4"])  # everything cached: same answers
+    setup = dict(re.findall(r"(\w+) ([\d.]+)", again.split("setup (s, cached after the first run): ")[1]))
+    assert all(float(v) < 1.0 for v in setup.values()), setup
+    assert json.loads(next(cache.glob("default-*/last_run.json")).read_text())[ROWS[2]]["reranked"] == \
+        runs[ROWS[2]]["reranked"]
+
+
+def test_default_checkpoint_is_inside_the_installed_package():
+    assert demo.default_checkpoint() == Path(demo.__file__).resolve().parents[1] / "model" / "default"
