@@ -1,12 +1,15 @@
 """Synthetic chain of thought in Retrv-R1's four phases, written from the ground truth of a window of candidates.
 
     beige: yellow cross bottom stripe.            (1) imagine the ideal result
-    drop 2 4 5 6 7 8 9 10                         (2) eliminate the clear negatives
+    1+ 2- 3+ 4- 5- 6- 7- 8- 9- 10-                (2) eliminate the clear negatives (-), keep look-alikes (+)
     <inspection-index-start>1<inspection-index-end>[candidate 1's full tokens]
     <inspection-index-start>3<inspection-index-end>[candidate 3's full tokens]    (3) inspect the hard ones
     </think><answer>3</answer>                    (4) the index
 
-Phase 2 drops every candidate whose scene differs from the target in what two compressed tokens can carry: the
+Phase 2 gives every candidate a verdict, in window order, rather than listing the dropped ones: each verdict is a
+local decision (the index just written names the candidate to read, as its label does in the prompt), where a
+list of drops asks the model to scan for the next dropped index, and run 1's model never learned that scan (it
+wrote "drop 1 2 4 ..." and answered 1). Phase 2 drops every candidate whose scene differs from the target in what two compressed tokens can carry: the
 background and which objects are present (their shapes and colours). Where an object is and its few-pixel mark
 are what the compressed tokens cannot carry: the ICM pools a candidate's tokens with attention that has no
 positional encoding, so `t_con`/`t_rel` are blind to layout, and the detail is a few pixels of one token by the
@@ -51,6 +54,12 @@ class CotPlan:
     drop: tuple[int, ...]  # 1-based window indices eliminated in phase 2
     inspect: tuple[int, ...]  # 1-based, in the order inspected
     answer: int  # 1-based
+    size: int  # candidates in the window
+
+    @property
+    def keep(self) -> tuple[bool, ...]:
+        """Per candidate in window order: survives phase 2 (a look-alike of the target, or the target)."""
+        return tuple(i not in self.drop for i in range(1, self.size + 1))
 
     def __post_init__(self) -> None:
         if self.answer in self.drop:
@@ -65,7 +74,7 @@ def plan_cot(target: Scene, window: list[Scene], answer: int) -> CotPlan:
     survivors = [i for i, s in enumerate(window, 1) if coarse_key(s) == key]
     drop = tuple(i for i in range(1, len(window) + 1) if i not in survivors)
     inspect = tuple(survivors[:survivors.index(answer) + 1]) if len(survivors) > 1 else ()
-    return CotPlan(ideal_text(target), drop, inspect, answer)
+    return CotPlan(ideal_text(target), drop, inspect, answer, len(window))
 
 
 def cot_events(plan: CotPlan, inspect_budget: int | None = None) -> list[tuple]:
@@ -73,8 +82,8 @@ def cot_events(plan: CotPlan, inspect_budget: int | None = None) -> list[tuple]:
     ("write", text) | ("inspect", i, granted): the model writes the inspection markup for candidate i; the
     runtime appends its full tokens (granted) or the inspection-budget marker (not granted)."""
     budget = len(plan.inspect) if inspect_budget is None else inspect_budget
-    drops = " ".join(str(i) for i in plan.drop) if plan.drop else "none"
-    events: list[tuple] = [("write", f"{plan.ideal}\ndrop {drops}\n")]
+    verdicts = " ".join(f"{i}{'+' if kept else '-'}" for i, kept in enumerate(plan.keep, 1))
+    events: list[tuple] = [("write", f"{plan.ideal}\n{verdicts}\n")]
     for n, i in enumerate(plan.inspect):
         events.append(("inspect", i, n < budget))
         if n >= budget:

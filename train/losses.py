@@ -6,7 +6,8 @@
 - `rerank_loss`: SFT on the four-phase CoT, full-token or ICM prompts;
 - `align_loss`: ICM self-alignment, the LM's CoT distributions from compressed vs full prompts (KL);
 - `icm_tokens`: [t_con, t_rel] per candidate with gradients, from the same token lists the runtime gives the ICM;
-- `RelevanceHead`: a training-only linear read-out of `t_rel` (which candidate of the window is the target).
+- `RelevanceHead`: a training-only linear read-out of `t_rel` (which candidate of the window is the target, and
+  which survive the CoT's phase 2).
 
 Why the relevance read-out: self-alignment can only teach the ICM what its teacher knows, and our teacher is an LM
 trained from scratch for a few minutes. In the first full run it had learned to copy the coarse order, the ICM
@@ -69,10 +70,16 @@ class RelevanceHead(nn.Module):
         super().__init__()
         self.score = nn.Linear(hidden, 1)
 
-    def forward(self, icm: list[torch.Tensor], answers: list[int]) -> torch.Tensor:
-        """icm: per window (K, 2, H) [t_con, t_rel]; answers: 1-based target index -> mean listwise CE."""
-        return torch.stack([F.cross_entropy(self.score(t[:, 1]).squeeze(-1)[None], torch.tensor([a - 1]))
-                            for t, a in zip(icm, answers)]).mean()
+    def forward(self, icm: list[torch.Tensor], answers: list[int], keeps: list[tuple[bool, ...]]) -> torch.Tensor:
+        """icm: per window (K, 2, H) [t_con, t_rel]; answers: 1-based target index; keeps: per candidate, whether
+        it survives the CoT's phase 2 -> mean over windows of the listwise CE (which candidate is the target) plus
+        a binary CE per candidate on the same score (is it a look-alike of the target: phase 2's verdict)."""
+        out = []
+        for t, a, keep in zip(icm, answers, keeps):
+            score = self.score(t[:, 1]).squeeze(-1)  # (K,)
+            out.append(F.cross_entropy(score[None], torch.tensor([a - 1])) +
+                       F.binary_cross_entropy_with_logits(score, torch.tensor(keep, dtype=score.dtype)))
+        return torch.stack(out).mean()
 
 
 def info_nce(sb: SequenceBuilder, queries: list[Item], positives: list[str], negatives: list[list[str]],

@@ -240,15 +240,16 @@ class Trainer:
             p.requires_grad_(False)
 
         def step(i):
-            teacher, student, icms, answers = [], [], [], []
+            teacher, student, icms, answers, keeps = [], [], [], [], []
             for w in sampler.take(cfg.batch):
                 q, cs = self._window_items(w)
                 events = self._plain(w)
                 icms.append(losses.icm_tokens(self.sb, q, cs))
                 answers.append(w.answer)
+                keeps.append(w.plan.keep)
                 teacher.append(self.sb.rerank(q, cs, None, events))
                 student.append(self.sb.rerank(q, cs, icms[-1], events))
-            return {"kl": losses.align_loss(self.sb, teacher, student), "rel": self.relevance(icms, answers)}
+            return {"kl": losses.align_loss(self.sb, teacher, student), "rel": self.relevance(icms, answers, keeps)}
 
         try:
             return self._loop("align", cfg, list(self.model.icm.parameters()) + list(self.relevance.parameters()),
@@ -266,13 +267,14 @@ class Trainer:
         sampler = Sampler(self.windows("sft_icm"), self.seed + 5)
 
         def step(i):
-            seqs, icms, answers = [], [], []
+            seqs, icms, answers, keeps = [], [], [], []
             for w in sampler.take(cfg.batch):
                 q, cs = self._window_items(w)
                 icms.append(losses.icm_tokens(self.sb, q, cs))
                 answers.append(w.answer)
+                keeps.append(w.plan.keep)
                 seqs.append(self.sb.rerank(q, cs, icms[-1], cot_events(w.plan, self._budget())))
-            parts = {"cot": losses.rerank_loss(self.sb, seqs), "rel": self.relevance(icms, answers)}
+            parts = {"cot": losses.rerank_loss(self.sb, seqs), "rel": self.relevance(icms, answers, keeps)}
             if cfg.embed_batch:
                 parts["nce"] = self._embed_step(cfg.embed_batch)
             return parts

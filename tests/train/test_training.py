@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numpy as np
 import pytest
 import torch
@@ -36,7 +37,7 @@ GRID = (1, 8, 8)  # a 112 px image: 8x8 patches, 16 merged tokens
 
 
 # -- rewards and curriculum -----------------------------------------------------------------------------------------
-WELL_FORMED = (f"red: red circle left dot.\ndrop 2 4\n{INSPECT_START}1{INSPECT_END}{INSPECT_START}3{INSPECT_END}"
+WELL_FORMED = (f"red: red circle left dot.\n1+ 2- 3+ 4-\n{INSPECT_START}1{INSPECT_END}{INSPECT_START}3{INSPECT_END}"
                "</think><answer>3</answer>")
 
 
@@ -95,7 +96,8 @@ def test_cot_has_four_phases_and_parses_back_through_the_runtime():
     text = cot_text(cot_events(plan), shown=lambda i: f"<tokens of {i}>")
     imagine, rest = text.split("\n", 1)
     assert imagine == "grey: red circle left dot, blue star right."  # (1) the ideal result
-    assert rest.startswith("drop 2 6 7\n")  # (2) eliminate
+    assert rest.startswith("1+ 2- 3+ 4+ 5+ 6- 7-\n")  # (2) eliminate: a verdict per candidate
+    assert plan.keep == (True, False, True, True, True, False, False)
     assert text.count(INSPECT_START) == text.count(INSPECT_END) == 2  # (3) inspect, markup well formed
     assert "\n[1] <tokens of 1>\n" in text and "\n[3] <tokens of 3>\n" in text  # RerankTemplate.inspected_prefix
     assert text.endswith("</think><answer>3</answer>")  # (4) answer
@@ -233,7 +235,7 @@ def test_icm_alignment_step_lowers_kl_with_the_lm_frozen(tiny):
     h = model.cfg.text.hidden_size
     target, window = _window()
     plan = plan_cot(target, window[:5], answer=3)
-    events = cot_events(plan.__class__(plan.ideal, plan.drop, (), plan.answer))
+    events = cot_events(plan.__class__(plan.ideal, plan.drop, (), plan.answer, plan.size))
     query, cands = Item("a red circle", None, None), _items(h, 5, 20)
 
     def loss():
@@ -314,3 +316,18 @@ def test_shipped_checkpoint_loads_and_says_how_it_was_made():
     card = (root / "CARD.md").read_text()
     assert "python -m retrv.train.run model/default" in card and "Flickr8k" in card
     assert sum(p.stat().st_size for p in root.glob("*.safetensors")) < 20e6  # a few MB
+
+
+def test_relevance_read_out_hand_worked_and_one_step_lowers_it():
+    head = losses.RelevanceHead(4)
+    torch.nn.init.zeros_(head.score.weight)
+    torch.nn.init.zeros_(head.score.bias)
+    icm = [torch.randn(5, 2, 4), torch.randn(3, 2, 4)]
+    answers, keeps = [2, 1], [(True, True, False, False, True), (True, False, False)]
+    loss = head(icm, answers, keeps)  # every score 0: listwise CE ln K, binary CE ln 2 per candidate
+    assert float(loss) == pytest.approx(((math.log(5) + math.log(2)) + (math.log(3) + math.log(2))) / 2, rel=1e-6)
+    opt = torch.optim.SGD(head.parameters(), lr=0.5)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert float(head(icm, answers, keeps)) < float(loss)
