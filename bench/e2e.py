@@ -234,9 +234,13 @@ def _synth_config(ckpt: Path) -> dict:
 
     path = ckpt / "training.json"
     if path.is_file():
-        walk(json.loads(path.read_text()))
+        record = json.loads(path.read_text())
+        walk(record)
+        config = record.get("config", {})
+        if not found and isinstance(config.get("data"), dict) and "seed" in config:  # train.run's record
+            found.update(seed=config["seed"], n_test=config["data"].get("n_test"))
     d = SynthConfig()
-    return {"seed": int(found.get("seed", d.seed)), "n_test": int(found.get("n_test", d.n_test)),
+    return {"seed": int(found.get("seed", d.seed)), "n_test": int(found.get("n_test") or d.n_test),
             "image_size": int(found.get("image_size", d.image_size)),
             "pool_per_query": int(found.get("pool_per_query", d.pool_per_query)),
             "source": f"{path.name}" if found else "SynthConfig defaults (training.json has no dataset config)"}
@@ -323,11 +327,11 @@ def parse(argv=None):
     ap.add_argument("--inspect", type=int, default=3)
     ap.add_argument("--default-ckpt", default=str(DEFAULT_CKPT))
     ap.add_argument("--default-k", type=int, default=10)
-    ap.add_argument("--default-think", type=int, default=32)
+    ap.add_argument("--default-think", type=int, default=128, help="the runtime's default, as the card evaluates")
     ap.add_argument("--default-inspect", type=int, default=3)
-    ap.add_argument("--default-queries", type=int, default=None, help="synthetic test queries used (50; quick 10)")
+    ap.add_argument("--default-queries", type=int, default=None, help="synthetic test queries used (200; quick 10)")
     ap.add_argument("--default-n-test", type=int, default=None, help="test scenes to generate (default: training.json)")
-    ap.add_argument("--sweep-think", type=int, nargs="*", default=None, help="(0 8 16 32 64 128; quick 0 32)")
+    ap.add_argument("--sweep-think", type=int, nargs="*", default=None, help="(0 16 32 64 128; quick 0 32)")
     ap.add_argument("--sweep-inspect", type=int, nargs="*", default=None, help="(0 3)")
     ap.add_argument("--sweep-configs", nargs="*", default=["ort-fp32"])
     ap.add_argument("--skip", nargs="*", default=[], choices=("k", "sizes", "default"))
@@ -341,8 +345,8 @@ def parse(argv=None):
 
     args.queries, args.queries_large = pick(args.queries, 8, 2), pick(args.queries_large, 4, 2)
     args.size_queries = pick(args.size_queries, 4, 2)
-    args.default_queries = pick(args.default_queries, 50, 10)
-    args.sweep_think = pick(args.sweep_think, [0, 8, 16, 32, 64, 128], [0, 32])
+    args.default_queries = pick(args.default_queries, 200, 10)  # R@1 to about +-3 points (one standard error)
+    args.sweep_think = pick(args.sweep_think, [0, 16, 32, 64, 128], [0, 32])
     args.sweep_inspect = pick(args.sweep_inspect, [0, 3], [0, 3])
     if quick:
         args.ks, args.sizes = [min(args.ks)], []
