@@ -3,7 +3,9 @@
     beige: yellow cross bottom stripe.            (1) imagine the ideal result
     1+ 2- 3+ 4- 5- 6- 7- 8- 9- 10-                (2) eliminate the clear negatives (-), keep look-alikes (+)
     <inspection-index-start>1<inspection-index-end>[candidate 1's full tokens]
-    <inspection-index-start>3<inspection-index-end>[candidate 3's full tokens]    (3) inspect the hard ones
+    beige: yellow cross left stripe. no                                          (3) inspect the hard ones:
+    <inspection-index-start>3<inspection-index-end>[candidate 3's full tokens]       describe what the full
+    beige: yellow cross bottom stripe. yes                                           tokens show, compare
     </think><answer>3</answer>                    (4) the index
 
 Phase 2 gives every candidate a verdict, in window order, rather than listing the dropped ones: each verdict is a
@@ -19,6 +21,11 @@ confused, median rank 2 on validation.) The survivors differ from the target at 
 and phase 3 inspects them in coarse-rank order until it reaches the target, so the reasoning costs one
 inspection per look-alike ranked above the target, none when the target is the only survivor. The text is short
 on purpose: every token is a decoder step the runtime pays per query.
+
+After each inspection the reasoning describes the candidate in the words of phase 1 and says whether it is the
+one: the comparison becomes text against text (the description against the ideal, word by word), and describing
+an image is what captioning pretraining taught the model. A bare "next inspection or answer" decision asks the
+model to compare the query's words with image tokens directly, which run 1's model never learned.
 
 When the inspection budget runs out (the runtime answers an inspection with a marker instead of the tokens), the
 reasoning stops inspecting and answers: training on that case teaches the model to answer from the compressed
@@ -55,6 +62,7 @@ class CotPlan:
     inspect: tuple[int, ...]  # 1-based, in the order inspected
     answer: int  # 1-based
     size: int  # candidates in the window
+    seen: tuple[str, ...] = ()  # phase 3: the description of each inspected candidate, as `ideal_text` words it
 
     @property
     def keep(self) -> tuple[bool, ...]:
@@ -74,7 +82,8 @@ def plan_cot(target: Scene, window: list[Scene], answer: int) -> CotPlan:
     survivors = [i for i, s in enumerate(window, 1) if coarse_key(s) == key]
     drop = tuple(i for i in range(1, len(window) + 1) if i not in survivors)
     inspect = tuple(survivors[:survivors.index(answer) + 1]) if len(survivors) > 1 else ()
-    return CotPlan(ideal_text(target), drop, inspect, answer, len(window))
+    return CotPlan(ideal_text(target), drop, inspect, answer, len(window),
+                   tuple(ideal_text(window[i - 1]) for i in inspect))
 
 
 def cot_events(plan: CotPlan, inspect_budget: int | None = None) -> list[tuple]:
@@ -88,6 +97,8 @@ def cot_events(plan: CotPlan, inspect_budget: int | None = None) -> list[tuple]:
         events.append(("inspect", i, n < budget))
         if n >= budget:
             break
+        if plan.seen:
+            events.append(("write", f"{plan.seen[n]} {'yes' if i == plan.answer else 'no'}\n"))
     events.append(("write", f"</think><answer>{plan.answer}</answer>"))
     return events
 

@@ -100,6 +100,9 @@ def test_cot_has_four_phases_and_parses_back_through_the_runtime():
     assert plan.keep == (True, False, True, True, True, False, False)
     assert text.count(INSPECT_START) == text.count(INSPECT_END) == 2  # (3) inspect, markup well formed
     assert "\n[1] <tokens of 1>\n" in text and "\n[3] <tokens of 3>\n" in text  # RerankTemplate.inspected_prefix
+    # after each inspection: what the full tokens show, in phase 1's words, and whether it is the one
+    assert "<tokens of 1>\ngrey: red circle left ring, blue star right. no\n" in text
+    assert "<tokens of 3>\ngrey: red circle left dot, blue star right. yes\n" in text
     assert text.endswith("</think><answer>3</answer>")  # (4) answer
     inspected, answer = parse_cot(text)
     assert inspected == [1, 3] and answer == 3 == plan.answer
