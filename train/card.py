@@ -63,7 +63,9 @@ def write_card(out: Path, record: dict) -> Path:
         "shared with other jobs) by one command:",
         "",
         "```",
-        f"python -m retrv.train.run model/default --minutes {cfg['minutes']} --seed {cfg['seed']}",
+        f"python -m retrv.train.run model/default --minutes {cfg['minutes']} --seed {cfg['seed']}" + (
+            f" --inspect-order {order}" if (order := cfg["schedule"].get("inspect_order", "survivors")) !=
+            "survivors" else ""),
         "```",
         "",
         "It exists so that the runtime ships with a model that actually reranks and inspects, and so that the method's "

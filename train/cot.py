@@ -74,14 +74,24 @@ class CotPlan:
             raise ValueError(f"CoT plan: answer {self.answer} is also dropped ({list(self.drop)})")
 
 
-def plan_cot(target: Scene, window: list[Scene], answer: int) -> CotPlan:
-    """`window`: the scenes of the candidates in window order; `answer`: 1-based index of the target in it."""
+INSPECT_ORDERS = ("survivors", "coarse")
+
+
+def plan_cot(target: Scene, window: list[Scene], answer: int, order: str = "survivors") -> CotPlan:
+    """`window`: the scenes of the candidates in window order; `answer`: 1-based index of the target in it.
+    `order`: phase 3 inspects phase 2's survivors in coarse order ("survivors", the paper's reading), or every
+    candidate in coarse order ("coarse": phase 2's verdicts are written but do not choose what is inspected)."""
+    if order not in INSPECT_ORDERS:
+        raise ValueError(f"CoT plan: inspect order {order!r}; expected one of {INSPECT_ORDERS}")
     if not 1 <= answer <= len(window) or window[answer - 1].key() != target.key():
         raise ValueError(f"CoT plan: candidate {answer} of {len(window)} is not the target")
     key = coarse_key(target)
     survivors = [i for i, s in enumerate(window, 1) if coarse_key(s) == key]
     drop = tuple(i for i in range(1, len(window) + 1) if i not in survivors)
-    inspect = tuple(survivors[:survivors.index(answer) + 1]) if len(survivors) > 1 else ()
+    if order == "coarse":
+        inspect = tuple(range(1, answer + 1)) if len(survivors) > 1 else ()
+    else:
+        inspect = tuple(survivors[:survivors.index(answer) + 1]) if len(survivors) > 1 else ()
     return CotPlan(ideal_text(target), drop, inspect, answer, len(window),
                    tuple(ideal_text(window[i - 1]) for i in inspect))
 

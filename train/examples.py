@@ -74,7 +74,8 @@ def calibrate_noise(train: tuple, val: tuple) -> tuple[float, float, float]:
     return NOISE_GRID[-1], rate, target
 
 
-def build_windows(split: Split, qv: np.ndarray, cv: np.ndarray, k: int, noise: float, seed: int) -> list[Window]:
+def build_windows(split: Split, qv: np.ndarray, cv: np.ndarray, k: int, noise: float, seed: int,
+                  inspect_order: str = "survivors") -> list[Window]:
     """Top-k windows under noisy coarse scores; queries whose target falls outside the window are skipped (no
     reasoning can recover them, and a window without the answer has no correct CoT)."""
     scores = qv @ cv.T + (np.random.default_rng(seed).normal(0.0, noise, (len(qv), len(cv))) if noise else 0.0)
@@ -87,7 +88,7 @@ def build_windows(split: Split, qv: np.ndarray, cv: np.ndarray, k: int, noise: f
         if gold not in window:
             continue
         answer = window.index(gold) + 1
-        plan = plan_cot(split.scenes[gold].scene, [split.scenes[d].scene for d in window], answer)
+        plan = plan_cot(split.scenes[gold].scene, [split.scenes[d].scene for d in window], answer, inspect_order)
         out.append(Window(q, window, answer, plan))
     return out
 

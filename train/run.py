@@ -17,7 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 FLICKR_DEFAULT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k-1k"
@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="Flickr8k folder for the photo evaluation ('' = skip)")
     ap.add_argument("--flickr-queries", type=int, default=500)
     ap.add_argument("--skip-eval", action="store_true")
+    ap.add_argument("--inspect-order", choices=("survivors", "coarse"), default="survivors",
+                    help="what the CoT's phase 3 inspects: phase 2's survivors, or every candidate in coarse order")
     for split in ("train", "val", "test"):  # smaller data for smoke runs; the shipped model uses the defaults
         ap.add_argument(f"--n-{split}", type=int, default=getattr(DataSizes, f"n_{split}"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="retrv-train-"))
     work.mkdir(parents=True, exist_ok=True)
-    sizes, size, schedule = DataSizes(args.n_train, args.n_val, args.n_test), ModelSize(), schedule_for(args.minutes)
+    sizes, size = DataSizes(args.n_train, args.n_val, args.n_test), ModelSize()
+    schedule = replace(schedule_for(args.minutes), inspect_order=args.inspect_order)
     say(f"work folder {work}; schedule " + ", ".join(f"{k} {v['steps']}" for k, v in schedule.to_dict().items()
                                                        if isinstance(v, dict)))
 

@@ -64,6 +64,7 @@ class Schedule:
     exhaust_prob: float = 0.3  # SFT windows trained under a reduced inspection budget (0, 1 or 2)
     group: int = 4  # GRPO rollouts per query
     temperature: float = 1.0  # GRPO sampling
+    inspect_order: str = "survivors"  # what phase 3 of the CoT inspects (`retrv.train.cot.plan_cot`)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -197,7 +198,7 @@ class Trainer:
         tq, tc = embed_split(self.sb, self.train, self.store)
         vq, vc = embed_split(self.sb, self.val, self.store)
         noise, train_top1, val_top1 = calibrate_noise((tq, tc, self.train), (vq, vc, self.val))
-        wins = build_windows(self.train, tq, tc, WINDOW, noise, self.seed + len(self.history))
+        wins = build_windows(self.train, tq, tc, WINDOW, noise, self.seed + len(self.history), self.s.inspect_order)
         insp = np.mean([len(w.plan.inspect) for w in wins]) if wins else 0.0
         self.report(f"  [{stage}] coarse val R@1 {val_top1:.3f}; train windows with noise {noise}: top-1 "
                     f"{train_top1:.3f}, {len(wins)}/{len(self.train.queries)} contain the target, "

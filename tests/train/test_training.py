@@ -334,3 +334,12 @@ def test_relevance_read_out_hand_worked_and_one_step_lowers_it():
     loss.backward()
     opt.step()
     assert float(head(icm, answers, keeps)) < float(loss)
+
+
+def test_cot_inspecting_in_coarse_order_covers_every_candidate_up_to_the_target():
+    target, window = _window()
+    plan = plan_cot(target, window, answer=3, order="coarse")
+    assert plan.inspect == (1, 2, 3) and plan.drop == (2, 6, 7)  # candidate 2 is dropped and still inspected
+    assert [s.endswith(".") for s in plan.seen] == [True] * 3
+    with pytest.raises(ValueError):
+        plan_cot(target, window, answer=3, order="random")
