@@ -29,6 +29,7 @@ class DataSizes:
     # were right on 0.6 of training windows and on chance of validation ones. Scenes are cheap (37 s for 2,000).
     n_val: int = 50
     n_test: int = 200  # 400 queries over 1,600 candidates: R@1 to about +-2.5 points (one standard error)
+    max_objects: int = 3  # objects per scene (synth: 1 to this)
 
 
 # Seconds per step of each stage on an idle 2-core CPU at the default sizes (measured; see CARD.md), and the share
@@ -57,7 +58,7 @@ def generate_data(out: Path, seed: int, sizes: DataSizes) -> dict:
     from retrv.train.synth import generate_dataset
 
     return generate_dataset(out, seed=seed, n_train=sizes.n_train, n_val=sizes.n_val, n_test=sizes.n_test,
-                            overwrite=True)
+                            max_objects=sizes.max_objects, overwrite=True)
 
 
 def _params(model) -> dict:
@@ -91,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="Flickr8k folder for the photo evaluation ('' = skip)")
     ap.add_argument("--flickr-queries", type=int, default=500)
     ap.add_argument("--skip-eval", action="store_true")
+    ap.add_argument("--max-objects", type=int, default=DataSizes.max_objects, choices=(1, 2, 3),
+                    help="objects per scene in the generated data (1 to this)")
     ap.add_argument("--inspect-order", choices=("survivors", "coarse"), default="survivors",
                     help="what the CoT's phase 3 inspects: phase 2's survivors, or every candidate in coarse order")
     for split in ("train", "val", "test"):  # smaller data for smoke runs; the shipped model uses the defaults
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="retrv-train-"))
     work.mkdir(parents=True, exist_ok=True)
-    sizes, size = DataSizes(args.n_train, args.n_val, args.n_test), ModelSize()
+    sizes, size = DataSizes(args.n_train, args.n_val, args.n_test, args.max_objects), ModelSize()
     schedule = replace(schedule_for(args.minutes), inspect_order=args.inspect_order)
     say(f"work folder {work}; schedule " + ", ".join(f"{k} {v['steps']}" for k, v in schedule.to_dict().items()
                                                        if isinstance(v, dict)))

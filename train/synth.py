@@ -304,8 +304,8 @@ def _jitter(rng: _Rng, obj: SceneObject) -> SceneObject:
     return replace(obj, dx=rng.uniform(-JITTER, JITTER), dy=rng.uniform(-JITTER, JITTER), scale=rng.uniform(*SCALE))
 
 
-def _random_scene(rng: _Rng) -> Scene | None:
-    n = 1 + rng.below(3)
+def _random_scene(rng: _Rng, max_objects: int = 3) -> Scene | None:
+    n = 1 + rng.below(max_objects)  # one draw whatever the maximum: the stream stays aligned
     positions = rng.shuffled(POSITIONS)[:n]
     objs = [_jitter(rng, SceneObject(rng.choice(SHAPES), rng.choice(tuple(PALETTE)), p)) for p in positions]
     k = rng.below(n)
@@ -371,7 +371,7 @@ def _group(rng: _Rng, seen: set, cfg: SynthConfig) -> _Group:
 def _try_group(rng: _Rng, seen: set, cfg: SynthConfig) -> _Group:
     taken: set = set()
     used = _Union(seen, taken)
-    target = _draw_unused(lambda: _random_scene(rng), used)
+    target = _draw_unused(lambda: _random_scene(rng, cfg.max_objects), used)
     taken.add(target.key())
     negatives = []
     for attribute in cfg.hard_negatives:
@@ -380,7 +380,7 @@ def _try_group(rng: _Rng, seen: set, cfg: SynthConfig) -> _Group:
         taken.add(scene.key())
     distractors = []
     for _ in range(cfg.pool_per_query - 1 - len(negatives)):
-        distractors.append(_draw_unused(lambda: _random_scene(rng), used))
+        distractors.append(_draw_unused(lambda: _random_scene(rng, cfg.max_objects), used))
         taken.add(distractors[-1].key())
     reference = None
     if TASK_COMPOSED in cfg.tasks:
@@ -413,6 +413,7 @@ class SynthConfig:
     pool_per_query: int = 8  # candidates per target: the target, its hard negatives, then random distractors
     hard_negatives: tuple[str, ...] = ("detail", "detail", "colour", "position", "shape")
     tasks: tuple[int, ...] = (TASK_TEXT_TO_IMAGE, TASK_COMPOSED)
+    max_objects: int = 3  # objects per scene: 1 to this
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hard_negatives", tuple(self.hard_negatives))
@@ -422,6 +423,8 @@ class SynthConfig:
         for name in ("n_train", "n_val", "n_test"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise InputError(f"synth {name}: got {getattr(self, name)!r}; expected an integer >= 0")
+        if isinstance(self.max_objects, bool) or self.max_objects not in (1, 2, 3):
+            raise InputError(f"synth max_objects: got {self.max_objects!r}; expected 1, 2 or 3")
         if not MIN_SIZE <= self.image_size <= 1024:
             raise InputError(f"synth image_size: got {self.image_size}; expected {MIN_SIZE} to 1024 px")
         bad = [a for a in self.hard_negatives if a not in ATTRIBUTES]
@@ -540,6 +543,7 @@ def generate_dataset(
     *,
     hard_negatives: tuple[str, ...] = SynthConfig.hard_negatives,
     tasks: tuple[int, ...] = SynthConfig.tasks,
+    max_objects: int = SynthConfig.max_objects,
     overwrite: bool = False,
 ) -> dict:
     """Write the dataset to `out_dir` (atomically: a failure leaves no partial folder) and return `dataset.json`.
@@ -547,7 +551,7 @@ def generate_dataset(
     Files: `images/*.png`; per split `corpus_{split}.jsonl`, `queries_{split}.jsonl`, `qrels_{split}.txt` (M-BEIR
     `qid 0 did 1`) and `scenes_{split}.jsonl` (ground truth of every image, see `read_scenes`); `dataset.json`.
     """
-    cfg = SynthConfig(seed, n_train, n_val, n_test, image_size, pool_per_query, hard_negatives, tasks)
+    cfg = SynthConfig(seed, n_train, n_val, n_test, image_size, pool_per_query, hard_negatives, tasks, max_objects)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
@@ -587,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument(f"--n-{split}", type=int, default=SynthConfig().size(split), help=f"target scenes in {split}")
     ap.add_argument("--image-size", type=int, default=SynthConfig.image_size)
     ap.add_argument("--pool-per-query", type=int, default=SynthConfig.pool_per_query)
+    ap.add_argument("--max-objects", type=int, default=SynthConfig.max_objects, help="objects per scene: 1 to this")
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     args = ap.parse_args(argv)
@@ -594,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         m = generate_dataset(args.out, args.seed, args.n_train, args.n_val, args.n_test, args.image_size,
-                             args.pool_per_query, overwrite=args.overwrite)
+                             args.pool_per_query, max_objects=args.max_objects, overwrite=args.overwrite)
     except RetrvError as e:
         print(f"synth: error: {e}", file=sys.stderr)
         return 2
