@@ -265,3 +265,12 @@ def test_a_target_with_every_variant_taken_is_redrawn_not_fatal():
     assert draw(synth._try_group)[0] > 0  # the case this test is about does occur in 400 groups
     failed, keys = draw(synth._group)
     assert failed == 0 and len(keys) == len(set(keys)) == 400 * 8
+
+
+def test_max_objects_bounds_every_scene_and_bad_values_are_refused(tmp_path):
+    generate_dataset(tmp_path / "one", seed=1, n_train=4, n_val=0, n_test=2, max_objects=1)
+    for split in ("train", "test"):
+        assert {len(r.scene.objects) for r in read_scenes(tmp_path / "one" / f"scenes_{split}.jsonl").values()} == {1}
+    for bad in (0, 4, True):
+        with pytest.raises(InputError, match="max_objects"):
+            SynthConfig(max_objects=bad)
