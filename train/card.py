@@ -63,10 +63,7 @@ def write_card(out: Path, record: dict) -> Path:
         "shared with other jobs) by one command:",
         "",
         "```",
-        f"python -m retrv.train.run model/default --minutes {cfg['minutes']} --seed {cfg['seed']}" + (
-            f" --inspect-order {order}" if (order := cfg["schedule"].get("inspect_order", "survivors")) !=
-            "survivors" else "") + (f" --max-objects {cfg['data']['max_objects']}"
-                                     if cfg["data"].get("max_objects", 3) != 3 else ""),
+        cfg.get("command") or f"python -m retrv.train.run model/default --minutes {cfg['minutes']} --seed {cfg['seed']}",
         "```",
         "",
         "It exists so that the runtime ships with a model that actually reranks and inspects, and so that the method's "

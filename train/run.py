@@ -39,11 +39,25 @@ SHARES = {"vision": 0.10, "pretrain": 0.30, "sft_full": 0.08, "align": 0.05, "sf
 FIXED_MINUTES = 9.0  # data generation, token caching, coarse rankings, export and evaluation
 
 
-def schedule_for(minutes: float):
+def parse_shares(text: str) -> dict[str, float]:
+    """'pretrain=0.2,sft_icm=0.45' -> SHARES with those stages replaced (the shares must still sum to 1)."""
+    out = dict(SHARES)
+    for part in filter(None, text.split(",")):
+        name, _, value = part.partition("=")
+        if name not in SHARES:
+            raise ValueError(f"--shares: got stage {name!r}; expected one of {sorted(SHARES)}")
+        out[name] = float(value)
+    if abs(sum(out.values()) - 1.0) > 1e-6:
+        raise ValueError(f"--shares: the shares sum to {sum(out.values()):.3f}; expected 1 ({out})")
+    return out
+
+
+def schedule_for(minutes: float, shares: dict[str, float] | None = None):
     from retrv.train.stages import Schedule, StageConfig
 
+    shares = shares or SHARES
     train_s = max(0.0, minutes - FIXED_MINUTES) * 60
-    steps = {k: max(1, int(train_s * SHARES[k] / STEP_SECONDS[k])) for k in SHARES}
+    steps = {k: max(1, int(train_s * shares[k] / STEP_SECONDS[k])) for k in SHARES}
     return Schedule(
         vision=StageConfig(steps["vision"], lr=2e-3, batch=64, embed_batch=0, warmup=min(50, steps["vision"])),
         pretrain=StageConfig(steps["pretrain"], lr=1e-3, batch=32, embed_batch=16, warmup=min(50, steps["pretrain"])),
@@ -82,6 +96,19 @@ def _verdict(syn: dict) -> list[str]:
     return out
 
 
+def reproduce_command(args) -> str:
+    """The command that trains this model again into model/default: every option that differs from its default."""
+    out = f"python -m retrv.train.run model/default --minutes {args.minutes:g} --seed {args.seed}"
+    if args.max_objects != DataSizes.max_objects:
+        out += f" --max-objects {args.max_objects}"
+    if args.inspect_order != "survivors":
+        out += f" --inspect-order {args.inspect_order}"
+    changed = {k: v for k, v in args.shares.items() if v != SHARES[k]}
+    if changed:
+        out += " --shares " + ",".join(f"{k}={v:g}" for k, v in changed.items())
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m retrv.train.run", description=__doc__.splitlines()[0])
     ap.add_argument("out", help="checkpoint directory to write (e.g. model/default)")
@@ -94,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-eval", action="store_true")
     ap.add_argument("--max-objects", type=int, default=DataSizes.max_objects, choices=(1, 2, 3),
                     help="objects per scene in the generated data (1 to this)")
+    ap.add_argument("--shares", default="", type=parse_shares,
+                    help="budget share per stage, e.g. 'pretrain=0.2,sft_icm=0.45' (the rest keep their defaults)")
     ap.add_argument("--inspect-order", choices=("survivors", "coarse"), default="survivors",
                     help="what the CoT's phase 3 inspects: phase 2's survivors, or every candidate in coarse order")
     for split in ("train", "val", "test"):  # smaller data for smoke runs; the shipped model uses the defaults
@@ -122,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="retrv-train-"))
     work.mkdir(parents=True, exist_ok=True)
     sizes, size = DataSizes(args.n_train, args.n_val, args.n_test, args.max_objects), ModelSize()
-    schedule = replace(schedule_for(args.minutes), inspect_order=args.inspect_order)
+    schedule = replace(schedule_for(args.minutes, args.shares), inspect_order=args.inspect_order)
     say(f"work folder {work}; schedule " + ", ".join(f"{k} {v['steps']}" for k, v in schedule.to_dict().items()
                                                        if isinstance(v, dict)))
 
@@ -148,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         elif stage in ("sft_icm", "grpo"):
             trainer.validate(stage)
 
-    config = {"minutes": args.minutes, "seed": args.seed, "size": size.to_dict(), "data": asdict(sizes),
+    config = {"minutes": args.minutes, "seed": args.seed, "shares": args.shares, "size": size.to_dict(),
+              "data": asdict(sizes), "command": reproduce_command(args),
               "schedule": schedule.to_dict()}
     record = {"config": config, "params": params, "stages": trainer.history,
               "machine": f"a 2-core {platform.machine()} CPU (1 torch thread), torch {torch.__version__}"}
