@@ -343,3 +343,19 @@ def test_cot_inspecting_in_coarse_order_covers_every_candidate_up_to_the_target(
     assert [s.endswith(".") for s in plan.seen] == [True] * 3
     with pytest.raises(ValueError):
         plan_cot(target, window, answer=3, order="random")
+
+
+def test_shares_and_the_reproducing_command():
+    import argparse
+
+    from retrv.train.run import SHARES, parse_shares, reproduce_command
+
+    shares = parse_shares("pretrain=0.25,sft_icm=0.47,grpo=0.05")
+    assert shares["sft_icm"] == 0.47 and shares["vision"] == SHARES["vision"]
+    assert parse_shares("") == SHARES
+    for bad in ("pretrain=0.5", "warmup=0.1"):
+        with pytest.raises(ValueError, match="--shares"):
+            parse_shares(bad)
+    args = argparse.Namespace(minutes=45.0, seed=0, max_objects=2, inspect_order="coarse", shares=shares)
+    assert reproduce_command(args) == ("python -m retrv.train.run model/default --minutes 45 --seed 0 --max-objects 2 "
+                                       "--inspect-order coarse --shares pretrain=0.25,sft_icm=0.47,grpo=0.05")
