@@ -353,7 +353,7 @@ def test_shares_and_the_reproducing_command():
     shares = parse_shares("pretrain=0.25,sft_icm=0.47,grpo=0.05")
     assert shares["sft_icm"] == 0.47 and shares["vision"] == SHARES["vision"]
     assert parse_shares("") == SHARES
-    for bad in ("pretrain=0.5", "warmup=0.1"):
+    for bad in ("pretrain=0.5", "warmup=0.1", "grpo=0"):
         with pytest.raises(ValueError, match="--shares"):
             parse_shares(bad)
     args = argparse.Namespace(minutes=45.0, seed=0, max_objects=2, inspect_order="coarse", shares=shares)
