@@ -123,18 +123,20 @@ def photo_corpus(workdir: Path, size: int, n: int, src: Path = PHOTOS) -> tuple[
     return cached(workdir, f"photos-{size}-n{n}", {"size": size, "n": n, "src": str(src)}, build)
 
 
-def synth_test_set(workdir: Path, seed: int, n_test: int, image_size: int, pool_per_query: int) -> tuple[Path, dict]:
+def synth_test_set(workdir: Path, seed: int, n_test: int, image_size: int, pool_per_query: int,
+                   max_objects: int = 3) -> tuple[Path, dict]:
     """The synthetic test split the embedded default is evaluated on (train/synth.py): its test split depends on
     the seed and its own size only, so n_train=0 gives the same test scenes the trainer held out."""
     def build(out: Path) -> dict:
         from retrv.train.synth import generate_dataset
 
         m = generate_dataset(out, seed=seed, n_train=0, n_val=0, n_test=n_test, image_size=image_size,
-                             pool_per_query=pool_per_query)
+                             pool_per_query=pool_per_query, max_objects=max_objects)
         return {"queries": m["splits"]["test"]["n_queries"], "candidates": m["splits"]["test"]["n_candidates"]}
 
-    return cached(workdir, f"synth-s{seed}-n{n_test}-{image_size}px-p{pool_per_query}",
-                  {"seed": seed, "n_test": n_test, "image_size": image_size, "pool": pool_per_query}, build)
+    return cached(workdir, f"synth-s{seed}-n{n_test}-{image_size}px-p{pool_per_query}-o{max_objects}",
+                  {"seed": seed, "n_test": n_test, "image_size": image_size, "pool": pool_per_query,
+                   "max_objects": max_objects}, build)
 
 
 # ------------------------------------------------------------------------------------------------------ indexes

@@ -238,11 +238,13 @@ def _synth_config(ckpt: Path) -> dict:
         walk(record)
         config = record.get("config", {})
         if not found and isinstance(config.get("data"), dict) and "seed" in config:  # train.run's record
-            found.update(seed=config["seed"], n_test=config["data"].get("n_test"))
+            found.update(seed=config["seed"], n_test=config["data"].get("n_test"),
+                         max_objects=config["data"].get("max_objects"))
     d = SynthConfig()
     return {"seed": int(found.get("seed", d.seed)), "n_test": int(found.get("n_test") or d.n_test),
             "image_size": int(found.get("image_size", d.image_size)),
             "pool_per_query": int(found.get("pool_per_query", d.pool_per_query)),
+            "max_objects": int(found.get("max_objects") or d.max_objects),
             "source": f"{path.name}" if found else "SynthConfig defaults (training.json has no dataset config)"}
 
 
@@ -258,7 +260,8 @@ def default_section(args, workdir: Path, log) -> dict:
     if args.default_n_test:
         syn.update(n_test=args.default_n_test,
                    source=syn["source"] + f"; n_test {args.default_n_test} from --default-n-test")
-    data, dinfo = _prep.synth_test_set(workdir, syn["seed"], syn["n_test"], syn["image_size"], syn["pool_per_query"])
+    data, dinfo = _prep.synth_test_set(workdir, syn["seed"], syn["n_test"], syn["image_size"], syn["pool_per_query"],
+                                       syn["max_objects"])
     packs, pinfo, errors = prepare_model(workdir, ckpt, log)
     indexes = {}
     for key, pack in packs.items():

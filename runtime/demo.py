@@ -51,6 +51,14 @@ def _cache_root(cache_dir: str | None) -> Path:
     return Path(os.environ.get("RETRV_CACHE", Path.home() / ".cache" / "retrv")) / "demo"
 
 
+def _max_objects(ckpt: Path) -> int:
+    """Objects per scene in the data the default was trained on (its training.json), 3 when it does not say."""
+    try:
+        return int(json.loads((ckpt / "training.json").read_text())["config"]["data"].get("max_objects", 3))
+    except (OSError, ValueError, KeyError, TypeError):
+        return 3
+
+
 def _stamp(path: Path) -> str:
     """Fingerprint of the shipped weights: a new default invalidates the cached pack and index."""
     from retrv.runtime.fsutil import sha256_file
@@ -81,8 +89,8 @@ def run_demo(cache_dir: str | None, seed: int, out: TextIO, n_queries: int = DEM
     t0 = clock()
     scenes = (max(n_queries, DEMO_QUERIES) + 1) // 2  # each scene gives a text and a composed query
     data = root / f"data-seed{seed}-{scenes}"
-    if not (data / "dataset.json").is_file():
-        generate_dataset(data, seed=1000 + seed, n_train=0, n_val=0, n_test=scenes)
+    if not (data / "dataset.json").is_file():  # scenes like those the default was trained on, never the same ones
+        generate_dataset(data, seed=1000 + seed, n_train=0, n_val=0, n_test=scenes, max_objects=_max_objects(ckpt))
     setup["data"] = clock() - t0
     t0 = clock()
     if not (root / "pack" / "manifest.json").is_file():
