@@ -30,23 +30,13 @@ def synthetic_table(res: dict, scope: str = "all") -> list[str]:
     ]
 
 
-# What was tried before the shipped run, with its test figures: a card that only showed the final run would hide
-# how the method fared. Static text: it describes earlier runs, not this one.
+# A card that only showed the final run would hide how the method fared: every earlier run, with its validation
+# and test figures and the diagnostics behind each change, is kept in the source tree's docs/TRAINING_LOG.md.
 HISTORY = [
     "## Development history",
     "",
-    "- Run 1 (same command and budget; CoT phase 2 dropped position look-alikes too, no relevance read-out): the "
-    "trained embedder separated details and colours well and confused position and shape (median validation rank "
-    "of the position and shape negatives: 2), so almost no training window had anything left to inspect (0.05 "
-    "inspections per CoT); the full-token teacher learned to copy the coarse order, the aligned ICM with it, and "
-    "the reranker collapsed to a fixed reasoning text. Test: coarse R@1 17.5, rerank 17.0 with and without "
-    "inspection, 0 inspections per query; Flickr8k R@1/5/10 0.0/0.6/1.0 coarse and reranked.",
-    "- Changes for the shipped run, chosen from those validation diagnostics: phase 2 keeps layout look-alikes "
-    "for inspection (the ICM pools without positions, so compressed tokens cannot carry layout), and a training-only "
-    "linear read-out of `t_rel` (listwise cross-entropy: which candidate is the target) gives the ICM a direct "
-    "relevance signal during alignment and SFT.",
-    "- Before run 1: vision pretraining by captioning alone left colours and shapes at chance after 300 steps; the "
-    "dense per-token probe (training only) and zero-initialised residual branches fixed that.",
+    "Every earlier run of this command, with its validation and test figures and the diagnostics that motivated "
+    "each change, is in `docs/TRAINING_LOG.md` of the retrv-edge source tree.",
     "",
 ]
 
