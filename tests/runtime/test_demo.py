@@ -33,7 +33,7 @@ def test_without_a_default_the_demo_says_it_runs_random_weights(tmp_path, monkey
 
 
 @pytest.mark.skipif(not (demo.default_checkpoint() / "config.json").is_file(),
-                    reason="model/default is not in this tree (python -m retrv.train.run retrv/model/default)")
+                    reason="model/default is not in this tree (python -m retrv.train.run model/default)")
 def test_demo_on_the_shipped_default_prints_what_it_measured(tmp_path):
     cache = tmp_path / "cache"
     out = _run(["demo", "--cache-dir", str(cache), "--queries", "4"])
