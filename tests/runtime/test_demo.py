@@ -58,3 +58,11 @@ def test_demo_on_the_shipped_default_prints_what_it_measured(tmp_path):
 
 def test_default_checkpoint_is_inside_the_installed_package():
     assert demo.default_checkpoint() == Path(demo.__file__).resolve().parents[1] / "model" / "default"
+
+
+def test_demo_scenes_follow_the_objects_per_scene_the_default_was_trained_on(tmp_path):
+    assert demo._max_objects(tmp_path) == 3  # no training.json: the generator's default
+    (tmp_path / "training.json").write_text(json.dumps({"config": {"data": {"max_objects": 2}}}))
+    assert demo._max_objects(tmp_path) == 2
+    (tmp_path / "training.json").write_text("{not json")
+    assert demo._max_objects(tmp_path) == 3
