@@ -105,6 +105,8 @@ def reproduce_command(args) -> str:
         out += f" --max-objects {args.max_objects}"
     if args.inspect_order != "survivors":
         out += f" --inspect-order {args.inspect_order}"
+    if getattr(args, "window_block", 0):
+        out += f" --window-block {args.window_block}"
     changed = {k: v for k, v in args.shares.items() if v != SHARES[k]}
     if changed:
         out += " --shares " + ",".join(f"{k}={v:g}" for k, v in changed.items())
@@ -127,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="budget share per stage, e.g. 'pretrain=0.2,sft_icm=0.45' (the rest keep their defaults)")
     ap.add_argument("--inspect-order", choices=("survivors", "coarse"), default="survivors",
                     help="what the CoT's phase 3 inspects: phase 2's survivors, or every candidate in coarse order")
+    ap.add_argument("--window-block", type=int, default=0,
+                    help="rank each training query among this many targets' pools (e.g. 200, the test split's "
+                         "size) rather than the whole training corpus (0)")
     for split in ("train", "val", "test"):  # smaller data for smoke runs; the shipped model uses the defaults
         ap.add_argument(f"--n-{split}", type=int, default=getattr(DataSizes, f"n_{split}"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -153,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="retrv-train-"))
     work.mkdir(parents=True, exist_ok=True)
     sizes, size = DataSizes(args.n_train, args.n_val, args.n_test, args.max_objects), ModelSize()
-    schedule = replace(schedule_for(args.minutes, args.shares), inspect_order=args.inspect_order)
+    schedule = replace(schedule_for(args.minutes, args.shares), inspect_order=args.inspect_order,
+                       window_block=args.window_block)
     say(f"work folder {work}; schedule " + ", ".join(f"{k} {v['steps']}" for k, v in schedule.to_dict().items()
                                                        if isinstance(v, dict)))
 

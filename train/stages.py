@@ -32,7 +32,8 @@ from retrv.runtime.budget import Budget
 from retrv.train import losses
 from retrv.train.cot import cot_events, ideal_text
 from retrv.train.data import ImageBank, Split, TokenStore
-from retrv.train.examples import Sampler, Window, build_windows, calibrate_noise, cand_item, embed_split, query_item
+from retrv.train.examples import (Sampler, Window, block_mask, build_windows, calibrate_noise, cand_item, embed_split,
+                                  query_item)
 from retrv.train.grpo import advantages, policy_loss, rollouts
 from retrv.train.probe import VisionProbe, token_labels
 from retrv.train.rewards import curriculum
@@ -65,6 +66,7 @@ class Schedule:
     group: int = 4  # GRPO rollouts per query
     temperature: float = 1.0  # GRPO sampling
     inspect_order: str = "survivors"  # what phase 3 of the CoT inspects (`retrv.train.cot.plan_cot`)
+    window_block: int = 0  # rank each training query among this many targets' pools (0: the whole split); see examples
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -197,8 +199,10 @@ class Trainer:
         t0 = time.perf_counter()
         tq, tc = embed_split(self.sb, self.train, self.store)
         vq, vc = embed_split(self.sb, self.val, self.store)
-        noise, train_top1, val_top1 = calibrate_noise((tq, tc, self.train), (vq, vc, self.val))
-        wins = build_windows(self.train, tq, tc, WINDOW, noise, self.seed + len(self.history), self.s.inspect_order)
+        mask = block_mask(self.train, self.s.window_block, self.seed)
+        noise, train_top1, val_top1 = calibrate_noise((tq, tc, self.train), (vq, vc, self.val), mask)
+        wins = build_windows(self.train, tq, tc, WINDOW, noise, self.seed + len(self.history), self.s.inspect_order,
+                             mask)
         insp = np.mean([len(w.plan.inspect) for w in wins]) if wins else 0.0
         self.report(f"  [{stage}] coarse val R@1 {val_top1:.3f}; train windows with noise {noise}: top-1 "
                     f"{train_top1:.3f}, {len(wins)}/{len(self.train.queries)} contain the target, "

@@ -359,3 +359,40 @@ def test_shares_and_the_reproducing_command():
     args = argparse.Namespace(minutes=45.0, seed=0, max_objects=2, inspect_order="coarse", shares=shares)
     assert reproduce_command(args) == ("python -m retrv.train.run model/default --minutes 45 --seed 0 --max-objects 2 "
                                        "--inspect-order coarse --shares pretrain=0.25,sft_icm=0.47,grpo=0.05")
+    args.window_block = 200
+    assert reproduce_command(args).endswith("--inspect-order coarse --window-block 200 --shares "
+                                            "pretrain=0.25,sft_icm=0.47,grpo=0.05")
+
+
+def test_block_windows_rank_each_training_query_among_its_block_only(tmp_path):
+    from retrv.train.data import load_split
+    from retrv.train.examples import block_mask, build_windows, top1_rate
+    from retrv.train.synth import generate_dataset
+
+    generate_dataset(tmp_path, seed=3, n_train=8, n_val=2, n_test=2, max_objects=1)
+    split = load_split(tmp_path, "train")
+    assert block_mask(split, 0, 0) is None and block_mask(split, 8, 0) is None  # one block: the whole corpus
+    mask = block_mask(split, 2, 0)
+    group = {d: split.scenes[d].group for d in split.dids}
+    for q, row in zip(split.queries, mask):
+        mates = {g for q2, r2 in zip(split.queries, mask) if (r2 == row).all() for g in [q2.pos_cand_list[0]]}
+        assert len(mates) == 2  # two targets per block, and the block holds every image drawn for them
+        assert {d for d, m in zip(split.dids, row) if m} == {d for d in split.dids if group[d] in mates}
+    rng = np.random.default_rng(0)
+    targets = sorted({q.pos_cand_list[0] for q in split.queries})
+    base = {t: rng.normal(size=8) for t in targets}
+    qv = np.stack([base[q.pos_cand_list[0]] for q in split.queries])
+    cv = rng.normal(size=(len(split.dids), 8)) * 0.1
+    for t in targets:
+        cv[split.dids.index(t)] = base[t] * 10  # every target is its queries' best candidate...
+    intruder = next(i for i, d in enumerate(split.dids) if d not in targets)
+    cv[intruder] = qv.sum(axis=0) * 1e3  # ...except for one candidate that outranks everything, for every query
+    assert top1_rate(qv, cv, split) == 0.0  # ranked against the whole corpus, the intruder always wins
+    inside = mask[:, intruder]
+    assert top1_rate(qv, cv, split, mask=mask) == pytest.approx(1 - inside.mean())  # only in its own block
+    wins = build_windows(split, qv, cv, 10, 0.0, 0, mask=mask)
+    assert len(wins) == len(split.queries)
+    for w in wins:
+        row = mask[split.queries.index(w.query)]
+        assert all(row[split.dids.index(d)] for d in w.dids)  # never a candidate from another block
+        assert w.answer == (2 if row[intruder] else 1)
