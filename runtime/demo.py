@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import TextIO
@@ -22,6 +23,15 @@ from retrv.runtime.errors import require
 DEMO_QUERIES = 40  # test queries evaluated (text->image and composed); the demo stays under 3 minutes on 2 cores
 SHOWN = 2  # queries printed with their reasoning traces
 
+
+
+_IMAGE_RUN = re.compile(r"<\|vision_start\|>((?:<\|image_pad\|>)*)<\|vision_end\|>")
+
+
+def _readable(trace: str) -> str:
+    """A trace on one line, each appended image as "<N image tokens>" rather than N pad tokens."""
+    trace = _IMAGE_RUN.sub(lambda m: f"<{m.group(1).count('<|image_pad|>')} image tokens>", trace)
+    return trace.replace("\n", " ")
 
 def default_checkpoint() -> Path:
     import retrv.model
@@ -126,8 +136,8 @@ def run_demo(cache_dir: str | None, seed: int, out: TextIO, n_queries: int = DEM
         for i, r in enumerate(d["ranked"][:3], 1):
             mark = "  <- gold" if r["did"] in q.pos_cand_list else ""
             print(f"  {i}. {r['did']} (coarse #{r['coarse_rank'] + 1}){mark}", file=out)
-        trace = d["windows"][0]["text"].replace("\n", " ") if d["windows"] else ""
-        print(f"  reasoning: {trace[:400]}{'...' if len(trace) > 400 else ''}", file=out)
+        trace = _readable(d["windows"][0]["text"]) if d["windows"] else ""
+        print(f"  reasoning: {trace[:600]}{'...' if len(trace) > 600 else ''}", file=out)
         t = d["tokens"]
         print(f"  tokens: {t['prefill_tokens']} prefill, {t['think_tokens']} generated, {t['inspected']} inspected\n",
               file=out)

@@ -62,3 +62,16 @@ def test_quick_run_on_the_tiny_preset_writes_results_tables_and_plots(tmp_path):
     for png in ("latency_vs_k.png", "latency_breakdown.png", "recall_vs_budget.png"):
         assert (tmp_path / "img" / png).stat().st_size > 1000, png
     assert "speed-up" in done.stdout and "Decoder tokens per query" in done.stdout
+
+
+def test_default_section_reads_the_test_split_from_train_runs_record(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from e2e import _synth_config
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    assert _synth_config(tmp_path)["max_objects"] == 3  # no training.json: the generator's defaults
+    record = {"config": {"seed": 7, "data": {"n_train": 2000, "n_val": 50, "n_test": 120, "max_objects": 2}}}
+    (tmp_path / "training.json").write_text(json.dumps(record))
+    syn = _synth_config(tmp_path)
+    assert (syn["seed"], syn["n_test"], syn["max_objects"]) == (7, 120, 2)

@@ -39,6 +39,7 @@ def test_demo_on_the_shipped_default_prints_what_it_measured(tmp_path):
     out = _run(["demo", "--cache-dir", str(cache), "--queries", "4"])
     assert "RANDOM WEIGHTS" not in out and "INT8" in out
     assert out.count("reasoning: ") == demo.SHOWN and out.count("gold   ") == demo.SHOWN
+    assert "<|image_pad|>" not in out  # an inspected candidate's tokens print as "<16 image tokens>"
     runs = json.loads(next(cache.glob("default-*/last_run.json")).read_text())
     assert list(runs) == list(ROWS)
     for name in ROWS:  # the printed table is the evaluation it saved, not other numbers
@@ -54,6 +55,12 @@ def test_demo_on_the_shipped_default_prints_what_it_measured(tmp_path):
     assert all(float(v) < 1.0 for v in setup.values()), setup
     assert json.loads(next(cache.glob("default-*/last_run.json")).read_text())[ROWS[2]]["reranked"] == \
         runs[ROWS[2]]["reranked"]
+
+
+def test_traces_print_appended_images_as_a_token_count():
+    trace = "1+ 2-\n<inspection-index-start>1<inspection-index-end>\n[1] <|vision_start|>" + "<|image_pad|>" * 16 + \
+        "<|vision_end|>\n yes\n</think>"
+    assert demo._readable(trace) == "1+ 2- <inspection-index-start>1<inspection-index-end> [1] <16 image tokens>  yes </think>"
 
 
 def test_default_checkpoint_is_inside_the_installed_package():
