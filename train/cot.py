@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from retrv.runtime.answer import parse_index
 from retrv.runtime.rerank_prompt import RerankTemplate
-from retrv.train.synth import Scene
+from retrv.train.scene import Scene
 
 INSPECT_START, INSPECT_END = "<inspection-index-start>", "<inspection-index-end>"
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retrv.train.synth import BACKGROUNDS, DETAILS, PALETTE, POSITIONS, RADIUS, SHAPES, Scene
+from retrv.train.scene import BACKGROUNDS, DETAILS, PALETTE, POSITIONS, RADIUS, SHAPES, Scene
 
 IGNORE = -100
 COVER = 0.6  # a token is labelled with an object when the object's disc reaches this deep into it (x radius)

@@ -13,18 +13,15 @@ from PIL import Image
 from retrv.runtime.corpus import read_candidates, read_queries
 from retrv.runtime.errors import InputError
 from retrv.runtime.fsutil import sha256_file
+from retrv.train.scene import RADIUS, Scene, SceneObject, render
 from retrv.train.synth import (
     ATTRIBUTES,
-    RADIUS,
     SPLITS,
-    Scene,
-    SceneObject,
     SynthConfig,
     describe,
     generate_dataset,
     main,
     read_scenes,
-    render,
 )
 
 SIZES = {"n_train": 6, "n_val": 3, "n_test": 4}

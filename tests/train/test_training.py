@@ -31,7 +31,7 @@ from retrv.train.grpo import Rollout, advantages, policy_loss, rollouts, to_runt
 from retrv.train.probe import token_labels
 from retrv.train.rewards import curriculum, format_reward, retrv_reward
 from retrv.train.sequences import Item, SequenceBuilder
-from retrv.train.synth import Scene, SceneObject
+from retrv.train.scene import Scene, SceneObject
 
 GRID = (1, 8, 8)  # a 112 px image: 8x8 patches, 16 merged tokens
 
