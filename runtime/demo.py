@@ -22,9 +22,6 @@ from retrv.runtime.errors import require
 
 DEMO_QUERIES = 40  # test queries evaluated (text->image and composed); the demo stays under 3 minutes on 2 cores
 SHOWN = 2  # queries printed with their reasoning traces
-
-
-
 _IMAGE_RUN = re.compile(r"<\|vision_start\|>((?:<\|image_pad\|>)*)<\|vision_end\|>")
 
 
@@ -32,6 +29,7 @@ def _readable(trace: str) -> str:
     """A trace on one line, each appended image as "<N image tokens>" rather than N pad tokens."""
     trace = _IMAGE_RUN.sub(lambda m: f"<{m.group(1).count('<|image_pad|>')} image tokens>", trace)
     return trace.replace("\n", " ")
+
 
 def default_checkpoint() -> Path:
     import retrv.model

@@ -78,7 +78,7 @@ def coarse_scores(qv: np.ndarray, cv: np.ndarray, noise: float = 0.0, seed: int 
                   mask: np.ndarray | None = None) -> np.ndarray:
     scores = qv @ cv.T
     if noise:
-        scores = scores + np.random.default_rng(seed).normal(0.0, noise, scores.shape).astype(scores.dtype)
+        scores = scores + np.random.default_rng(seed).normal(0.0, noise, scores.shape)  # float64, as runs 1-8 had
     if mask is not None:
         scores[~mask] = -np.inf
     return scores

@@ -396,3 +396,20 @@ def test_block_windows_rank_each_training_query_among_its_block_only(tmp_path):
         row = mask[split.queries.index(w.query)]
         assert all(row[split.dids.index(d)] for d in w.dids)  # never a candidate from another block
         assert w.answer == (2 if row[intruder] else 1)
+
+
+def test_card_leads_with_whether_the_reranker_beats_its_coarse_stage():
+    from retrv.train.card import status
+
+    def record(coarse, no_insp, insp):
+        r = lambda x: {"recall@1": x, "recall@5": 0.7, "recall@10": 0.9}  # noqa: E731
+        return {"evaluation": {"synthetic": {"with_inspection": {"all": {"coarse": r(coarse), "reranked": r(insp)}},
+                                             "without_inspection": {"all": {"reranked": r(no_insp)}}}}}
+
+    assert len(status(record(0.18, 0.25, 0.30))) == 1  # the method's claims hold: no warning
+    for bad in (record(0.178, 0.172, 0.09), record(0.30, 0.20, 0.25)):
+        text = " ".join(status(bad))
+        assert "its reranker does not yet improve on it" in text and "test R@1" in text
+    assert "R@1 17.2 without inspection, 9.0 with" in " ".join(status(record(0.178, 0.172, 0.09)))
+    text = " ".join(status(record(0.18, 0.30, 0.25)))  # reranking helps, inspection does not
+    assert "reranking improves on it, but details inspection does not" in text and "does not yet" not in text
