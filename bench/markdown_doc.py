@@ -73,6 +73,15 @@ random weights write garbage, so their recall means nothing and is left out.
 """
 
 
+def _shown(path: str) -> str:
+    """A path as the page shows it: relative to the repository when inside it (the page is committed there)."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        return Path(path).resolve().relative_to(repo).as_posix()
+    except ValueError:
+        return path
+
+
 def _rel(target: Path, start: Path) -> str:
     return Path(os.path.relpath(target, start)).as_posix()
 
@@ -151,7 +160,7 @@ def write_markdown(e2e: dict, ann: dict | None, md_path: Path, img_dir: Path, im
     out += ["## 4. The embedded default: recall, quantization and budgets", ""]
     if d.get("present"):
         data = d["data"]
-        out += [f"Checkpoint `{d['checkpoint']}`; {data['queries_used']} queries of the synthetic test split "
+        out += [f"Checkpoint `{_shown(d['checkpoint'])}`; {data['queries_used']} queries of the synthetic test split "
                 f"(`train/synth.py`, seed {data['seed']}, {data['n_test']} test scenes, {data['image_size']} px, "
                 f"{data['pool_per_query']} candidates per target; dataset parameters from {data['source']}), "
                 f"K={d['k']}, think {d['think']}, inspect {d['inspect']}; every configuration interleaved as in "

@@ -75,3 +75,13 @@ def test_default_section_reads_the_test_split_from_train_runs_record(tmp_path):
     (tmp_path / "training.json").write_text(json.dumps(record))
     syn = _synth_config(tmp_path)
     assert (syn["seed"], syn["n_test"], syn["max_objects"]) == (7, 120, 2)
+
+
+def test_the_page_shows_checkpoints_inside_the_repository_by_relative_path(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from markdown_doc import _shown
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    assert _shown(str(REPO / "model" / "default")) == "model/default"
+    assert _shown(str(tmp_path / "ckpt")) == str(tmp_path / "ckpt")
