@@ -64,6 +64,8 @@ def block_mask(split: Split, block: int | None, seed: int) -> np.ndarray | None:
     """(Q, C) bool, True where candidate c is in query q's block: the targets, shuffled with `seed`, are cut into
     blocks of `block`, and a block's candidates are every image drawn for one of its targets (`SceneRecord.group`).
     None: one block, the whole corpus (the runtime's view)."""
+    if block is not None and block < 0:
+        raise ValueError(f"window block: got {block}; expected a number of targets >= 0 (0: the whole split)")
     targets = sorted({q.pos_cand_list[0] for q in split.queries})
     if not block or block >= len(targets):
         return None

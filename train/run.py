@@ -20,6 +20,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from retrv.train.cot import INSPECT_ORDERS
+
 FLICKR_DEFAULT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k-1k"
 
 
@@ -98,6 +100,13 @@ def _verdict(syn: dict) -> list[str]:
     return out
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"got {value}; expected a number of targets >= 0 (0: the whole split)")
+    return value
+
+
 def reproduce_command(args) -> str:
     """The command that trains this model again into model/default: every option that differs from its default."""
     out = f"python -m retrv.train.run model/default --minutes {args.minutes:g} --seed {args.seed}"
@@ -105,7 +114,7 @@ def reproduce_command(args) -> str:
         out += f" --max-objects {args.max_objects}"
     if args.inspect_order != "survivors":
         out += f" --inspect-order {args.inspect_order}"
-    if getattr(args, "window_block", 0):
+    if args.window_block:
         out += f" --window-block {args.window_block}"
     changed = {k: v for k, v in args.shares.items() if v != SHARES[k]}
     if changed:
@@ -127,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="objects per scene in the generated data (1 to this)")
     ap.add_argument("--shares", default="", type=parse_shares,
                     help="budget share per stage, e.g. 'pretrain=0.2,sft_icm=0.45' (the rest keep their defaults)")
-    ap.add_argument("--inspect-order", choices=("survivors", "coarse"), default="survivors",
+    ap.add_argument("--inspect-order", choices=INSPECT_ORDERS, default="survivors",
                     help="what the CoT's phase 3 inspects: phase 2's survivors, or every candidate in coarse order")
-    ap.add_argument("--window-block", type=int, default=0,
+    ap.add_argument("--window-block", type=_non_negative, default=0,
                     help="rank each training query among this many targets' pools (e.g. 200, the test split's "
                          "size) rather than the whole training corpus (0)")
     for split in ("train", "val", "test"):  # smaller data for smoke runs; the shipped model uses the defaults
@@ -165,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data = work / "data"
     manifest = generate_data(data, args.seed, sizes)
-    say(f"data: " + ", ".join(f"{s} {manifest['splits'][s]['n_queries']} queries" for s in ("train", "val", "test")))
+    say("data: " + ", ".join(f"{s} {manifest['splits'][s]['n_queries']} queries" for s in ("train", "val", "test")))
     train, val = load_split(data, "train"), load_split(data, "val")
     tok_raw, ids = build_tokenizer([q.query_txt for q in train.queries] + [r.caption for r in train.scenes.values()])
     tokenizer = PromptTokenizer.from_tokenizer(tok_raw)

@@ -356,10 +356,14 @@ def test_shares_and_the_reproducing_command():
     for bad in ("pretrain=0.5", "warmup=0.1", "grpo=0"):
         with pytest.raises(ValueError, match="--shares"):
             parse_shares(bad)
-    args = argparse.Namespace(minutes=45.0, seed=0, max_objects=2, inspect_order="coarse", shares=shares)
+    args = argparse.Namespace(minutes=45.0, seed=0, max_objects=2, inspect_order="coarse", window_block=0,
+                              shares=shares)
     assert reproduce_command(args) == ("python -m retrv.train.run model/default --minutes 45 --seed 0 --max-objects 2 "
                                        "--inspect-order coarse --shares pretrain=0.25,sft_icm=0.47,grpo=0.05")
     args.window_block = 200
+    from retrv.train.run import main
+    with pytest.raises(SystemExit):  # argparse refuses a negative block before anything runs
+        main(["unused-out", "--window-block", "-1"])
     assert reproduce_command(args).endswith("--inspect-order coarse --window-block 200 --shares "
                                             "pretrain=0.25,sft_icm=0.47,grpo=0.05")
 
@@ -372,6 +376,8 @@ def test_block_windows_rank_each_training_query_among_its_block_only(tmp_path):
     generate_dataset(tmp_path, seed=3, n_train=8, n_val=2, n_test=2, max_objects=1)
     split = load_split(tmp_path, "train")
     assert block_mask(split, 0, 0) is None and block_mask(split, 8, 0) is None  # one block: the whole corpus
+    with pytest.raises(ValueError, match="window block"):
+        block_mask(split, -1, 0)
     mask = block_mask(split, 2, 0)
     group = {d: split.scenes[d].group for d in split.dids}
     for q, row in zip(split.queries, mask):
