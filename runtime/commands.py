@@ -70,6 +70,9 @@ def cmd_eval(args) -> int:
         if name in out:
             r = out[name]
             print(f"{name:<9} R@1 {r['recall@1']:.3f}  R@5 {r['recall@5']:.3f}  R@10 {r['recall@10']:.3f}")
+    for name, wins in out.get("hard_negatives", {}).items():
+        print(f"{name:<9} hard negatives ranked above the target: " + ", ".join(
+            f"{kind} {w['wins']:.2f} ({w['pairs']})" for kind, w in wins.items()))
     if "tokens_per_query" in out:
         print("tokens/query " + ", ".join(f"{k} {v:.1f}" for k, v in out["tokens_per_query"].items()))
     for stage, s in out["latency_ms"].items():

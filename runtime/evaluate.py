@@ -1,4 +1,5 @@
-"""`retrv eval`: M-BEIR recall of the coarse stage and of the reranked list, tokens and latency per stage.
+"""`retrv eval`: M-BEIR recall of the coarse stage and of the reranked list, tokens and latency per stage, and,
+where queries list hard negatives, how often each kind of hard negative outranks the target in either list.
 
 Both rankings come from the same run: the coarse order is what the HNSW stage returned, the reranked order what
 the reasoning stage made of it, so the comparison costs one pass and shares every timing.
@@ -10,7 +11,8 @@ import numpy as np
 
 from retrv.runtime.budget import Budget
 from retrv.runtime.corpus import Query
-from retrv.runtime.metrics import LatencyLog, recall_at_k
+from retrv.runtime.errors import InputError
+from retrv.runtime.metrics import LatencyLog, hard_negative_wins, recall_at_k
 
 KS = (1, 5, 10)
 
@@ -42,6 +44,16 @@ def evaluate(retriever, queries: list[Query], k: int = 50, budget: Budget | None
         "settings": {"k": k, "window": window, "stride": stride, "rerank": rerank,
                      "budget": (budget or Budget()).to_dict()},
     }
+    negatives = [list(q.neg_cand_list) for q in queries]
+    if any(negatives):
+        types = [q.extra.get("neg_types") for q in queries]
+        for q, t in zip(queries, types):
+            if t is not None and not (isinstance(t, list) and all(isinstance(x, str) for x in t)):
+                raise InputError(f"query {q.qid}: neg_types is {t!r}; expected a list of strings, one per negative")
+        types = types if any(t is not None for t in types) else None
+        out["hard_negatives"] = {"coarse": hard_negative_wins(coarse, positives, negatives, types)}
+        if rerank:
+            out["hard_negatives"]["reranked"] = hard_negative_wins(final, positives, negatives, types)
     if rerank:
         out["reranked"] = recall_at_k(final, positives, KS)
         out["tokens_per_query"] = {key: float(np.mean(v)) if v else 0.0 for key, v in tokens.items()}

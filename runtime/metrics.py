@@ -61,6 +61,44 @@ def recall_at_k(ranked: Sequence[Sequence[str]], positives: Sequence[Iterable[st
     return out
 
 
+def hard_negative_wins(ranked: Sequence[Sequence[str]], positives: Sequence[Iterable[str]],
+                       negatives: Sequence[Sequence[str]], types: Sequence[Sequence[str] | None] | None = None
+                       ) -> dict[str, dict[str, float | int]]:
+    """How often a query's labelled hard negative outranks its best-ranked positive, overall and per negative type.
+
+    `negatives[q]` are query q's hard negatives (M-BEIR's `neg_cand_list`); `types[q]`, when given, names each one
+    (the synthetic data's `neg_types`: "colour", "position", ...). A negative that was not retrieved ranks below
+    everything retrieved; a pair where neither the positive nor the negative was retrieved says nothing and is left
+    out. Returns {"all": {"wins": fraction, "pairs": n}, type: {...}, ...}; {} when no pair could be scored. Where
+    recall says how often a method is right, this says which look-alike it is fooled by.
+    """
+    if len(negatives) != len(ranked) or len(positives) != len(ranked):
+        raise InputError(f"negatives: got {len(negatives)} lists for {len(ranked)} rankings and {len(positives)} "
+                         "positive sets; expected one each")
+    if types is not None and len(types) != len(ranked):
+        raise InputError(f"types: got {len(types)} lists for {len(ranked)} rankings; expected one each")
+    wins: dict[str, int] = {}
+    pairs: dict[str, int] = {}
+    for q, (ranking, pos, negs) in enumerate(zip(ranked, positives, negatives)):
+        named = types[q] if types is not None else None
+        if named is not None and len(named) != len(negs):
+            raise InputError(f"query {q}: got {len(named)} negative types for {len(negs)} negatives; expected one "
+                             "each")
+        pos = set(pos)
+        if not pos:
+            continue
+        rank = {cid: r for r, cid in reversed(list(enumerate(ranking)))}  # first occurrence wins
+        best = min((rank[c] for c in pos if c in rank), default=math.inf)
+        for j, neg in enumerate(negs):
+            r = rank.get(neg, math.inf)
+            if best == math.inf and r == math.inf:
+                continue
+            for key in ("all", named[j]) if named is not None else ("all",):
+                pairs[key] = pairs.get(key, 0) + 1
+                wins[key] = wins.get(key, 0) + (r < best)
+    return {key: {"wins": wins[key] / n, "pairs": n} for key, n in pairs.items()}
+
+
 def _pkey(p: float) -> str:
     return f"p{p:g}"  # 50 -> "p50", 99.9 -> "p99.9"
 

@@ -30,6 +30,23 @@ def synthetic_table(res: dict, scope: str = "all") -> list[str]:
     ]
 
 
+def hard_negative_table(res: dict, scope: str = "all") -> list[str]:
+    """Per kind of hard negative: the share of (query, negative) pairs where it outranks the target, per stage."""
+    w, wo = res["with_inspection"][scope], res["without_inspection"][scope]
+    if "hard_negatives" not in w or "hard_negatives" not in wo:
+        return []
+    stages = (w["hard_negatives"]["coarse"], wo["hard_negatives"].get("reranked", {}),
+              w["hard_negatives"].get("reranked", {}))
+    kinds = ["all"] + sorted(k for k in stages[0] if k != "all")
+    rows = ["| hard negative differs in | pairs | coarse | rerank, no inspection | rerank with inspection |",
+            "| --- | ---: | ---: | ---: | ---: |"]
+    for kind in kinds:
+        cells = [f"{_r(s[kind]['wins'])}" if kind in s else "-" for s in stages]
+        rows.append(f"| {'any attribute' if kind == 'all' else kind} | {stages[0][kind]['pairs']} | "
+                    + " | ".join(cells) + " |")
+    return rows
+
+
 # A card that only showed the final run would hide how the method fared: every earlier run, with its validation
 # and test figures and the diagnostics behind each change, is kept in the source tree's docs/TRAINING_LOG.md.
 HISTORY = [
@@ -171,6 +188,11 @@ def write_card(out: Path, record: dict) -> Path:
             w, wo = syn["with_inspection"][task], syn["without_inspection"][task]
             lines.append(f"- {label} ({w['queries']} queries): {_r(w['coarse']['recall@1'])} / "
                          f"{_r(wo['reranked']['recall@1'])} / {_r(w['reranked']['recall@1'])}")
+    table = hard_negative_table(syn)
+    if table:
+        lines += ["", "Which look-alike outranks the target (% of query/hard-negative pairs in which the negative ranks "
+                  "above the target; a pair where neither was retrieved is left out). This is where each stage's "
+                  "errors come from:", "", *table]
     lines += ["", *record.get("verdict", []), ""]
     fl = ev.get("flickr8k")
     if fl:

@@ -42,11 +42,21 @@ def build_index(pack_dir: Path, backend: str, corpus: Path, out: Path):
 
 def _summary(out: dict) -> dict:
     keep = {"queries": out["queries"], "coarse": out["coarse"]}
-    for key in ("reranked", "tokens_per_query", "fallback_rate", "forced_rate"):
+    for key in ("reranked", "tokens_per_query", "fallback_rate", "forced_rate", "hard_negatives"):
         if key in out:
             keep[key] = out[key]
     keep["latency_ms_p50"] = {stage: s["p50"] for stage, s in out["latency_ms"].items()}
     return keep
+
+
+def _merge_wins(parts: list[dict]) -> dict:
+    """Pair-weighted union of `hard_negative_wins` results."""
+    wins, pairs = {}, {}
+    for part in parts:
+        for kind, w in part.items():
+            pairs[kind] = pairs.get(kind, 0) + w["pairs"]
+            wins[kind] = wins.get(kind, 0.0) + w["wins"] * w["pairs"]
+    return {kind: {"wins": wins[kind] / n, "pairs": n} for kind, n in pairs.items()}
 
 
 def combine(parts: list[dict]) -> dict:
@@ -63,6 +73,9 @@ def combine(parts: list[dict]) -> dict:
     for key in ("fallback_rate", "forced_rate"):
         if key in parts[0]:
             out[key] = mean(lambda p: p[key])
+    if all("hard_negatives" in p for p in parts):
+        out["hard_negatives"] = {stage: _merge_wins([p["hard_negatives"].get(stage, {}) for p in parts])
+                                 for stage in parts[0]["hard_negatives"]}
     out["latency_ms_p50"] = {k: mean(lambda p: p["latency_ms_p50"][k]) for k in parts[0]["latency_ms_p50"]}
     return out
 

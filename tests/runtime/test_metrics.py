@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from retrv.runtime.errors import InputError
-from retrv.runtime.metrics import LatencyLog, StageTimer, percentiles, recall_at_k
+from retrv.runtime.metrics import LatencyLog, StageTimer, hard_negative_wins, percentiles, recall_at_k
 
 
 def ranking(first_positive_rank, n=20):
@@ -105,3 +105,28 @@ def test_stage_timer_accumulates_repeated_stages():
     log = LatencyLog()
     log.add(t.timings)
     assert log.summary()["prefill"]["n"] == 1
+
+
+def test_hard_negative_wins_hand_worked():
+    ranked = [["n1", "p", "n2"], ["p", "x"], ["x", "y"]]
+    positives = [{"p"}, {"p"}, {"p"}]
+    negatives = [["n1", "n2"], ["n3"], ["n4"]]
+    types = [["position", "colour"], ["position"], ["shape"]]
+    out = hard_negative_wins(ranked, positives, negatives, types)
+    # q0: n1 beats p, n2 does not; q1: n3 not retrieved, ranks below p; q2: neither retrieved -> no pair.
+    assert out["all"] == {"wins": 1 / 3, "pairs": 3}
+    assert out["position"] == {"wins": 0.5, "pairs": 2}
+    assert out["colour"] == {"wins": 0.0, "pairs": 1}
+    assert "shape" not in out
+    # A retrieved negative beats a positive that was not retrieved.
+    assert hard_negative_wins([["n"]], [{"p"}], [["n"]]) == {"all": {"wins": 1.0, "pairs": 1}}
+    # The best-ranked of several positives is the one compared; queries without negatives add nothing.
+    assert hard_negative_wins([["a", "n", "b"], ["p"]], [{"a", "b"}, {"p"}], [["n"], []])["all"]["wins"] == 0.0
+    assert hard_negative_wins([["x"]], [{"p"}], [["n"]]) == {}
+
+
+def test_hard_negative_wins_refuses_mismatched_lists():
+    with pytest.raises(InputError, match="negatives: got 1 lists for 2 rankings"):
+        hard_negative_wins([["a"], ["b"]], [{"a"}, {"b"}], [["n"]])
+    with pytest.raises(InputError, match="query 0: got 2 negative types for 1 negatives"):
+        hard_negative_wins([["a"]], [{"a"}], [["n"]], [["colour", "shape"]])

@@ -75,6 +75,33 @@ def test_eval_reports_recall_tokens_and_latency(world):
     assert {"p50", "p95"} <= set(out["latency_ms"]["decode"])
 
 
+def test_eval_counts_which_hard_negatives_outrank_the_target(world, tmp_path):
+    from retrv.runtime.metrics import hard_negative_wins
+
+    _, pack_dir, data, index_dir = world
+    rows = [{"qid": f"q{i}", "query_txt": f"picture {i}", "query_img_path": "", "pos_cand_list": [f"c{i}"],
+             "neg_cand_list": [f"c{i + 1}", f"c{i + 2}"], "neg_types": ["colour", "shape"], "task_id": 0}
+            for i in range(4)]
+    write_jsonl(tmp_path / "queries.jsonl", rows)
+    out = _json(["eval", str(index_dir), "--pack", str(pack_dir), "--queries", str(tmp_path / "queries.jsonl"),
+                 "--k", "6", "--think-budget", "8", "--json"])
+    # The oracle: the same coarse rankings from `search`, scored by the metric directly.
+    coarse = []
+    for r in rows:
+        got = _json(["search", str(index_dir), "--pack", str(pack_dir), "--text", r["query_txt"], "--k", "6",
+                     "--no-rerank", "--json"])
+        coarse.append([x["did"] for x in sorted(got["ranked"], key=lambda x: x["coarse_rank"])])
+    expected = hard_negative_wins(coarse, [r["pos_cand_list"] for r in rows], [r["neg_cand_list"] for r in rows],
+                                  [r["neg_types"] for r in rows])
+    assert out["hard_negatives"]["coarse"] == expected and expected["all"]["pairs"] > 0
+    assert set(out["hard_negatives"]["reranked"]) <= {"all", "colour", "shape"}
+
+    rows[1]["neg_types"] = "colour"
+    write_jsonl(tmp_path / "bad.jsonl", rows)
+    assert cli(["eval", str(index_dir), "--pack", str(pack_dir), "--queries", str(tmp_path / "bad.jsonl"),
+                "--k", "6", "--no-rerank"]) == 2
+
+
 def test_ort_and_torch_backends_give_the_same_ranking(world):
     ckpt, pack_dir, data, index_dir = world
     pack = Pack.open(pack_dir)

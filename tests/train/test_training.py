@@ -308,6 +308,19 @@ def test_per_task_results_combine_into_query_weighted_means():
     assert out["tokens_per_query"]["total_tokens"] == pytest.approx(125.0)
 
 
+def test_hard_negative_figures_combine_weighted_by_pairs():
+    from retrv.train.evaluation import combine
+
+    def part(n, wins):
+        return {"queries": n, "coarse": {"recall@1": 0.5}, "latency_ms_p50": {"total": 1.0},
+                "hard_negatives": {"coarse": {"all": {"wins": wins, "pairs": 2 * n}, "shape": {"wins": wins,
+                                                                                              "pairs": n}}}}
+
+    out = combine([part(100, 0.2), part(300, 0.6)])
+    assert out["hard_negatives"]["coarse"]["all"] == {"wins": pytest.approx(0.5), "pairs": 800}
+    assert out["hard_negatives"]["coarse"]["shape"] == {"wins": pytest.approx(0.5), "pairs": 400}
+
+
 def test_shipped_checkpoint_loads_and_says_how_it_was_made():
     from pathlib import Path
 
@@ -419,3 +432,20 @@ def test_card_leads_with_whether_the_reranker_beats_its_coarse_stage():
     assert "R@1 17.2 without inspection, 9.0 with" in " ".join(status(record(0.178, 0.172, 0.09)))
     text = " ".join(status(record(0.18, 0.30, 0.25)))  # reranking helps, inspection does not
     assert "reranking improves on it, but details inspection does not" in text and "does not yet" not in text
+
+
+def test_card_tabulates_which_look_alike_outranks_the_target():
+    from retrv.train.card import hard_negative_table
+
+    def stage(position):
+        return {"all": {"wins": 0.1, "pairs": 40}, "position": {"wins": position, "pairs": 10},
+                "colour": {"wins": 0.0, "pairs": 10}}
+
+    res = {"with_inspection": {"all": {"hard_negatives": {"coarse": stage(0.45), "reranked": stage(0.3)}}},
+           "without_inspection": {"all": {"hard_negatives": {"coarse": stage(0.45), "reranked": stage(0.5)}}}}
+    rows = hard_negative_table(res)
+    assert rows[2] == "| any attribute | 40 | 10.0 | 10.0 | 10.0 |"
+    assert rows[3] == "| colour | 10 | 0.0 | 0.0 | 0.0 |"
+    assert rows[4] == "| position | 10 | 45.0 | 50.0 | 30.0 |"
+    del res["without_inspection"]["all"]["hard_negatives"]
+    assert hard_negative_table(res) == []  # a record from before the figure existed: no table, no error
