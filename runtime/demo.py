@@ -152,6 +152,13 @@ def run_demo(cache_dir: str | None, seed: int, out: TextIO, n_queries: int = DEM
         tokens = r.get("tokens_per_query", {}).get("total_tokens", 0.0)
         print(f"{name:<24}{r[key]['recall@1']:>7.3f}{r[key]['recall@5']:>7.3f}{tokens:>14.1f}"
               f"{r['latency_ms']['total']['p50']:>9.1f}", file=out)
+    kinds = sorted(k for k in runs["coarse stage only"].get("hard_negatives", {}).get("coarse", {}) if k != "all")
+    if kinds:
+        print(f"hard negatives ranked above the target, by what they differ in: {' / '.join(kinds)}", file=out)
+        for name, r in runs.items():
+            wins = r["hard_negatives"]["reranked" if "reranked" in r else "coarse"]
+            print(f"  {name:<22}" + " / ".join(f"{wins[k]['wins']:.2f}" if k in wins else "-" for k in kinds),
+                  file=out)
     stages = runs["rerank + inspection"]["latency_ms"]
     print("per stage p50 (ms): " + ", ".join(f"{s} {v['p50']:.1f}" for s, v in stages.items() if s != "total"),
           file=out)

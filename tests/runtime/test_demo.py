@@ -49,6 +49,12 @@ def test_demo_on_the_shipped_default_prints_what_it_measured(tmp_path):
         assert (r1, r5) == (round(res["recall@1"], 3), round(res["recall@5"], 3))
         assert runs[name]["queries"] == 4
     assert runs["rerank, no inspection"]["tokens_per_query"]["inspected"] == 0
+    header = next(line for line in out.splitlines() if line.startswith("hard negatives ranked above the target"))
+    kinds = header.split(": ")[1].split(" / ")
+    assert kinds == ["colour", "detail", "position", "shape"]  # the demo's scenes name every hard negative's kind
+    line = next(line for line in out.splitlines() if line.startswith("  coarse stage only"))
+    wins = runs["coarse stage only"]["hard_negatives"]["coarse"]
+    assert line.split()[-7::2] == [f"{wins[k]['wins']:.2f}" for k in kinds]
 
     again = _run(["demo", "--cache-dir", str(cache), "--queries", "4"])  # everything cached: same answers
     setup = dict(re.findall(r"(\w+) ([\d.]+)", again.split("setup (s, cached after the first run): ")[1]))
