@@ -23,14 +23,18 @@ COVER = 0.6  # a token is labelled with an object when the object's disc reaches
 MARK = 0.3  # ... and with its fine detail only when the token holds the object's middle, where every mark is drawn
 
 
-def token_labels(scene: Scene, grid: tuple[int, int, int], merge: int = 2) -> np.ndarray:
+def token_labels(scene: Scene, grid: tuple[int, int, int], merge: int = 2, position: bool = False) -> np.ndarray:
     """(tokens, 4) int64 per merged token in raster order: background, colour, shape, detail. Colour and shape have
-    a "no object" class (0); detail is IGNORE except on tokens holding an object's middle (0 = no mark)."""
+    a "no object" class (0); detail is IGNORE except on tokens holding an object's middle (0 = no mark). With
+    `position`, a fifth column names the covering object's position (0: no object), which a token can only know if
+    the tower writes where it sits into its content: Qwen2.5-VL's tower has rotary (relative) positions only."""
     gh, gw = grid[1] // merge, grid[2] // merge
     colours, backgrounds = list(PALETTE), list(BACKGROUNDS)
-    out = np.full((gh * gw, 4), IGNORE, dtype=np.int64)
+    out = np.full((gh * gw, 5 if position else 4), IGNORE, dtype=np.int64)
     out[:, 0] = backgrounds.index(scene.background)
     out[:, 1:3] = 0
+    if position:
+        out[:, 4] = 0
     for r in range(gh):
         for c in range(gw):
             x0, x1, y0, y1 = c / gw, (c + 1) / gw, r / gh, (r + 1) / gh
@@ -46,6 +50,8 @@ def token_labels(scene: Scene, grid: tuple[int, int, int], merge: int = 2) -> np
             if best is not None:
                 _, o, middle = best
                 out[r * gw + c, 1:3] = (1 + colours.index(o.colour), 1 + SHAPES.index(o.shape))
+                if position:
+                    out[r * gw + c, 4] = 1 + list(POSITIONS).index(o.position)
                 if middle:
                     out[r * gw + c, 3] = 0 if o.detail is None else 1 + DETAILS.index(o.detail)
     return out
@@ -58,13 +64,18 @@ DETAIL_WEIGHT = 4.0  # the fine detail is the slowest attribute to learn (a few 
 class VisionProbe(nn.Module):
     """Linear heads over merged vision tokens (training only)."""
 
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, hidden: int, position: bool = False) -> None:
         super().__init__()
-        self.heads = nn.ModuleList([nn.Linear(hidden, len(BACKGROUNDS)), nn.Linear(hidden, 1 + len(PALETTE)),
-                                    nn.Linear(hidden, 1 + len(SHAPES)), nn.Linear(hidden, 1 + len(DETAILS))])
+        heads = [nn.Linear(hidden, len(BACKGROUNDS)), nn.Linear(hidden, 1 + len(PALETTE)),
+                 nn.Linear(hidden, 1 + len(SHAPES)), nn.Linear(hidden, 1 + len(DETAILS))]
+        if position:
+            heads.append(nn.Linear(hidden, 1 + len(POSITIONS)))
+        self.heads = nn.ModuleList(heads)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """tokens (N, H), labels (N, 4) -> the weighted sum of the four heads' cross-entropies."""
-        weights = (1.0, 1.0, 1.0, DETAIL_WEIGHT)
+        """tokens (N, H), labels (N, 4 or 5) -> the weighted sum of the heads' cross-entropies."""
+        if labels.shape[1] != len(self.heads):
+            raise ValueError(f"probe labels: got {labels.shape[1]} columns; expected {len(self.heads)}, one per head")
+        weights = (1.0, 1.0, 1.0, DETAIL_WEIGHT, 1.0)
         return sum(w * F.cross_entropy(head(tokens), labels[:, i], ignore_index=IGNORE)
                    for i, (w, head) in enumerate(zip(weights, self.heads)))

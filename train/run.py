@@ -116,6 +116,8 @@ def reproduce_command(args) -> str:
         out += f" --inspect-order {args.inspect_order}"
     if args.window_block:
         out += f" --window-block {args.window_block}"
+    if args.probe_position:
+        out += " --probe-position"
     changed = {k: v for k, v in args.shares.items() if v != SHARES[k]}
     if changed:
         out += " --shares " + ",".join(f"{k}={v:g}" for k, v in changed.items())
@@ -141,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window-block", type=_non_negative, default=0,
                     help="rank each training query among this many targets' pools (e.g. 200, the test split's "
                          "size) rather than the whole training corpus (0)")
+    ap.add_argument("--probe-position", action="store_true",
+                    help="the vision tower's dense probe also asks each merged token for its object's position")
     for split in ("train", "val", "test"):  # smaller data for smoke runs; the shipped model uses the defaults
         ap.add_argument(f"--n-{split}", type=int, default=getattr(DataSizes, f"n_{split}"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -168,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     sizes, size = DataSizes(args.n_train, args.n_val, args.n_test, args.max_objects), ModelSize()
     schedule = replace(schedule_for(args.minutes, args.shares), inspect_order=args.inspect_order,
-                       window_block=args.window_block)
+                       window_block=args.window_block, probe_position=args.probe_position)
     say(f"work folder {work}; schedule " + ", ".join(f"{k} {v['steps']}" for k, v in schedule.to_dict().items()
                                                        if isinstance(v, dict)))
 

@@ -67,6 +67,7 @@ class Schedule:
     temperature: float = 1.0  # GRPO sampling
     inspect_order: str = "survivors"  # what phase 3 of the CoT inspects (`retrv.train.cot.plan_cot`)
     window_block: int = 0  # rank each training query among this many targets' pools (0: the whole split); see examples
+    probe_position: bool = False  # the dense probe also asks each token for its object's position (see probe)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -146,11 +147,12 @@ class Trainer:
         so the tower learns colours, shapes and details before the LM has to read them."""
         cfg = self.s.vision
         images = Sampler(sorted(self.train.scenes), self.seed + 1)
-        self.probe = VisionProbe(self.model.cfg.text.hidden_size)
+        self.probe = VisionProbe(self.model.cfg.text.hidden_size, self.s.probe_position)
 
         def step(i):
             keys = images.take(cfg.batch)
-            labels = [token_labels(self.train.scenes[k].scene, self.bank.grids[k]) for k in keys]
+            labels = [token_labels(self.train.scenes[k].scene, self.bank.grids[k], position=self.s.probe_position)
+                      for k in keys]
             tokens = torch.cat(self.bank.encode(self.model, keys))
             return {"probe": self.probe(tokens, torch.from_numpy(np.concatenate(labels)))}
 
@@ -166,7 +168,7 @@ class Trainer:
         def step(i):
             qs, negs, keys = self._embed_batch(cfg.embed_batch)
             tokens = dict(zip(keys, self.bank.encode(self.model, keys)))
-            labels = [token_labels(self.train.scenes[k].scene, grids[k]) for k in keys]
+            labels = [token_labels(self.train.scenes[k].scene, grids[k], position=self.s.probe_position) for k in keys]
             labels = torch.from_numpy(np.concatenate(labels))
             captioned = keys[:cfg.batch]
             parts = {"caption": losses.caption_loss(self.sb, [Item(None, tokens[k], grids[k]) for k in captioned],
@@ -179,7 +181,7 @@ class Trainer:
             parts["probe"] = probe(torch.cat([tokens[k] for k in keys]), labels)
             return parts
 
-        probe = getattr(self, "probe", None) or VisionProbe(self.model.cfg.text.hidden_size)
+        probe = getattr(self, "probe", None) or VisionProbe(self.model.cfg.text.hidden_size, self.s.probe_position)
         out = self._loop("pretrain", cfg, list(self.model.parameters()) + list(probe.parameters()), step)
         self.freeze_vision()
         return out

@@ -283,6 +283,20 @@ def test_vision_probe_labels_the_tokens_under_each_object():
     assert (labels[0, :, 1] == 0).all() and (labels[3, :, 1] == 0).all()  # top and bottom rows: no object
     assert set(labels[1:3, 0, 3].ravel()) == {3} and set(labels[1:3, 3, 3].ravel()) == {0}  # ring / no mark
     assert (labels[0, :, 3] == -100).all()  # no detail label away from an object's middle
+    with_pos = token_labels(scene, GRID, position=True).reshape(4, 4, 5)
+    assert (with_pos[..., :4] == labels).all()  # the first four columns do not change
+    assert set(with_pos[1:3, 0, 4].ravel()) == {1} and set(with_pos[1:3, 3, 4].ravel()) == {5}  # left, right
+    assert (with_pos[0, :, 4] == 0).all()  # no object: class 0
+
+
+def test_vision_probe_with_positions_has_a_fifth_head_and_refuses_mismatched_labels():
+    from retrv.train.probe import VisionProbe
+
+    scene = Scene("grey", (SceneObject("circle", "red", "left", "ring"),))
+    tokens = torch.randn(16, 8)
+    assert float(VisionProbe(8, position=True)(tokens, torch.from_numpy(token_labels(scene, GRID, position=True)))) > 0
+    with pytest.raises(ValueError, match="got 4 columns; expected 5"):
+        VisionProbe(8, position=True)(tokens, torch.from_numpy(token_labels(scene, GRID)))
 
 
 def test_schedule_is_a_function_of_the_budget_only():
@@ -370,7 +384,7 @@ def test_shares_and_the_reproducing_command():
         with pytest.raises(ValueError, match="--shares"):
             parse_shares(bad)
     args = argparse.Namespace(minutes=45.0, seed=0, max_objects=2, inspect_order="coarse", window_block=0,
-                              shares=shares)
+                              probe_position=False, shares=shares)
     assert reproduce_command(args) == ("python -m retrv.train.run model/default --minutes 45 --seed 0 --max-objects 2 "
                                        "--inspect-order coarse --shares pretrain=0.25,sft_icm=0.47,grpo=0.05")
     args.window_block = 200
@@ -379,6 +393,8 @@ def test_shares_and_the_reproducing_command():
         main(["unused-out", "--window-block", "-1"])
     assert reproduce_command(args).endswith("--inspect-order coarse --window-block 200 --shares "
                                             "pretrain=0.25,sft_icm=0.47,grpo=0.05")
+    args.probe_position = True
+    assert "--window-block 200 --probe-position --shares" in reproduce_command(args)
 
 
 def test_block_windows_rank_each_training_query_among_its_block_only(tmp_path):
