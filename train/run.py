@@ -148,6 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     for split in ("train", "val", "test"):  # smaller data for smoke runs; the shipped model uses the defaults
         ap.add_argument(f"--n-{split}", type=int, default=getattr(DataSizes, f"n_{split}"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.flickr and not args.skip_eval:  # checked now, not after the training it would otherwise end
+        from retrv.runtime.errors import InputError
+        from retrv.train.flickr8k import read_captions
+
+        try:
+            read_captions(args.flickr)
+        except InputError as e:
+            ap.error(f"--flickr: {e} (--flickr '' skips the photo evaluation)")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     import numpy as np

@@ -465,3 +465,12 @@ def test_card_tabulates_which_look_alike_outranks_the_target():
     assert rows[4] == "| position | 10 | 45.0 | 50.0 | 30.0 |"
     del res["without_inspection"]["all"]["hard_negatives"]
     assert hard_negative_table(res) == []  # a record from before the figure existed: no table, no error
+
+
+def test_a_missing_flickr_folder_is_refused_before_any_training(tmp_path, capsys):
+    from retrv.train.run import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "out"), "--flickr", str(tmp_path / "nowhere")])
+    assert e.value.code == 2
+    assert "--flickr: " in capsys.readouterr().err and not (tmp_path / "out").exists()
