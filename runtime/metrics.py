@@ -84,6 +84,8 @@ def hard_negative_wins(ranked: Sequence[Sequence[str]], positives: Sequence[Iter
         if named is not None and len(named) != len(negs):
             raise InputError(f"query {q}: got {len(named)} negative types for {len(negs)} negatives; expected one "
                              "each")
+        if named is not None and "all" in named:
+            raise InputError(f"query {q}: a negative type is named 'all'; expected another name ('all' is the total)")
         pos = set(pos)
         if not pos:
             continue

@@ -130,3 +130,5 @@ def test_hard_negative_wins_refuses_mismatched_lists():
         hard_negative_wins([["a"], ["b"]], [{"a"}, {"b"}], [["n"]])
     with pytest.raises(InputError, match="query 0: got 2 negative types for 1 negatives"):
         hard_negative_wins([["a"]], [{"a"}], [["n"]], [["colour", "shape"]])
+    with pytest.raises(InputError, match="named 'all'"):
+        hard_negative_wins([["a"]], [{"a"}], [["n"]], [["all"]])
