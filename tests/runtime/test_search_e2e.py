@@ -95,6 +95,12 @@ def test_eval_counts_which_hard_negatives_outrank_the_target(world, tmp_path):
                                   [r["neg_types"] for r in rows])
     assert out["hard_negatives"]["coarse"] == expected and expected["all"]["pairs"] > 0
     assert set(out["hard_negatives"]["reranked"]) <= {"all", "colour", "shape"}
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert cli(["eval", str(index_dir), "--pack", str(pack_dir), "--queries", str(tmp_path / "queries.jsonl"),
+                    "--k", "6", "--no-rerank"]) == 0
+    w = expected["all"]
+    assert f"coarse    hard negatives ranked above the target: all {w['wins']:.2f} ({w['pairs']})" in buf.getvalue()
 
     rows[1]["neg_types"] = "colour"
     write_jsonl(tmp_path / "bad.jsonl", rows)

@@ -474,3 +474,28 @@ def test_a_missing_flickr_folder_is_refused_before_any_training(tmp_path, capsys
         main([str(tmp_path / "out"), "--flickr", str(tmp_path / "nowhere")])
     assert e.value.code == 2
     assert "--flickr: " in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_probe_position_reaches_the_vision_stage(tiny, tmp_path):
+    from dataclasses import replace
+
+    from retrv.runtime.preprocess import ImageProcessorConfig
+    from retrv.train.checkpoint import MAX_PIXELS, MIN_PIXELS
+    from retrv.train.data import ImageBank, load_split
+    from retrv.train.run import schedule_for
+    from retrv.train.stages import StageConfig, Trainer
+    from retrv.train.synth import generate_dataset
+
+    import copy
+
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]  # the vision step trains the tower: keep the shared fixture as is
+    generate_dataset(tmp_path, seed=3, n_train=2, n_val=1, n_test=0, max_objects=1)
+    train, val = load_split(tmp_path, "train"), load_split(tmp_path, "val")
+    bank = ImageBank(ImageProcessorConfig(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS))
+    bank.add_split(train)
+    vision = StageConfig(1, lr=1e-3, batch=2, embed_batch=0, warmup=1)
+    for position, heads in ((False, 4), (True, 5)):
+        schedule = replace(schedule_for(45), vision=vision, probe_position=position)
+        trainer = Trainer(model, tok, train, val, bank, schedule, 0, report=lambda msg: None)
+        trainer.pretrain_vision()  # the probe refuses labels whose column count differs from its heads
+        assert len(trainer.probe.heads) == heads
