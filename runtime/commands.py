@@ -1,4 +1,4 @@
-"""The search-side subcommands: `retrv index build`, `retrv search`, `retrv eval`."""
+"""The search-side subcommands: `retrv index build|add|delete|info`, `retrv search`, `retrv eval`."""
 
 from __future__ import annotations
 
@@ -26,18 +26,57 @@ def _retriever(args):
     return Retriever(pack, index, backend=args.backend, checkpoint=args.checkpoint, provider=args.provider)
 
 
+def _backend_kwargs(args) -> dict:
+    return {"checkpoint": args.checkpoint, "provider": args.provider}
+
+
 def cmd_index_build(args) -> int:
     from retrv.runtime.index import Index
     from retrv.runtime.pack import Pack
-    from retrv.runtime.retriever import CandidateEncoder, Components, open_backend
 
     pack = Pack.open(args.pack)
-    backend = open_backend(pack, args.backend, checkpoint=args.checkpoint, provider=args.provider)
-    index = Index.build(CandidateEncoder(Components(pack, backend)), args.corpus, args.index, m=args.m,
-                        ef_construction=args.ef_construction, ef_search=args.ef_search)
+    index = Index.build(pack, args.corpus, args.index, m=args.m, ef_construction=args.ef_construction,
+                        ef_search=args.ef_search, image_root=args.image_root, backend=args.backend,
+                        **_backend_kwargs(args))
     sizes = index.bytes_per_item()
     print(f"indexed {index.meta.count} candidates into {index.path} "
           f"({sizes['token_cache']:.0f} B/candidate of cached tokens, {sizes['ann']:.0f} B/candidate of HNSW)")
+    return 0
+
+
+def cmd_index_add(args) -> int:
+    from retrv.runtime.corpus import read_candidates
+    from retrv.runtime.index import Index
+    from retrv.runtime.pack import Pack
+
+    pack = Pack.open(args.pack)
+    index = Index.open(args.index, pack=pack, backend=args.backend, **_backend_kwargs(args))
+    cands = read_candidates(args.corpus, image_root=args.image_root)
+    gen = index.add(cands)
+    print(f"added {len(cands)} candidates to {index.path}: generation {gen}, {index.meta.count} live")
+    return 0
+
+
+def cmd_index_delete(args) -> int:
+    from retrv.runtime.index import Index
+
+    index = Index.open(args.index)
+    gen = index.delete(args.ids)
+    print(f"deleted {len(set(args.ids))} candidates from {index.path}: generation {gen}, {index.meta.count} live")
+    return 0
+
+
+def cmd_index_info(args) -> int:
+    from retrv.runtime.index import Index
+
+    info = Index.open(args.index, verify="size" if args.quick else "full").info()
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    b = info.pop("bytes_per_item")
+    for k, v in info.items():
+        print(f"{k:<18} {v}")
+    print(f"{'bytes/candidate':<18} tokens {b['token_cache']:.0f}, HNSW {b['ann']:.0f}, rows {b['rows']:.0f}")
     return 0
 
 
@@ -115,18 +154,43 @@ def _query_flags(p) -> None:
 
 
 def register(sub) -> None:
-    idx = sub.add_parser("index", help="build an index over a corpus")
+    from retrv.runtime.index import DEFAULT_EF_CONSTRUCTION, DEFAULT_EF_SEARCH, DEFAULT_M
+
+    idx = sub.add_parser("index", help="build, change and inspect an index")
     idx_sub = idx.add_subparsers(dest="index_command", required=True, metavar="ACTION")
-    build = idx_sub.add_parser("build", help="PACK CORPUS.jsonl INDEX")
+    build = idx_sub.add_parser("build", help="PACK CORPUS.jsonl INDEX: a new index over a corpus")
     build.add_argument("pack")
     build.add_argument("corpus", help="M-BEIR candidate JSONL")
     build.add_argument("index", help="output index directory (replaced atomically)")
-    build.add_argument("--m", type=positive_int, default=16)
-    build.add_argument("--ef-construction", type=positive_int, default=200)
-    build.add_argument("--ef-search", type=positive_int, default=200,
-                       help="HNSW search breadth; 200 gives recall@10 >= 0.95 on 10k random vectors (bench/index.py)")
+    build.add_argument("--m", type=positive_int, default=DEFAULT_M)
+    build.add_argument("--ef-construction", type=positive_int, default=DEFAULT_EF_CONSTRUCTION)
+    build.add_argument("--ef-search", type=positive_int, default=DEFAULT_EF_SEARCH,
+                       help="HNSW search breadth; 200 gives recall@10 0.92 on 10k random 128-d vectors, the worst "
+                            "case (bench/index.py)")
+    build.add_argument("--image-root", default=None,
+                       help="resolve relative image paths against this folder (default: the JSONL's folder)")
     _backend_flags(build)
     build.set_defaults(func=cmd_index_build)
+
+    add = idx_sub.add_parser("add", help="INDEX CORPUS.jsonl --pack PACK: add candidates (crash-safe)")
+    add.add_argument("index")
+    add.add_argument("corpus", help="M-BEIR candidate JSONL of new candidates")
+    add.add_argument("--pack", required=True, help="the pack the index was built with")
+    add.add_argument("--image-root", default=None,
+                     help="resolve relative image paths against this folder (default: the JSONL's folder)")
+    _backend_flags(add)
+    add.set_defaults(func=cmd_index_add)
+
+    delete = idx_sub.add_parser("delete", help="INDEX --ids DID [DID ...]: delete candidates (crash-safe)")
+    delete.add_argument("index")
+    delete.add_argument("--ids", nargs="+", required=True, metavar="DID")
+    delete.set_defaults(func=cmd_index_delete)
+
+    info = idx_sub.add_parser("info", help="INDEX: verify an index and print its facts")
+    info.add_argument("index")
+    info.add_argument("--quick", action="store_true", help="check sizes only, do not hash the files")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=cmd_index_info)
 
     search = sub.add_parser("search", help="one query: coarse search, then the reasoning rerank")
     search.add_argument("index")

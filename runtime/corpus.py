@@ -8,6 +8,7 @@ absolute. Empty strings and nulls both mean "absent" (M-BEIR uses both).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -43,10 +44,12 @@ def _absent(value) -> bool:
 
 
 def _resolve(base: Path, value) -> str | None:
+    """An image path, absolute: relative paths are taken against `base` (stored absolute in an index, so the index
+    does not depend on the directory it is used from)."""
     if _absent(value):
         return None
     p = Path(value)
-    return str(p if p.is_absolute() else (base / p))
+    return os.path.abspath(p if p.is_absolute() else (base / p))
 
 
 def _modality(txt, img) -> str:
@@ -70,29 +73,62 @@ def _rows(path: str | Path) -> Iterator[tuple[int, dict]]:
             yield n, row
 
 
-def read_candidates(path: str | Path) -> list[Candidate]:
-    """Read a candidate pool. Every row needs a `did` and at least one of `txt`/`img_path`; dids are unique."""
-    base = Path(path).parent
+def _candidate(row: dict, where: str, base: Path) -> Candidate:
+    did = row.get("did")
+    if _absent(did):
+        raise InputError(f"{where}: missing 'did'; expected a candidate id")
+    did = str(did)
+    txt, img = (None if _absent(row.get("txt")) else str(row["txt"])), _resolve(base, row.get("img_path"))
+    if txt is None and img is None:
+        raise InputError(f"{where}: candidate {did!r} has neither 'txt' nor 'img_path'; expected at least one")
+    return Candidate(did=did, txt=txt, img_path=img, modality=row.get("modality") or _modality(txt, img))
+
+
+def _unique(cands: list[Candidate], where: str) -> list[Candidate]:
+    seen: set[str] = set()
+    for c in cands:
+        if c.did in seen:
+            raise InputError(f"{where}: duplicate did {c.did!r}; expected unique candidate ids")
+        seen.add(c.did)
+    return cands
+
+
+def read_candidates(path: str | Path, image_root: str | Path | None = None) -> list[Candidate]:
+    """Read a candidate pool. Every row needs a `did` and at least one of `txt`/`img_path`; dids are unique.
+    Image paths are relative to the JSONL file's folder, or to `image_root` when given; returned absolute."""
+    base = Path(os.path.abspath(image_root if image_root is not None else Path(path).parent))
     out, seen = [], set()
     for n, row in _rows(path):
-        did = row.get("did")
-        if _absent(did):
-            raise InputError(f"{path}:{n}: missing 'did'; expected a candidate id")
-        did = str(did)
-        if did in seen:
-            raise InputError(f"{path}:{n}: duplicate did {did!r}; expected unique candidate ids")
-        seen.add(did)
-        txt, img = (None if _absent(row.get("txt")) else str(row["txt"])), _resolve(base, row.get("img_path"))
-        if txt is None and img is None:
-            raise InputError(f"{path}:{n}: candidate {did!r} has neither 'txt' nor 'img_path'; expected at least one")
-        out.append(Candidate(did=did, txt=txt, img_path=img, modality=row.get("modality") or _modality(txt, img)))
+        c = _candidate(row, f"{path}:{n}", base)
+        if c.did in seen:
+            raise InputError(f"{path}:{n}: duplicate did {c.did!r}; expected unique candidate ids")
+        seen.add(c.did)
+        out.append(c)
     if not out:
         raise InputError(f"{path}: no candidates; expected at least one JSONL row")
     return out
 
 
-def read_queries(path: str | Path) -> list[Query]:
-    base = Path(path).parent
+def candidates_from_rows(rows, base: str | Path | None = None) -> list[Candidate]:
+    """Candidates given in Python: M-BEIR candidate rows (dicts) or `Candidate`s. Relative image paths are
+    relative to `base` (default: the current directory) and come back absolute."""
+    if isinstance(rows, (str, bytes, dict)) or not hasattr(rows, "__iter__"):
+        raise InputError(f"rows: got {type(rows).__name__}; expected a list of candidate rows (dicts)")
+    root = Path(os.path.abspath(base if base is not None else os.getcwd()))
+    out = []
+    for i, row in enumerate(rows):
+        if isinstance(row, Candidate):
+            img = row.img_path and str(root / row.img_path)  # an absolute img_path stays as it is
+            out.append(Candidate(row.did, row.txt, img, row.modality))
+        elif isinstance(row, dict):
+            out.append(_candidate(row, f"rows[{i}]", root))
+        else:
+            raise InputError(f"rows[{i}]: got {type(row).__name__}; expected a candidate row (dict) or Candidate")
+    return _unique(out, "rows")
+
+
+def read_queries(path: str | Path, image_root: str | Path | None = None) -> list[Query]:
+    base = Path(os.path.abspath(image_root if image_root is not None else Path(path).parent))
     out = []
     known = {"qid", "query_txt", "query_img_path", "query_modality", "pos_cand_list", "neg_cand_list", "task_id"}
     for n, row in _rows(path):

@@ -111,7 +111,9 @@ def run_demo(cache_dir: str | None, seed: int, out: TextIO, n_queries: int = DEM
     pack = Pack.open(root / "pack-int8")
     backend = open_backend(pack, "ort", cache_dir=root / "ort-cache")
     t0 = clock()
-    index_dir = root / f"index-seed{seed}-{scenes}"
+    from retrv.runtime.index import INDEX_FORMAT_VERSION
+
+    index_dir = root / f"index-v{INDEX_FORMAT_VERSION}-seed{seed}-{scenes}"  # an older layout is rebuilt, not refused
     if not (index_dir / "index.json").is_file():
         Index.build(CandidateEncoder(Components(pack, backend)), data / "corpus_test.jsonl", index_dir)
     setup["index"] = clock() - t0

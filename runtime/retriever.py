@@ -206,15 +206,16 @@ class Retriever:
         vector = self.c.embedder.embed([EmbedItem(text, q_tokens, q_grid, image=image)], "query")
         timings["embed"] = (clock() - t0) * 1e3
         t0 = clock()
-        labels, scores = self.index.search(vector, k)
+        snap = self.index.snapshot()  # one generation for the whole query: labels, rows and tokens agree
+        labels, scores = snap.search(vector, k)
         labels, scores = labels[0].tolist(), scores[0].tolist()
         timings["search"] = (clock() - t0) * 1e3
-        ranked = [{"did": self.index.row(lab)["did"], "score": float(s), "coarse_rank": i}
+        ranked = [{"did": snap.row(lab)["did"], "score": float(s), "coarse_rank": i}
                   for i, (lab, s) in enumerate(zip(labels, scores))]
         result = SearchResult(ranked=ranked, answer=None, rerank=None, timings_ms=timings)
         if rerank and labels:
             t0 = clock()
-            cands = [self._candidate(lab, s) for lab, s in zip(labels, scores)]
+            cands = [self._candidate(snap, lab, s) for lab, s in zip(labels, scores)]
             timings["cache"] = (clock() - t0) * 1e3
             r = self.reranker.rerank(QueryInput(text, q_tokens, q_grid, image=image), cands, budget or Budget(),
                                      window, stride)
@@ -225,8 +226,9 @@ class Retriever:
         timings["total"] = (clock() - t_start) * 1e3
         return result
 
-    def _candidate(self, label: int, score: float) -> CandidateInput:
-        row, cache = self.index.row(label), self.index.cache
+    @staticmethod
+    def _candidate(snap, label: int, score: float) -> CandidateInput:
+        row, cache = snap.row(label), snap.cache
         tokens = cache.tokens(label)
         return CandidateInput(
             did=row["did"], text=row.get("txt") or None,

@@ -152,15 +152,16 @@ def _hash_prefix(path: Path, nbytes: int) -> Any:
     return h
 
 
-def _read_meta(root: Path) -> dict:
-    """Parse and check cache.json; returns it with `t_con_dtype` and `layout` added. Touches no data file."""
-    path = root / CACHE_JSON
+def _read_meta(root: Path, meta_path: Path | None = None) -> dict:
+    """Parse and check cache.json (`root/cache.json`, or `meta_path` where the description lives outside the data
+    folder, as in an index generation); returns it with `t_con_dtype` and `layout` added. Touches no data file."""
+    path = root / CACHE_JSON if meta_path is None else Path(meta_path)
     try:
         st = os.stat(path)
     except FileNotFoundError:
         raise _fail(f"{path}: file not found; expected the token cache description") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise _fail(f"{path}: not a regular file; expected the token cache description")
+    if not stat.S_ISREG(os.lstat(path).st_mode):
+        raise _fail(f"{path}: not a regular file (or a symlink); expected the token cache description")
     if st.st_size > MAX_CACHE_JSON_BYTES:
         raise _fail(f"{path}: {st.st_size} bytes; expected at most {MAX_CACHE_JSON_BYTES}")
     try:
@@ -243,31 +244,35 @@ def _data_file(root: Path, name: str, recorded: int) -> Path:
 class TokenCache:
     """An opened, verified token cache; build it with `TokenCache.open`. Read-only and memory-mapped."""
 
-    def __init__(self, root: Path, meta: dict, arrays: dict[str, np.ndarray], lengths: np.ndarray):
+    def __init__(self, root: Path, meta: dict, arrays: dict[str, np.ndarray], lengths: np.ndarray,
+                 meta_path: Path | None = None):
         self._root, self._meta = root, meta
+        self._meta_path = root / CACHE_JSON if meta_path is None else Path(meta_path)
         self._q = arrays["tokens.i8"]  # (total_tokens, H) int8, memory-mapped
         self._scales = arrays["scales.f32"]  # (total_tokens,)
         self._grids = arrays["grids.i64"]  # (count, 3)
         self._t_con = next((a for n, a in arrays.items() if n.startswith("t_con.")), None)  # (count, H)
         self._lengths = lengths
         self._offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # (count + 1,)
-        self._nbytes = sum(e["bytes"] for e in meta["files"].values()) + os.path.getsize(root / CACHE_JSON)
+        self._nbytes = sum(e["bytes"] for e in meta["files"].values()) + os.path.getsize(self._meta_path)
 
     @classmethod
-    def open(cls, directory: str | os.PathLike, verify: str = "full") -> TokenCache:
+    def open(cls, directory: str | os.PathLike, verify: str = "full", meta_path: str | os.PathLike | None = None
+             ) -> TokenCache:
         """Check cache.json and the data files, then memory-map them; or raise `CacheFileError` naming the file.
 
         `verify="full"` also hashes the prefix of every data file that cache.json covers (reads the whole cache
         once, seconds per GB); `verify="size"` checks only sizes: instant, catches truncation and missing files,
         not a modification that keeps the size. Either way a file may be longer than recorded (an interrupted
-        append); the tail is ignored.
+        append); the tail is ignored. `meta_path`: read the description from there instead of `cache.json` in
+        the directory (an index keeps one description per generation over shared, append-only data files).
         """
         if verify not in VERIFY_MODES:
             raise InputError(f"verify: got {verify!r}; expected one of {list(VERIFY_MODES)}")
         root = Path(directory)
         if not root.is_dir():
             raise _fail(f"{root}: token cache directory not found; expected a directory with {CACHE_JSON}")
-        meta = _read_meta(root)
+        meta = _read_meta(root, None if meta_path is None else Path(meta_path))
         paths = {name: _data_file(root, name, meta["files"][name]["bytes"]) for name in meta["layout"]}
         if verify == "full":
             for name, path in paths.items():
@@ -289,7 +294,7 @@ class TokenCache:
             raise _fail(f"{paths['lengths.i64']}: lengths sum to {int(lengths.sum())} (min {lengths.min()}); "
                         f"expected non-negative lengths summing to total_tokens {meta['total_tokens']}")
         lengths.flags.writeable = False
-        return cls(root, meta, arrays, lengths)
+        return cls(root, meta, arrays, lengths, None if meta_path is None else Path(meta_path))
 
     @property
     def path(self) -> Path:
@@ -365,10 +370,19 @@ class TokenCache:
             raise InputError(f"candidate index {bad}: out of range; expected 0 <= i < {self.count}")
         return np.asarray(self._t_con[idx.astype(np.int64)], dtype=np.float32).reshape(-1, self.hidden)
 
-    def appender(self) -> "TokenCacheWriter":
+    @property
+    def files(self) -> dict[str, dict]:
+        """{data file name: {"bytes", "sha256"}}: the prefix of each data file this cache covers."""
+        return {n: dict(e) for n, e in self._meta["files"].items()}
+
+    @property
+    def meta_path(self) -> Path:
+        return self._meta_path
+
+    def appender(self, meta_out: str | os.PathLike | None = None) -> "TokenCacheWriter":
         """A writer appending to this cache in place (see `TokenCacheWriter.extend`). This object keeps seeing
         the candidates it was opened with; reopen after `close()` to see the new ones."""
-        return TokenCacheWriter.extend(self._root)
+        return TokenCacheWriter.extend(self._root, meta_in=self._meta_path, meta_out=meta_out)
 
     def __repr__(self) -> str:
         return (f"TokenCache({str(self._root)!r}, count={self.count}, hidden={self.hidden}, "

@@ -51,16 +51,21 @@ class TokenCacheWriter:
         self._setup(final, root, int(hidden), t_con_dtype if has_t_con else None, 0, 0, {}, mode="new")
 
     @classmethod
-    def extend(cls, directory: str | os.PathLike) -> TokenCacheWriter:
+    def extend(cls, directory: str | os.PathLike, meta_in: str | os.PathLike | None = None,
+               meta_out: str | os.PathLike | None = None) -> TokenCacheWriter:
         """Open an existing cache for appending (see the module docstring for the crash-safety argument).
-        Always hashes the existing data once, to continue its sha256 and to refuse a modified cache."""
+        Always hashes the existing data once, to continue its sha256 and to refuse a modified cache.
+
+        `meta_in` / `meta_out`: where the description is read from and written to on `close()` (default
+        `cache.json` in the directory). An index gives each generation its own description: the old one keeps
+        describing a valid prefix of the data files until the new generation is committed."""
         self = cls.__new__(cls)
         root = Path(directory)
         if not root.is_dir():
             raise _fail(f"{root}: token cache directory not found; expected a directory with {CACHE_JSON}")
         self._lock_fd = _lock(root)
         try:
-            meta = _read_meta(root)
+            meta = _read_meta(root, None if meta_in is None else Path(meta_in))
             hashes = {}
             for name in meta["layout"]:
                 recorded = meta["files"][name]
@@ -76,6 +81,8 @@ class TokenCacheWriter:
             self._dir_cm = None
             self._setup(root, root, meta["hidden"], meta["t_con_dtype"], meta["count"], meta["total_tokens"],
                         hashes, mode="extend", extra=meta.get("extra"))
+            if meta_out is not None:
+                self._meta_out = Path(meta_out)
         except BaseException:
             self._release_lock()
             raise
@@ -84,6 +91,7 @@ class TokenCacheWriter:
     def _setup(self, final: Path, root: Path, hidden: int, t_con_dtype: str | None, count: int, total: int,
                hashes: dict, mode: str, extra: dict | None = None) -> None:
         self._final, self._root = final, root
+        self._meta_out = root / CACHE_JSON
         self._hidden, self._t_con_dtype = hidden, t_con_dtype
         self._count, self._total = count, total
         self._extra = extra or {}
@@ -210,7 +218,7 @@ class TokenCacheWriter:
                 "files": {n: {"bytes": self._size[n], "sha256": self._hash[n].hexdigest()} for n in self._layout},
                 "extra": self._extra,
             }
-            atomic_write_json(self._root / CACHE_JSON, meta)
+            atomic_write_json(self._meta_out, meta)
         except BaseException as e:
             self._abort(e)
             raise

@@ -19,7 +19,7 @@ from retrv.runtime.cli import main as cli
 from retrv.runtime.corpus import Candidate, write_jsonl
 from retrv.runtime.demo import synthetic_image
 from retrv.runtime.embedding import EmbedItem
-from retrv.runtime.errors import IndexFileError
+from retrv.runtime.errors import IndexFileError, RetrvError
 from retrv.runtime.index import Index
 from retrv.runtime.pack import Pack
 from retrv.runtime.retriever import CandidateEncoder, Components, Retriever, open_backend
@@ -131,7 +131,9 @@ def test_index_built_with_another_pack_is_refused(world, tmp_path):
 
 def test_truncated_or_tampered_index_is_refused(world, tmp_path):
     _, _, _, index_dir = world
-    for victim, how in (("ann/hnsw.bin", "truncate"), ("cache/tokens.i8", "flip"), ("candidates.jsonl", "truncate")):
+    for victim, how in (("g000001/ann/hnsw.bin", "truncate"), ("cache/tokens.i8", "flip"),
+                        ("g000001/candidates.jsonl", "truncate"), ("g000001/candidates.jsonl", "flip"),
+                        ("g000001/cache.json", "flip"), ("index.json", "truncate")):
         bad = tmp_path / f"bad-{how}-{victim.replace('/', '_')}"
         shutil.copytree(index_dir, bad)
         data = bytearray((bad / victim).read_bytes())
@@ -140,9 +142,9 @@ def test_truncated_or_tampered_index_is_refused(world, tmp_path):
         else:
             data[len(data) // 3] ^= 0x55
         (bad / victim).write_bytes(bytes(data))
-        with pytest.raises(Exception) as e:
+        with pytest.raises(RetrvError) as e:
             Index.open(bad)
-        assert "\n" not in str(e.value) and e.type.__name__.endswith("Error")
+        assert "\n" not in str(e.value) and str(bad) in str(e.value)
 
 
 def test_add_and_delete_without_rebuild_and_search_while_adding(world, tmp_path):
@@ -170,8 +172,8 @@ def test_add_and_delete_without_rebuild_and_search_while_adding(world, tmp_path)
     threads = [threading.Thread(target=searcher) for _ in range(4)]
     for t in threads:
         t.start()
-    index.add(encoder, new[:3])
-    index.add(encoder, new[3:])
+    index.add(new[:3], encoder=encoder)
+    index.add(new[3:], encoder=encoder)
     for t in threads:
         t.join()
     assert not errors
