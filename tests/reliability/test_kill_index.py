@@ -1,0 +1,119 @@
+"""kill -9 during `Index.build` / `add` / `delete`, at many moments: the old or a newer complete index opens, never
+neither, and the next write cleans up and succeeds.
+
+The worker (index_worker.py) runs a sequence of operations whose every intermediate state is known; after the kill
+the index must be exactly one of those states. Kill moments are spread evenly over the operations phase of an
+uninterrupted run (measured first), so they land in encoding, the token-cache append, the ANN and rows writes, the
+fsyncs and the commit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from retrv.runtime.errors import IndexFileError
+from retrv.runtime.index import Index
+
+from index_worker import FakeEncoder, rows
+
+WORKER = Path(__file__).with_name("index_worker.py")
+BASE = 30  # candidates in the index before the killed operation
+
+
+def _states(cmd: str, n: int, batch: int) -> list[set[str]]:
+    base = {f"b{i}" for i in range(BASE)}
+    if cmd == "build":
+        return [{f"b{i}" for i in range(n)}]
+    out = [set(base)]
+    for lo in range(0, n, batch):
+        if cmd == "add":
+            out.append(out[-1] | {f"a{i}" for i in range(lo, min(lo + batch, n))})
+        else:
+            out.append(out[-1] - {f"b{i}" for i in range(lo, min(lo + batch, n))})
+    return out
+
+
+def _run(args: list[str], kill_after: float | None) -> tuple[float, bool]:
+    """Start the worker; after 'ready', kill it `kill_after` seconds later (None: let it finish). Returns the
+    operations phase's duration and whether it was killed before finishing."""
+    p = subprocess.Popen([sys.executable, str(WORKER), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    assert p.stdout.readline().strip() == "ready"
+    t0 = time.perf_counter()
+    if kill_after is None:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+        return time.perf_counter() - t0, False
+    try:
+        p.wait(timeout=kill_after)
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=60)
+    return time.perf_counter() - t0, p.returncode == -signal.SIGKILL
+
+
+def _fresh(tmp: Path, cmd: str) -> Path:
+    path = tmp / "ix"
+    if cmd != "build":
+        Index.build(FakeEncoder(), rows("b", 0, BASE), path)
+    return path
+
+
+def kill_campaign(tmp: Path, cmd: str, moments: int, n: int = 24, batch: int = 4) -> dict:
+    args = [n] if cmd == "build" else [0, n, batch]
+    states = _states(cmd, n, batch)
+    probe = tmp / "probe"
+    probe.mkdir()
+    duration, _ = _run([cmd, str(_fresh(probe, cmd)), *map(str, args)], None)
+    counts = {"moments": 0, "killed": 0, "old": 0, "new": 0, "intermediate": 0, "neither": 0}
+    for i in range(moments):
+        work = tmp / f"m{i}"
+        work.mkdir()
+        path = _fresh(work, cmd)
+        if cmd == "build":  # rebuild over an existing index: the old one must survive a kill
+            Index.build(FakeEncoder(), rows("b", 0, BASE), path)
+            states = [{f"b{i}" for i in range(BASE)}, {f"b{i}" for i in range(n)}]
+        _, killed = _run([cmd, str(path), *map(str, args)], duration * (i + 0.5) / moments)
+        counts["moments"] += 1
+        counts["killed"] += killed
+        try:
+            live = Index.open(path).snapshot().live_dids()
+        except IndexFileError as e:
+            counts["neither"] += 1
+            pytest.fail(f"{cmd} killed at {i}/{moments}: the index no longer opens: {e}")
+        if live not in states:
+            counts["neither"] += 1
+            pytest.fail(f"{cmd} killed at {i}/{moments}: {len(live)} live candidates match no state the "
+                        f"operation passes through")
+        j = states.index(live)
+        counts["old" if j == 0 else "new" if j == len(states) - 1 else "intermediate"] += 1
+        # the next write finds the leftovers, removes them and succeeds; the result reopens
+        index = Index.open(path)
+        index.add([{"did": "after-kill", "txt": "x"}], encoder=FakeEncoder())
+        reopened = Index.open(path)
+        assert reopened.snapshot().live_dids() == live | {"after-kill"}
+        gens = sorted(p.name for p in path.iterdir() if p.name.startswith("g"))
+        assert len(gens) <= 2 and not [p for p in path.iterdir() if p.name.endswith((".tmp", ".tmpdir"))]
+    return counts
+
+
+@pytest.mark.parametrize("cmd", ["add", "delete", "build"])
+def test_kill_during_index_writes_leaves_old_or_new(tmp_path, cmd):
+    counts = kill_campaign(tmp_path, cmd, moments=20 if cmd != "build" else 12)
+    assert counts["neither"] == 0
+    assert counts["killed"] >= counts["moments"] // 2  # the moments really fell inside the run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cmd", ["add", "delete", "build"])
+def test_kill_during_index_writes_many_moments(tmp_path, cmd):
+    counts = kill_campaign(tmp_path, cmd, moments=100, n=60, batch=5)
+    print(cmd, counts)
+    assert counts["neither"] == 0
