@@ -329,6 +329,7 @@ class Index:
         self._pack, self._backend_name, self._backend_kwargs = pack, backend, backend_kwargs or {}
         self._encoder = None
         self._refresh_lock = threading.Lock()
+        self._refused_stamp: tuple = ()
 
     # -- open -------------------------------------------------------------------------------------------------------
     @classmethod
@@ -380,8 +381,15 @@ class Index:
     # -- the committed state ----------------------------------------------------------------------------------------
     def snapshot(self) -> IndexSnapshot:
         """The current generation (after picking up another process's commit, if auto_refresh)."""
-        if self._auto_refresh and _stamp(self.path / INDEX_JSON) != self._head.stamp:
-            self.refresh()
+        stamp = _stamp(self.path / INDEX_JSON)
+        if self._auto_refresh and stamp != self._head.stamp and stamp != self._refused_stamp:
+            try:
+                self.refresh()
+            except IndexFileError as e:
+                # Keep serving the last good generation; `refresh()` raises for whoever asks explicitly.
+                log.warning("%s: keeping generation %d; the committed one is refused: %s", self.path,
+                            self._snap.generation, e)
+                self._refused_stamp = stamp
         return self._snap
 
     def refresh(self) -> bool:

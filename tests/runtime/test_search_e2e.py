@@ -255,3 +255,25 @@ def test_tool_results_are_encoded_by_the_real_vision_graph(plain_world):
     assert w.tool_calls[0]["ok"] and "Here is the cropped image." in w.text
     assert len(calls) == 2  # the query image, then the crop
     assert [r["coarse_rank"] for r in res.ranked][:2] == [1, 0]
+
+
+def test_cli_index_add_with_image_root_then_search_finds_it(world, tmp_path):
+    _, pack_dir, data, index_dir = world
+    work = tmp_path / "idx"
+    shutil.copytree(index_dir, work)
+    elsewhere = tmp_path / "lists"
+    elsewhere.mkdir()
+    write_jsonl(elsewhere / "new.jsonl", [{"did": "new3", "txt": "picture 3 again", "img_path": "3.png"}])
+    assert cli(["index", "add", str(work), str(elsewhere / "new.jsonl"), "--pack", str(pack_dir)]) == 2  # not there
+    assert cli(["index", "add", str(work), str(elsewhere / "new.jsonl"), "--pack", str(pack_dir),
+                "--image-root", str(data)]) == 0
+    pack = Pack.open(pack_dir)
+    index = Index.open(work, pack=pack)
+    assert index.generation == 2 and index.rows[-1]["img_path"] == str(data / "3.png")
+    # the same candidate added through the Python API with the pack's own encoder gets the same vector
+    index.add([{"did": "new3b", "txt": "picture 3 again", "img_path": str(data / "3.png")}])
+    snap = index.snapshot()
+    a, b = snap.label("new3"), snap.label("new3b")
+    np.testing.assert_array_equal(snap.cache.tokens(a), snap.cache.tokens(b))
+    vec = np.asarray(snap.ann._index.get_items([a, b]))
+    np.testing.assert_allclose(vec[0], vec[1], atol=1e-6)

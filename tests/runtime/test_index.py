@@ -1,0 +1,185 @@
+"""runtime/index.py as a unit, with a fake encoder (no model): generations, integrity, refusal, refresh, cleanup."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrv.runtime.cli import main as cli
+from retrv.runtime.errors import IndexFileError, InputError, RetrvError
+from retrv.runtime.index import INDEX_JSON, Index
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "reliability"))
+from index_worker import FakeEncoder, rows, vector  # noqa: E402
+
+
+@pytest.fixture()
+def ix(tmp_path) -> Path:
+    Index.build(FakeEncoder(), rows("b", 0, 12), tmp_path / "ix")
+    return tmp_path / "ix"
+
+
+def _copy(ix: Path, tmp_path: Path, name: str) -> Path:
+    dst = tmp_path / name
+    shutil.copytree(ix, dst, symlinks=True)
+    return dst
+
+
+def test_build_add_delete_make_generations_and_keep_labels(ix):
+    index = Index.open(ix)
+    assert index.generation == 1 and index.meta.count == 12
+    assert index.add(rows("a", 0, 3), encoder=FakeEncoder()) == 2
+    assert index.delete(["b0", "a1"]) == 3
+    re = Index.open(ix)
+    assert re.generation == 3 and re.meta.count == 13
+    snap = re.snapshot()
+    assert snap.live_dids() == {f"b{i}" for i in range(1, 12)} | {"a0", "a2"}
+    # labels are positions: a deleted row keeps its place, an added row comes after
+    assert [r["did"] for r in snap.rows][12:] == ["a0", "a1", "a2"] and snap.rows[0]["deleted"]
+    labels, _ = snap.search(vector("a2")[None], 1)
+    assert snap.row(labels[0, 0])["did"] == "a2"
+    assert snap.cache.tokens(12).shape == (4, 8)  # a0 has an image: its 4 cached tokens are in the appended cache
+    assert sorted(p.name for p in ix.iterdir() if p.name.startswith("g")) == ["g000002", "g000003"]
+
+
+def test_add_and_delete_are_all_or_nothing(ix):
+    index = Index.open(ix)
+    with pytest.raises(InputError, match="'b3' is already in the index"):
+        index.add(rows("a", 0, 2) + rows("b", 3, 1), encoder=FakeEncoder())
+    with pytest.raises(InputError, match="'nope' is not in the index"):
+        index.delete(["b0", "nope"])
+    with pytest.raises(InputError, match="duplicate did 'a0'"):
+        index.add(rows("a", 0, 1) * 2, encoder=FakeEncoder())
+    with pytest.raises(InputError, match="expected a list of did strings"):
+        index.delete("b0")
+    assert Index.open(ix).generation == 1 and Index.open(ix).snapshot().live_dids() == {f"b{i}" for i in range(12)}
+
+
+def test_a_deleted_did_can_be_added_again(ix):
+    index = Index.open(ix)
+    index.delete(["b4"])
+    index.add([{"did": "b4", "txt": "back"}], encoder=FakeEncoder())
+    snap = Index.open(ix).snapshot()
+    assert "b4" in snap.live_dids() and [r["did"] for r in snap.rows].count("b4") == 2
+    assert snap.row(snap.label("b4"))["txt"] == "back"
+
+
+def test_another_objects_commit_is_picked_up(ix):
+    reader, writer = Index.open(ix), Index.open(ix)
+    writer.add(rows("a", 0, 2), encoder=FakeEncoder())
+    assert "a1" in reader.snapshot().live_dids()  # auto refresh on the next search/snapshot
+    frozen = Index.open(ix, auto_refresh=False)
+    writer.delete(["a1"])
+    assert "a1" in frozen.snapshot().live_dids()
+    assert frozen.refresh() is True and "a1" not in frozen.snapshot().live_dids()
+    assert frozen.refresh() is False
+
+
+@pytest.mark.parametrize("victim, how", [
+    ("g000001/candidates.jsonl", "edit-id"), ("g000001/candidates.jsonl", "swap-rows"),
+    ("g000001/candidates.jsonl", "duplicate-row"), ("g000001/cache.json", "flip"), ("g000001/ann/ann.json", "flip"),
+    ("g000001/ann/hnsw.bin", "truncate"), ("cache/tokens.i8", "flip"), ("cache/t_con.f16", "truncate"),
+    (INDEX_JSON, "flip"), (INDEX_JSON, "truncate"),
+])
+def test_any_modified_file_is_refused(ix, tmp_path, victim, how):
+    bad = _copy(ix, tmp_path, "bad")
+    p = bad / victim
+    data = p.read_bytes()
+    if how == "edit-id":
+        data = data.replace(b'"b1"', b'"b9"', 1)
+    elif how == "swap-rows":
+        lines = data.splitlines(keepends=True)
+        data = b"".join([lines[1], lines[0], *lines[2:]])
+    elif how == "duplicate-row":
+        lines = data.splitlines(keepends=True)
+        data = b"".join([lines[0], lines[0], *lines[2:]])
+    elif how == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        b = bytearray(data)
+        b[len(b) // 3] ^= 0x01
+        data = bytes(b)
+    p.write_bytes(data)
+    with pytest.raises(RetrvError) as e:
+        Index.open(bad)
+    assert "\n" not in str(e.value) and str(bad) in str(e.value)
+
+
+@pytest.mark.parametrize("victim", ["g000001/candidates.jsonl", "cache/tokens.i8", "cache", "g000001"])
+def test_symlinks_inside_the_index_are_refused(ix, tmp_path, victim):
+    bad = _copy(ix, tmp_path, "bad")
+    outside = tmp_path / "outside"
+    (shutil.copytree if (bad / victim).is_dir() else shutil.copy2)(bad / victim, outside)
+    (shutil.rmtree if (bad / victim).is_dir() else os.unlink)(bad / victim)
+    os.symlink(outside, bad / victim)
+    with pytest.raises(IndexFileError, match="symlink"):
+        Index.open(bad)
+
+
+def test_older_and_newer_formats_are_refused_with_what_to_do(ix, tmp_path):
+    for version, hint in ((1, "rebuild it"), (99, "upgrade retrv-edge")):
+        bad = _copy(ix, tmp_path, f"v{version}")
+        d = json.loads((bad / INDEX_JSON).read_text())
+        (bad / INDEX_JSON).write_text(json.dumps({**d, "format_version": version}))
+        with pytest.raises(IndexFileError, match=hint):
+            Index.open(bad)
+
+
+def test_the_next_write_removes_what_a_killed_writer_left(ix):
+    (ix / "g000007").mkdir()  # an uncommitted generation
+    (ix / "g000007" / "candidates.jsonl").write_text("{}")
+    (ix / f".{INDEX_JSON}.abcdef.tmp").write_text("{")  # an index.json that was never renamed
+    with open(ix / "cache" / "tokens.i8", "ab") as f:  # token-cache bytes past the committed prefix
+        f.write(b"\x01" * 100)
+    index = Index.open(ix)  # leftovers do not stop a reader
+    index.add(rows("a", 0, 1), encoder=FakeEncoder())
+    assert not (ix / "g000007").exists() and not (ix / f".{INDEX_JSON}.abcdef.tmp").exists()
+    re = Index.open(ix)
+    assert re.snapshot().live_dids() == {f"b{i}" for i in range(12)} | {"a0"}
+    assert os.path.getsize(ix / "cache" / "tokens.i8") == re.cache.files["tokens.i8"]["bytes"]
+
+
+def test_a_reader_keeps_its_generation_when_the_next_one_is_broken(ix):
+    reader = Index.open(ix)
+    Index.open(ix).add(rows("a", 0, 1), encoder=FakeEncoder())
+    p = ix / "g000002" / "candidates.jsonl"
+    p.write_bytes(p.read_bytes().replace(b'"a0"', b'"z0"'))
+    assert reader.snapshot().generation == 1  # searches go on with the last good generation
+    with pytest.raises(IndexFileError, match="sha256"):
+        reader.refresh()  # an explicit refresh says why
+
+
+def test_search_result_rows_come_from_the_snapshot_searched(ix):
+    index = Index.open(ix)
+    snap = index.snapshot()
+    index.delete([f"b{i}" for i in range(12) if i != 5])
+    labels, _ = snap.search(np.stack([vector(f"b{i}") for i in range(12)]), 3)
+    assert labels.shape == (12, 3)  # the old snapshot still answers from its own generation
+    assert index.snapshot().live_dids() == {"b5"}
+
+
+def test_info_and_cli(ix, capsys):
+    info = Index.open(ix).info()
+    assert (info["generation"], info["count"], info["deleted"], info["dim"]) == (1, 12, 0, 16)
+    assert cli(["index", "delete", str(ix), "--ids", "b1", "b2"]) == 0
+    assert "generation 2, 10 live" in capsys.readouterr().out
+    assert cli(["index", "info", str(ix), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["generation"], out["count"], out["deleted"]) == (2, 10, 2)
+    assert cli(["index", "delete", str(ix), "--ids", "b1"]) == 2
+    assert "'b1' is not in the index" in capsys.readouterr().err
+    assert cli(["index", "info", str(ix / "nope")]) == 2
+    assert "index directory not found" in capsys.readouterr().err
+
+
+def test_rows_given_in_python_resolve_images_against_the_current_directory(ix, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Index.open(ix).add([{"did": "p0", "img_path": "pics/p0.png"}], encoder=FakeEncoder())
+    row = Index.open(ix).snapshot().rows[-1]
+    assert row["img_path"] == str(tmp_path / "pics" / "p0.png")
