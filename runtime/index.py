@@ -492,13 +492,17 @@ class Index:
             new = head.meta.generation + 1
             gdir = root / _gen_dir(new)
             gdir.mkdir()
-            rows, ann = apply(root, base_snap, gdir)
-            ann.save(gdir / ANN_DIR)
-            _write_rows(gdir / ROWS, rows)
-            _fsync_generation(gdir)
-            meta = replace(head.meta, generation=new, count=sum(not r["deleted"] for r in rows))
-            cache = TokenCache.open(root / CACHE_DIR, verify="size", meta_path=gdir / CACHE_JSON)
-            _check_consistent(root, meta, ann, rows, cache)
+            try:
+                rows, ann = apply(root, base_snap, gdir)
+                ann.save(gdir / ANN_DIR)
+                _write_rows(gdir / ROWS, rows)
+                _fsync_generation(gdir)
+                meta = replace(head.meta, generation=new, count=sum(not r["deleted"] for r in rows))
+                cache = TokenCache.open(root / CACHE_DIR, verify="size", meta_path=gdir / CACHE_JSON)
+                _check_consistent(root, meta, ann, rows, cache)
+            except BaseException:
+                shutil.rmtree(gdir, ignore_errors=True)  # a refused update leaves nothing behind
+                raise
             new_head = _commit(root, meta)  # the commit point
             snap = IndexSnapshot(root, meta, ann, rows, cache)
             with self._refresh_lock:

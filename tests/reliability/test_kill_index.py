@@ -27,8 +27,8 @@ WORKER = Path(__file__).with_name("index_worker.py")
 BASE = 30  # candidates in the index before the killed operation
 
 
-def _states(cmd: str, n: int, batch: int) -> list[set[str]]:
-    base = {f"b{i}" for i in range(BASE)}
+def _states(cmd: str, n: int, batch: int, base_n: int) -> list[set[str]]:
+    base = {f"b{i}" for i in range(base_n)}
     if cmd == "build":
         return [{f"b{i}" for i in range(n)}]
     out = [set(base)]
@@ -59,28 +59,29 @@ def _run(args: list[str], kill_after: float | None) -> tuple[float, bool]:
     return time.perf_counter() - t0, p.returncode == -signal.SIGKILL
 
 
-def _fresh(tmp: Path, cmd: str) -> Path:
+def _fresh(tmp: Path, cmd: str, base_n: int) -> Path:
     path = tmp / "ix"
     if cmd != "build":
-        Index.build(FakeEncoder(), rows("b", 0, BASE), path)
+        Index.build(FakeEncoder(), rows("b", 0, base_n), path)
     return path
 
 
 def kill_campaign(tmp: Path, cmd: str, moments: int, n: int = 24, batch: int = 4) -> dict:
     args = [n] if cmd == "build" else [0, n, batch]
-    states = _states(cmd, n, batch)
+    base_n = max(BASE, n)  # delete removes b0..b(n-1): they must exist
+    states = _states(cmd, n, batch, base_n)
     probe = tmp / "probe"
     probe.mkdir()
-    duration, _ = _run([cmd, str(_fresh(probe, cmd)), *map(str, args)], None)
+    duration, _ = _run([cmd, str(_fresh(probe, cmd, base_n)), *map(str, args)], None)
     counts = {"moments": 0, "killed": 0, "old": 0, "new": 0, "intermediate": 0, "neither": 0}
     for i in range(moments):
         work = tmp / f"m{i}"
         work.mkdir()
-        path = _fresh(work, cmd)
+        path = _fresh(work, cmd, base_n)
         if cmd == "build":  # rebuild over an existing index: the old one must survive a kill
-            Index.build(FakeEncoder(), rows("b", 0, BASE), path)
-            states = [{f"b{i}" for i in range(BASE)}, {f"b{i}" for i in range(n)}]
-        _, killed = _run([cmd, str(path), *map(str, args)], duration * (i + 0.5) / moments)
+            Index.build(FakeEncoder(), rows("b", 0, base_n + 5), path)
+            states = [{f"b{i}" for i in range(base_n + 5)}, {f"b{i}" for i in range(n)}]
+        _, killed = _run([cmd, str(path), *map(str, args)], duration * (i + 0.5) / moments * 0.9)
         counts["moments"] += 1
         counts["killed"] += killed
         try:

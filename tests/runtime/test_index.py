@@ -183,3 +183,11 @@ def test_rows_given_in_python_resolve_images_against_the_current_directory(ix, t
     Index.open(ix).add([{"did": "p0", "img_path": "pics/p0.png"}], encoder=FakeEncoder())
     row = Index.open(ix).snapshot().rows[-1]
     assert row["img_path"] == str(tmp_path / "pics" / "p0.png")
+
+
+def test_a_refused_update_leaves_no_generation_behind(ix):
+    with pytest.raises(InputError):
+        Index.open(ix).delete(["nope"])
+    with pytest.raises(InputError):
+        Index.open(ix).add(rows("b", 0, 1), encoder=FakeEncoder())
+    assert sorted(p.name for p in ix.iterdir() if p.name.startswith("g")) == ["g000001"]
