@@ -80,7 +80,8 @@ def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
                 verify: bool = False) -> Path:
     if precision not in PRECISIONS:
         raise InputError(f"--precision: got {precision!r}; expected one of {list(PRECISIONS)}")
-    out = check_output(out, "pack", {"the checkpoint being exported": checkpoint, "the --embedder checkpoint": embedder})
+    out = check_output(out, "pack", {"the checkpoint being exported": checkpoint,
+                                     "the --embedder checkpoint": embedder})
     ckpt = Path(checkpoint)
     for name in ("tokenizer.json", "preprocessor_config.json"):
         if not (ckpt / name).is_file():

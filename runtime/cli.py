@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="checkpoint -> verified ONNX pack")
     exp.add_argument("checkpoint", help="Hugging Face Qwen2.5-VL directory (safetensors)")
-    exp.add_argument("pack", help="output pack directory: new, empty, or a pack (replaced atomically)")
+    exp.add_argument("pack", help="output pack directory: new, empty or a pack (replaced atomically)")
     exp.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     exp.add_argument("--embedder", default=None,
                      help="a separate Qwen2.5-VL-family embedder checkpoint for the coarse stage (default: the reranker's own backbone)")

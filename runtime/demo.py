@@ -54,7 +54,8 @@ def synthetic_image(seed: int, size: tuple[int, int] = (160, 224)):
 
 
 def _cache_root(cache_dir: str | None) -> Path:
-    root = Path(cache_dir) if cache_dir else Path(os.environ.get("RETRV_CACHE", Path.home() / ".cache" / "retrv")) / "demo"
+    default = Path(os.environ.get("RETRV_CACHE", Path.home() / ".cache" / "retrv")) / "demo"
+    root = Path(cache_dir) if cache_dir else default
     if os.path.lexists(root) and not root.is_dir():  # the demo only adds its own sub-folders; a file is a mistake
         raise InputError(f"--cache-dir {str(root)!r}: exists and is not a directory; expected a folder for the "
                          f"demo's data, packs and index")
