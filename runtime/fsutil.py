@@ -7,7 +7,9 @@ the old target untouched.
 
 Temporaries are named `.<name>.<random>.tmp` (directories: `.<name>.<random>.tmpdir`) beside the target, so that
 the final rename never crosses a filesystem, and a crash leaves a visible dot-file rather than a half-written
-target. They are created with mode 0o666/0o777 minus the umask, as `open()` and `mkdir` would.
+target. They are created with mode 0o666/0o777 minus the umask, as `open()` and `mkdir` would. A directory that
+replaces another is swapped in with one renameat2(RENAME_EXCHANGE) where Linux offers it; the next directory write
+of a target recovers or deletes what killed writes of it left (`atomic_dir`, `clean_leftovers`).
 """
 
 from __future__ import annotations
@@ -189,7 +191,7 @@ def clean_leftovers(final_path: str | os.PathLike) -> None:
         return
     found = [final.parent / n for n in names]
     olds = [p for p in found if p.name.endswith(".old")]
-    olds.sort(key=lambda p: _ctime(p), reverse=True)  # the newest first: the one a writer moved aside last
+    olds.sort(key=_ctime, reverse=True)  # the newest first: the one a writer moved aside last
     for path in olds + [p for p in found if not p.name.endswith(".old")]:
         if path.name.endswith(".del"):  # named only once its writer or cleaner is done with it
             shutil.rmtree(path, ignore_errors=True)
@@ -227,7 +229,10 @@ def _new_locked_tmp(final: Path) -> tuple[Path, int | None]:
         os.mkdir(tmp, 0o777)
         if fcntl is None:
             return tmp, None
-        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            continue
         fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while a cleaner renames it away (microseconds)
         with contextlib.suppress(OSError):
             if os.lstat(tmp).st_ino == os.fstat(fd).st_ino:
