@@ -43,7 +43,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "attention products, the ICM's attention and (by default) the LM head stay in float. "
                     "Fp16 packs come from `retrv export --precision fp16`.")
     q.add_argument("pack", help="fp32 pack directory (from `retrv export`)")
-    q.add_argument("out", help="output pack directory (written atomically; replaced if it exists)")
+    q.add_argument("out", help="output pack directory: new, empty, or a pack (replaced atomically)")
     q.add_argument("--mode", required=True, choices=MODES)
     q.add_argument("--calib", default=None, metavar="CORPUS",
                    help="M-BEIR candidate JSONL, or a folder with captions.csv (image,caption) and images/: "
@@ -89,7 +89,9 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from retrv.runtime.errors import require
+    from retrv.runtime.outputs import check_output
 
+    check_output(args.out, "pack", {"the pack being quantized": args.pack, "the --calib corpus": args.calib})
     require("onnx", "export")
     from retrv.calibration.quantize import quantize_pack
 

@@ -51,6 +51,7 @@ from retrv.calibration.config import (  # noqa: F401 - re-exported: the public A
 from retrv.calibration.rules import Plan, plan_graph
 from retrv.runtime.errors import InputError, RetrvError, require
 from retrv.runtime.fsutil import atomic_dir
+from retrv.runtime.outputs import check_output
 from retrv.runtime.pack import EXTERNAL_DATA, Manifest, Pack, describe_file, write_manifest
 
 log = logging.getLogger(__name__)
@@ -343,6 +344,7 @@ def quantize_pack(pack_dir: str | Path, out_dir: str | Path, config: QuantConfig
         raise InputError(f"--algo gptq: onnxruntime {_version('onnxruntime')}'s GPTQ returns round-to-nearest "
                          f"weights (its error propagation reads the zero half of the triangular inverse Hessian); "
                          f"expected --algo rtn (the same weights, in seconds) or --algo hqq")
+    out = check_output(out_dir, "pack", {"the pack being quantized": pack_dir, "the --calib corpus": config.calib})
     src = Pack.open(pack_dir)
     _check_source(src)
     calib_items, held = [], []
@@ -360,7 +362,6 @@ def quantize_pack(pack_dir: str | Path, out_dir: str | Path, config: QuantConfig
 
     entries = src.manifest.files
     targets = [n for n, e in entries.items() if e.role in config.roles and n.endswith(".onnx")]
-    out = Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="retrv-quantize-") as work, atomic_dir(out) as tmp:
         files = {}
         for name, entry in entries.items():

@@ -22,6 +22,7 @@ from retrv.export.onnx_export import OPSET, export_onnx, validate_onnx
 from retrv.model.loading import load_checkpoint
 from retrv.runtime.errors import CheckpointError, InputError
 from retrv.runtime.fsutil import atomic_dir
+from retrv.runtime.outputs import check_output
 from retrv.runtime.pack import PACK_FORMAT_VERSION, Manifest, describe_file, write_manifest
 from retrv.runtime.preprocess import ImageProcessorConfig
 from retrv.runtime.prompt import ChatTemplate
@@ -79,6 +80,8 @@ def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
                 verify: bool = False) -> Path:
     if precision not in PRECISIONS:
         raise InputError(f"--precision: got {precision!r}; expected one of {list(PRECISIONS)}")
+    out = check_output(out, "pack", {"the checkpoint being exported": checkpoint,
+                                     "the --embedder checkpoint": embedder})
     ckpt = Path(checkpoint)
     for name in ("tokenizer.json", "preprocessor_config.json"):
         if not (ckpt / name).is_file():
@@ -88,7 +91,6 @@ def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
     model = copy.deepcopy(oracle).half() if precision == "fp16" else oracle
     oracles = {s.spec.role: s for s in sub_models(oracle)}
     cfg = model.cfg
-    out = Path(out)
     with atomic_dir(out) as tmp:
         files, validation = {}, {}
         for sub in sub_models(model):

@@ -22,6 +22,8 @@ from retrv.model.config import parse_hf_config
 from retrv.model.loading import module_to_hf_name
 from retrv.model.qwen import Qwen2_5_VL
 from retrv.model.tiny_tokenizer import build_tiny_tokenizer, write_preprocessor_config, write_tokenizer_files
+from retrv.runtime.errors import InputError
+from retrv.runtime.outputs import check_output
 
 # Presets by name (gpt-fast style). "tiny": the test model. "mid": tens of millions of parameters, for benchmarks
 # where per-token cost should look like a real model's (weight bandwidth, not Python overhead).
@@ -148,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     args = ap.parse_args(argv)
+    try:  # the files are written into OUT: never into a folder that is something else
+        check_output(args.out, "checkpoint")
+    except InputError as e:
+        print(f"{ap.prog}: error: {e}", file=sys.stderr)
+        return 2
     path = write_tiny_checkpoint(args.out, icm=args.icm, seed=args.seed, preset=args.preset)
     n = sum(p.stat().st_size for p in path.glob("*.safetensors"))
     print(f"wrote {args.preset} checkpoint to {path} ({n / 1e6:.1f} MB of weights, seed {args.seed})")

@@ -19,7 +19,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from retrv.runtime.errors import require
+    from retrv.runtime.outputs import check_output
 
+    # checked here too, before torch is imported: a wrong path is refused in milliseconds
+    check_output(args.pack, "pack", {"the checkpoint being exported": args.checkpoint,
+                                     "the --embedder checkpoint": args.embedder})
     require("torch", "export")
     require("onnx", "export")
     from retrv.export.pack_export import export_pack
@@ -62,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="checkpoint -> verified ONNX pack")
     exp.add_argument("checkpoint", help="Hugging Face Qwen2.5-VL directory (safetensors)")
-    exp.add_argument("pack", help="output pack directory (replaced atomically if it exists)")
+    exp.add_argument("pack", help="output pack directory: new, empty or a pack (replaced atomically)")
     exp.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     exp.add_argument("--embedder", default=None,
                      help="a separate Qwen2.5-VL-family embedder checkpoint for the coarse stage (default: the reranker's own backbone)")

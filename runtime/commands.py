@@ -31,6 +31,9 @@ def _backend_kwargs(args) -> dict:
 
 
 def cmd_index_build(args) -> int:
+    from retrv.runtime.outputs import check_output
+
+    check_output(args.index, "index", {"the pack": args.pack, "the corpus": args.corpus})
     from retrv.runtime.index import Index
     from retrv.runtime.pack import Pack
 
@@ -161,7 +164,7 @@ def register(sub) -> None:
     build = idx_sub.add_parser("build", help="PACK CORPUS.jsonl INDEX: a new index over a corpus")
     build.add_argument("pack")
     build.add_argument("corpus", help="M-BEIR candidate JSONL")
-    build.add_argument("index", help="output index directory (replaced atomically)")
+    build.add_argument("index", help="output index directory: new, empty, or an index (replaced atomically)")
     build.add_argument("--m", type=positive_int, default=DEFAULT_M)
     build.add_argument("--ef-construction", type=positive_int, default=DEFAULT_EF_CONSTRUCTION)
     build.add_argument("--ef-search", type=positive_int, default=DEFAULT_EF_SEARCH,

@@ -18,7 +18,7 @@ from typing import TextIO
 
 import numpy as np
 
-from retrv.runtime.errors import require
+from retrv.runtime.errors import InputError, require
 
 DEMO_QUERIES = 40  # test queries evaluated (text->image and composed); the demo stays under 3 minutes on 2 cores
 SHOWN = 2  # queries printed with their reasoning traces
@@ -54,9 +54,12 @@ def synthetic_image(seed: int, size: tuple[int, int] = (160, 224)):
 
 
 def _cache_root(cache_dir: str | None) -> Path:
-    if cache_dir:
-        return Path(cache_dir)
-    return Path(os.environ.get("RETRV_CACHE", Path.home() / ".cache" / "retrv")) / "demo"
+    default = Path(os.environ.get("RETRV_CACHE", Path.home() / ".cache" / "retrv")) / "demo"
+    root = Path(cache_dir) if cache_dir else default
+    if os.path.lexists(root) and not root.is_dir():  # the demo only adds its own sub-folders; a file is a mistake
+        raise InputError(f"--cache-dir {str(root)!r}: exists and is not a directory; expected a folder for the "
+                         f"demo's data, packs and index")
+    return root
 
 
 def _max_objects(ckpt: Path) -> int:

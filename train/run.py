@@ -124,6 +124,25 @@ def reproduce_command(args) -> str:
     return out
 
 
+def _check_out(ap: argparse.ArgumentParser, args) -> None:
+    """Refuse, before any training, an output the final `rmtree(out)` + save would wrongly replace: a folder that
+    is not a checkpoint, a file, the --flickr folder, or a folder holding --work (the data and pack being used)."""
+    import os
+
+    from retrv.runtime.errors import InputError
+    from retrv.runtime.outputs import check_output
+
+    try:
+        check_output(args.out, "checkpoint", {"the --flickr folder": args.flickr or None})
+        if args.work and args.out.strip():
+            work, out = Path(os.path.realpath(args.work)), Path(os.path.realpath(args.out))
+            if work == out or out in work.parents:
+                raise InputError(f"checkpoint {args.out!r}: is or contains the --work folder {args.work!r}, which "
+                                 f"it would delete when saved; expected a checkpoint directory outside it")
+    except InputError as e:
+        ap.error(str(e))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m retrv.train.run", description=__doc__.splitlines()[0])
     ap.add_argument("out", help="checkpoint directory to write (e.g. model/default)")
@@ -148,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     for split in ("train", "val", "test"):  # smaller data for smoke runs; the shipped model uses the defaults
         ap.add_argument(f"--n-{split}", type=int, default=getattr(DataSizes, f"n_{split}"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    _check_out(ap, args)
     if args.flickr and not args.skip_eval:  # checked now, not after the training it would otherwise end
         from retrv.runtime.errors import InputError
         from retrv.train.flickr8k import read_captions
