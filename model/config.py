@@ -374,7 +374,10 @@ def _parse_hf_config(cfg: Any, retrv_cfg: Any, where: str) -> ModelConfig:
     text_fields.setdefault("num_key_value_heads", text_fields["num_attention_heads"])
     text_cfg = TextConfig(**text_fields)
 
-    vision = _object("vision_config", _require(cfg, "vision_config", where))
+    vision = _require(cfg, "vision_config", where)
+    if not isinstance(vision, dict):  # required: null is no vision tower
+        raise _bad("vision_config", vision, "a JSON object")
+    vision = dict(vision)
     if "in_chans" in vision and "in_channels" not in vision:
         vision["in_channels"] = vision["in_chans"]
     for key in ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size"):
