@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import shutil
 from dataclasses import asdict
 from importlib import metadata
@@ -19,6 +20,7 @@ import torch
 
 from retrv.export.graphs import embedder_sub_models, sub_models
 from retrv.export.onnx_export import OPSET, export_onnx, validate_onnx
+from retrv.model.files import checkpoint_file, source_fingerprint
 from retrv.model.loading import load_checkpoint
 from retrv.runtime.errors import CheckpointError, InputError
 from retrv.runtime.fsutil import atomic_dir
@@ -58,10 +60,7 @@ def _export_embedder(ckpt: Path, tmp: Path, precision: str, files: dict, validat
     """A separate coarse-stage embedder (a LamRA-style Qwen2.5-VL checkpoint): its vision tower, pooled-embedding
     graph, embedding table and tokenizer, beside the reranker's. Other families (Qwen2-VL, CLIP/SigLIP) are
     refused by the checkpoint reader with the model_type it found."""
-    for name in ("tokenizer.json", "preprocessor_config.json"):
-        if not (ckpt / name).is_file():
-            raise CheckpointError(f"--embedder {ckpt}: {name} is missing; expected it beside config.json")
-    processor = ImageProcessorConfig.from_file(ckpt / "preprocessor_config.json")
+    tokenizer, processor = _tokenizer_and_processor(ckpt, "--embedder ")
     oracle = load_checkpoint(ckpt, dtype=torch.float32)
     model = copy.deepcopy(oracle).half() if precision == "fp16" else oracle
     oracles = {s.spec.role: s for s in embedder_sub_models(oracle)}
@@ -71,9 +70,23 @@ def _export_embedder(ckpt: Path, tmp: Path, precision: str, files: dict, validat
                                                                     .numpy()), allow_pickle=False)
     files["embedder_embed_tokens.npy"] = describe_file(tmp, "embedder_embed_tokens.npy", "embedder_embed_tokens",
                                                        precision=precision)
-    shutil.copyfile(ckpt / "tokenizer.json", tmp / "embedder_tokenizer.json")
+    shutil.copyfile(tokenizer, tmp / "embedder_tokenizer.json")
     files["embedder_tokenizer.json"] = describe_file(tmp, "embedder_tokenizer.json", "embedder_tokenizer")
     return {"model": model.cfg.to_dict(), "preprocessor": processor.to_dict(), "source_checkpoint": ckpt.name}
+
+
+def _tokenizer_and_processor(ckpt: Path, flag: str = "") -> tuple[Path, ImageProcessorConfig]:
+    """The checkpoint's tokenizer.json path and image processor; both must be regular files inside `ckpt` (a
+    symlink out of it is refused, never copied into the pack)."""
+    for name in ("tokenizer.json", "preprocessor_config.json"):
+        if not os.path.lexists(ckpt / name):
+            raise CheckpointError(f"{flag}{ckpt}: {name} is missing; expected it beside config.json")
+    tokenizer = checkpoint_file(ckpt, "tokenizer.json")
+    try:
+        processor = ImageProcessorConfig.from_file(checkpoint_file(ckpt, "preprocessor_config.json"))
+    except InputError as e:
+        raise CheckpointError(f"{flag}{ckpt}: {e}") from None
+    return tokenizer, processor
 
 
 def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32", embedder: str | Path | None = None,
@@ -83,10 +96,9 @@ def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
     out = check_output(out, "pack", {"the checkpoint being exported": checkpoint,
                                      "the --embedder checkpoint": embedder})
     ckpt = Path(checkpoint)
-    for name in ("tokenizer.json", "preprocessor_config.json"):
-        if not (ckpt / name).is_file():
-            raise CheckpointError(f"{ckpt}: {name} is missing; expected it beside config.json")
-    processor = ImageProcessorConfig.from_file(ckpt / "preprocessor_config.json")
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt}: not a directory; expected a Hugging Face checkpoint directory")
+    tokenizer, processor = _tokenizer_and_processor(ckpt)
     oracle = load_checkpoint(ckpt, dtype=torch.float32)  # every graph is checked against the fp32 model
     model = copy.deepcopy(oracle).half() if precision == "fp16" else oracle
     oracles = {s.spec.role: s for s in sub_models(oracle)}
@@ -95,13 +107,14 @@ def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
         files, validation = {}, {}
         for sub in sub_models(model):
             _export_sub(sub, oracles[sub.spec.role], cfg, tmp, precision, files, validation)
-        extra = {"source_checkpoint": ckpt.name}
+        # The PyTorch backend compares the fingerprint with its --checkpoint (runtime.retriever.open_backend).
+        extra = {"source_checkpoint": ckpt.name, "source_fingerprint": source_fingerprint(ckpt)}
         if embedder is not None:
             extra["embedder"] = _export_embedder(Path(embedder), tmp, precision, files, validation)
         table = model.language_model.embed_tokens.weight.detach().numpy()  # fp16 in an fp16 pack: half the bytes
         np.save(tmp / "embed_tokens.npy", np.ascontiguousarray(table), allow_pickle=False)
         files["embed_tokens.npy"] = describe_file(tmp, "embed_tokens.npy", "embed_tokens", precision=precision)
-        shutil.copyfile(ckpt / "tokenizer.json", tmp / "tokenizer.json")
+        shutil.copyfile(tokenizer, tmp / "tokenizer.json")
         files["tokenizer.json"] = describe_file(tmp, "tokenizer.json", "tokenizer")
         manifest = Manifest(
             format_version=PACK_FORMAT_VERSION,

@@ -10,20 +10,85 @@ No torch here: the runtime reads the same dataclasses from a pack's manifest.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields, replace
+import math
+import numbers
+import os
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from retrv.model.files import checkpoint_file, read_json
 from retrv.runtime.errors import CheckpointError
 
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl",)
+# Upper bound on every size and token id: 16x the largest dimension of any released model (vocabularies of
+# ~256k), and small enough that the product of two sizes stays far inside int64 when arrays are allocated.
+MAX_SIZE = 1 << 24
 
 
 def _require(cfg: dict, key: str, where: str) -> Any:
     if key not in cfg:
         raise CheckpointError(f"{where}: missing field '{key}'")
     return cfg[key]
+
+
+def _bad(name: str, value: Any, expected: str) -> CheckpointError:
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."  # a hostile value can be megabytes long
+    return CheckpointError(f"{name}: got {text} ({type(value).__name__}); expected {expected}")
+
+
+def _int(name: str, value: Any, lo: int = 1, hi: int = MAX_SIZE) -> int:
+    # bool is an int subclass: `"num_hidden_layers": true` is a typo, not a 1. A string "64" is not 64 either.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= value <= hi:
+        raise _bad(name, value, f"an integer in [{lo}, {hi}]")
+    return int(value)
+
+
+def _opt_int(name: str, value: Any, lo: int = 0, hi: int = MAX_SIZE) -> int | None:
+    return None if value is None else _int(name, value, lo, hi)
+
+
+def _float(name: str, value: Any) -> float:
+    """A finite float > 0 (every float field here is a scale: epsilon, rope base); a JSON integer is accepted."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _bad(name, value, "a number > 0")
+    try:
+        out = float(value)
+    except OverflowError:
+        out = math.inf
+    if not math.isfinite(out) or out <= 0:
+        raise _bad(name, value, "a finite number > 0")
+    return out
+
+
+def _ints(name: str, value: Any, lo: int, hi: int = MAX_SIZE) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise _bad(name, value, f"a list of integers in [{lo}, {hi}]")
+    return tuple(_int(f"{name}[{i}]", v, lo, hi) for i, v in enumerate(value))
+
+
+def _str(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _bad(name, value, "a string")
+    return value
+
+
+def _set(obj: Any, name: str, value: Any) -> None:
+    object.__setattr__(obj, name, value)
+
+
+def _from_section(cls, d: Any, where: str):
+    """`cls(**d)` for a section of a manifest's model config, refusing unknown and missing fields by name."""
+    if not isinstance(d, dict):
+        raise _bad(where, d, "a JSON object")
+    names = {f.name for f in fields(cls)}
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    unknown, missing = sorted(set(d) - names, key=str), sorted(required - set(d))
+    if unknown or missing:
+        problem = f"unknown fields {unknown}" if unknown else f"missing fields {missing}"
+        raise CheckpointError(f"{where}: {problem}; expected {sorted(names)}")
+    return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -44,7 +109,13 @@ class VisionConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "fullatt_block_indexes", tuple(int(i) for i in self.fullatt_block_indexes))
+        for name in ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size", "in_channels",
+                     "patch_size", "spatial_merge_size", "temporal_patch_size", "window_size", "tokens_per_second"):
+            _set(self, name, _int(f"vision_config.{name}", getattr(self, name)))
+        _set(self, "fullatt_block_indexes",
+             _ints("vision_config.fullatt_block_indexes", self.fullatt_block_indexes, 0, self.depth - 1))
+        _set(self, "hidden_act", _str("vision_config.hidden_act", self.hidden_act))
+        _set(self, "rope_theta", _float("vision_config.rope_theta", self.rope_theta))
         if self.hidden_size % self.num_heads:
             raise CheckpointError(
                 f"vision_config.hidden_size: got {self.hidden_size}; expected a multiple of num_heads={self.num_heads}"
@@ -59,9 +130,6 @@ class VisionConfig:
                 f"vision_config.window_size: got {self.window_size}; expected a multiple of "
                 f"spatial_merge_size*patch_size={self.spatial_merge_size * self.patch_size}"
             )
-        bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
-        if bad:
-            raise CheckpointError(f"vision_config.fullatt_block_indexes: got {bad}; expected indexes in [0, {self.depth})")
         if self.hidden_act != "silu":
             raise CheckpointError(f"vision_config.hidden_act: got {self.hidden_act!r}; expected 'silu'")
 
@@ -100,7 +168,15 @@ class TextConfig:
     tie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "mrope_section", tuple(int(s) for s in self.mrope_section))
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings"):
+            _set(self, name, _int(f"text_config.{name}", getattr(self, name)))
+        for name in ("rms_norm_eps", "rope_theta"):
+            _set(self, name, _float(f"text_config.{name}", getattr(self, name)))
+        _set(self, "mrope_section", _ints("text_config.mrope_section", self.mrope_section, 0))
+        _set(self, "hidden_act", _str("text_config.hidden_act", self.hidden_act))
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise _bad("text_config.tie_word_embeddings", self.tie_word_embeddings, "true or false")
         if self.hidden_size % self.num_attention_heads:
             raise CheckpointError(
                 f"text_config.hidden_size: got {self.hidden_size}; expected a multiple of "
@@ -143,6 +219,9 @@ class ICMConfig:
     rms_norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_heads", "num_layers"):
+            _set(self, name, _int(f"retrv_config.icm.{name}", getattr(self, name)))
+        _set(self, "rms_norm_eps", _float("retrv_config.icm.rms_norm_eps", self.rms_norm_eps))
         if self.hidden_size % self.num_heads:
             raise CheckpointError(
                 f"retrv_config.icm.num_heads: got {self.num_heads}; expected a divisor of hidden_size={self.hidden_size}"
@@ -165,7 +244,11 @@ class TokenIds:
     inspection_end_token_id: int | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in self.eos_token_ids))
+        for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            _set(self, name, _int(name, getattr(self, name), 0))
+        for name in ("pad_token_id", "inspection_start_token_id", "inspection_end_token_id"):
+            _set(self, name, _opt_int(name, getattr(self, name)))
+        _set(self, "eos_token_ids", _ints("eos_token_id", self.eos_token_ids, 0))
 
 
 @dataclass(frozen=True)
@@ -177,6 +260,12 @@ class ModelConfig:
     model_type: str = "qwen2_5_vl"
 
     def __post_init__(self) -> None:
+        for name, cls in (("text", TextConfig), ("vision", VisionConfig), ("tokens", TokenIds), ("icm", ICMConfig)):
+            value = getattr(self, name)
+            if not isinstance(value, cls) and not (name == "icm" and value is None):
+                raise _bad(name, value, f"a {cls.__name__}")
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise _bad("model_type", self.model_type, f"one of {list(SUPPORTED_MODEL_TYPES)}")
         if self.vision.out_hidden_size != self.text.hidden_size:
             raise CheckpointError(
                 f"vision_config.out_hidden_size: got {self.vision.out_hidden_size}; expected the text hidden_size "
@@ -187,9 +276,10 @@ class ModelConfig:
                 f"retrv_config.icm.hidden_size: got {self.icm.hidden_size}; expected {self.text.hidden_size}"
             )
         vocab = self.text.vocab_size
-        for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
-                     "inspection_start_token_id", "inspection_end_token_id"):
-            value = getattr(self.tokens, name)
+        ids = [(name, getattr(self.tokens, name)) for name in (
+            "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+            "inspection_start_token_id", "inspection_end_token_id")]
+        for name, value in ids + [("eos_token_id", i) for i in self.tokens.eos_token_ids]:
             if value is not None and not 0 <= value < vocab:
                 raise CheckpointError(f"{name}: got {value}; expected an id in [0, {vocab})")
 
@@ -197,106 +287,151 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        """Inverse of `to_dict` (the pack manifest stores this form)."""
+    def from_dict(cls, d: Any) -> "ModelConfig":
+        """Inverse of `to_dict` (the pack manifest stores this form); every field is checked by name."""
+        if not isinstance(d, dict):
+            raise _bad("model config", d, "a JSON object")
+        known = {"text", "vision", "tokens", "icm", "model_type"}
+        unknown, missing = sorted(set(d) - known, key=str), sorted({"text", "vision", "tokens"} - set(d))
+        if unknown or missing:
+            problem = f"unknown fields {unknown}" if unknown else f"missing fields {missing}"
+            raise CheckpointError(f"model config: {problem}; expected {sorted(known)}")
         return cls(
-            text=TextConfig(**d["text"]),
-            vision=VisionConfig(**d["vision"]),
-            tokens=TokenIds(**d["tokens"]),
-            icm=ICMConfig(**d["icm"]) if d.get("icm") else None,
+            text=_from_section(TextConfig, d["text"], "text"),
+            vision=_from_section(VisionConfig, d["vision"], "vision"),
+            tokens=_from_section(TokenIds, d["tokens"], "tokens"),
+            icm=None if d.get("icm") is None else _from_section(ICMConfig, d["icm"], "icm"),
             model_type=d.get("model_type", "qwen2_5_vl"),
         )
 
 
 def _known(cls, d: dict) -> dict:
+    """The fields of `cls` in `d`; a null means "absent" (the dataclass default), as Hugging Face configs use it."""
     names = {f.name for f in fields(cls)}
-    return {k: v for k, v in d.items() if k in names}
+    return {k: v for k, v in d.items() if k in names and v is not None}
+
+
+def _object(name: str, value: Any, default: Any = None) -> dict:
+    """A JSON object field that may be absent or null."""
+    if value is None:
+        return dict(default or {})
+    if not isinstance(value, dict):
+        raise _bad(name, value, "a JSON object")
+    return dict(value)
+
+
+def _default(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _eos(name: str, value: Any) -> tuple:
+    # transformers writes one id or a list of ids; the TokenIds check types each one.
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
 
 
 def parse_hf_config(cfg: dict, retrv_cfg: dict | None = None, where: str = "config.json") -> ModelConfig:
-    """Map a Hugging Face Qwen2.5-VL `config.json` (flat or nested) onto `ModelConfig`."""
+    """Map a Hugging Face Qwen2.5-VL `config.json` (flat or nested) onto `ModelConfig`. Every field is type- and
+    range-checked; a bad one is a one-line CheckpointError naming `where`, the field, the value and what was
+    expected."""
+    try:
+        return _parse_hf_config(cfg, retrv_cfg, where)
+    except CheckpointError as e:
+        msg = str(e)
+        raise CheckpointError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+
+
+def _parse_hf_config(cfg: Any, retrv_cfg: Any, where: str) -> ModelConfig:
+    cfg = _object("config", cfg)
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(f"{where}: model_type {model_type!r} is not supported; expected one of {list(SUPPORTED_MODEL_TYPES)}")
-    text = dict(cfg.get("text_config") or {})
+    text = _object("text_config", cfg.get("text_config"))
     for key, value in cfg.items():  # flat layout: text fields live at the top level
         if key not in ("text_config", "vision_config"):
             text.setdefault(key, value)
-    if text.get("use_sliding_window"):
+    sliding = text.get("use_sliding_window")
+    if sliding is True:
         raise CheckpointError(f"{where}: use_sliding_window=true is not supported; expected false (as every Qwen2.5-VL release)")
-    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    if sliding is not None and sliding is not False:
+        raise _bad("use_sliding_window", sliding, "true or false")
+    rope_key = "rope_parameters" if text.get("rope_parameters") is not None else "rope_scaling"
+    rope = _object(rope_key, text.get(rope_key))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "mrope"):
+    if not isinstance(rope_type, str) or rope_type not in ("default", "mrope"):
         raise CheckpointError(f"{where}: rope type {rope_type!r} is not supported; expected 'mrope' or 'default'")
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         _require(text, key, where)
     text_fields = _known(TextConfig, text)
-    text_fields["rope_theta"] = float(rope.get("rope_theta", text.get("rope_theta", 1000000.0)))
-    if "mrope_section" in rope:
-        text_fields["mrope_section"] = tuple(rope["mrope_section"])
-    if text_fields.get("num_key_value_heads") is None:
-        text_fields["num_key_value_heads"] = text_fields["num_attention_heads"]
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        text_fields.setdefault(key, None)  # present but null: refused by name in TextConfig
+    theta = rope.get("rope_theta", text.get("rope_theta"))
+    if theta is not None:
+        text_fields["rope_theta"] = theta
+    if rope.get("mrope_section") is not None:
+        text_fields["mrope_section"] = rope["mrope_section"]
+    text_fields.setdefault("num_key_value_heads", text_fields["num_attention_heads"])
     text_cfg = TextConfig(**text_fields)
 
-    vision = dict(_require(cfg, "vision_config", where))
+    vision = _require(cfg, "vision_config", where)
+    if not isinstance(vision, dict):  # required: null is no vision tower
+        raise _bad("vision_config", vision, "a JSON object")
+    vision = dict(vision)
     if "in_chans" in vision and "in_channels" not in vision:
         vision["in_channels"] = vision["in_chans"]
     for key in ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size"):
         _require(vision, key, f"{where} vision_config")
-    vision.setdefault("fullatt_block_indexes", ())
-    vrope = vision.get("rope_parameters") or {}
+    vrope = _object("vision_config.rope_parameters", vision.get("rope_parameters"))
     if "rope_theta" in vrope:
         vision["rope_theta"] = vrope["rope_theta"]
-    vision_cfg = VisionConfig(**_known(VisionConfig, vision))
+    vision_fields = _known(VisionConfig, vision)
+    for key in ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size"):
+        vision_fields.setdefault(key, None)
+    vision_fields.setdefault("fullatt_block_indexes", ())
+    vision_cfg = VisionConfig(**vision_fields)
 
-    eos = cfg.get("eos_token_id", text.get("eos_token_id"))
-    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
-    retrv_cfg = retrv_cfg or {}
-    special = retrv_cfg.get("special_tokens", {})
+    retrv_cfg = _object("retrv_config.json", retrv_cfg)
+    special = _object("retrv_config.special_tokens", retrv_cfg.get("special_tokens"))
     tokens = TokenIds(
-        image_token_id=int(_require(cfg, "image_token_id", where)),
-        video_token_id=int(cfg.get("video_token_id", 151656)),
-        vision_start_token_id=int(_require(cfg, "vision_start_token_id", where)),
-        vision_end_token_id=int(cfg.get("vision_end_token_id", 151653)),
-        eos_token_ids=eos_ids,
+        image_token_id=_require(cfg, "image_token_id", where),
+        video_token_id=_default(cfg.get("video_token_id"), 151656),
+        vision_start_token_id=_require(cfg, "vision_start_token_id", where),
+        vision_end_token_id=_default(cfg.get("vision_end_token_id"), 151653),
+        eos_token_ids=_eos("eos_token_id", cfg.get("eos_token_id", text.get("eos_token_id"))),
         pad_token_id=text.get("pad_token_id"),
         inspection_start_token_id=special.get("inspection_start_token_id"),
         inspection_end_token_id=special.get("inspection_end_token_id"),
     )
     icm = None
-    if retrv_cfg.get("icm"):
-        icm = ICMConfig(**{"hidden_size": text_cfg.hidden_size, **retrv_cfg["icm"]})
+    if retrv_cfg.get("icm") is not None:
+        icm_fields = _object("retrv_config.icm", retrv_cfg["icm"])
+        known = {f.name for f in fields(ICMConfig)}
+        if unknown := sorted(set(icm_fields) - known):
+            raise CheckpointError(f"retrv_config.icm: unknown fields {unknown}; expected {sorted(known)}")
+        icm = ICMConfig(**{"hidden_size": text_cfg.hidden_size, **icm_fields})
     return ModelConfig(text=text_cfg, vision=vision_cfg, tokens=tokens, icm=icm, model_type=model_type)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: got a JSON {type(data).__name__}; expected an object")
-    return data
-
-
 def read_config(checkpoint_dir: str | Path) -> ModelConfig:
-    """Read `config.json` (and `retrv_config.json` when present) from a checkpoint directory."""
+    """Read `config.json` (and `retrv_config.json` when present) from a checkpoint directory. Every file must lie
+    inside the directory (`retrv.model.files.checkpoint_file`)."""
     root = Path(checkpoint_dir)
     if not root.is_dir():
         raise CheckpointError(f"{root}: not a directory; expected a Hugging Face checkpoint directory")
-    cfg = _read_json(root / "config.json")
+    config_path = checkpoint_file(root, "config.json")
+    cfg = read_json(config_path)
     retrv_path = root / "retrv_config.json"
-    retrv_cfg = _read_json(retrv_path) if retrv_path.exists() else None
-    parsed = parse_hf_config(cfg, retrv_cfg, where=str(root / "config.json"))
+    retrv_cfg = read_json(checkpoint_file(root, retrv_path.name)) if os.path.lexists(retrv_path) else None
+    parsed = parse_hf_config(cfg, retrv_cfg, where=str(config_path))
     gen_path = root / "generation_config.json"
-    if gen_path.exists():
+    if os.path.lexists(gen_path):
         # transformers' generate stops on generation_config's eos ids (Instruct models list <|im_end|> and
         # <|endoftext|> there, config.json only one), so the runtime does too.
-        eos = _read_json(gen_path).get("eos_token_id")
+        eos = read_json(checkpoint_file(root, gen_path.name)).get("eos_token_id")
         if eos is not None:
-            eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
-            parsed = replace(parsed, tokens=replace(parsed.tokens, eos_token_ids=eos_ids))
+            try:
+                parsed = replace(parsed, tokens=replace(parsed.tokens, eos_token_ids=_eos("eos_token_id", eos)))
+            except CheckpointError as e:
+                raise CheckpointError(f"{gen_path}: {e}") from None
     return parsed

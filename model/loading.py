@@ -6,19 +6,18 @@ assigned, not copied, so a 7B checkpoint costs its size in memory once.
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 from pathlib import Path
 
 import torch
 
 from retrv.model.config import ModelConfig, read_config
+from retrv.model.files import ICM_NAME, checkpoint_file, weight_files
 from retrv.model.qwen import Qwen2_5_VL
 from retrv.runtime.errors import CheckpointError
 
 log = logging.getLogger(__name__)
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 # Checkpoint name prefixes -> this module's. transformers 4.x (every released Qwen2.5-VL, V-Retrver-7B) saves the
 # LM under `model.` and the tower under `visual.`; transformers 5.x under `model.language_model.`/`model.visual.`.
@@ -46,30 +45,6 @@ def module_to_hf_name(name: str) -> str:
     return name
 
 
-def _weight_files(root: Path) -> list[Path]:
-    index = root / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index}: not a safetensors index; expected a JSON object with 'weight_map'") from None
-        files = sorted({root / f for f in weight_map.values()})
-        missing = [f.name for f in files if not f.exists()]
-        if missing:
-            raise CheckpointError(f"{index}: names shard {missing[0]!r}, which does not exist in {root}")
-        return files
-    files = sorted(p for p in root.glob("*.safetensors") if p.name != "icm.safetensors")
-    if files:
-        return files
-    pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise CheckpointError(
-            f"{root / pickles[0]}: a pickle file; expected safetensors (retrv never unpickles: convert with "
-            f"safetensors.torch.save_file on a machine you trust)"
-        )
-    raise CheckpointError(f"{root}: no *.safetensors weights; expected model.safetensors or a sharded index")
-
-
 def _read_tensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError, safe_open
 
@@ -79,7 +54,7 @@ def _read_tensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
             for name in f.keys():
                 out[name] = f.get_tensor(name).to(dtype)
     except SafetensorError as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())})") from None
     return out
 
 
@@ -104,17 +79,17 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, device
     """A Hugging Face Qwen2.5-VL directory -> `Qwen2_5_VL` in eval mode (with the ICM if `icm.safetensors` is there)."""
     root = Path(path)
     cfg: ModelConfig = read_config(root)
-    icm_file = root / "icm.safetensors"
-    if cfg.icm is not None and not icm_file.exists():
+    icm_file = root / ICM_NAME
+    if cfg.icm is not None and not os.path.lexists(icm_file):
         raise CheckpointError(f"{root}: retrv_config.json declares an ICM but icm.safetensors is missing")
-    if cfg.icm is None and icm_file.exists():
+    if cfg.icm is None and os.path.lexists(icm_file):
         raise CheckpointError(f"{icm_file}: present but retrv_config.json has no 'icm' section describing it")
 
     with torch.device("meta"):
         model = Qwen2_5_VL(cfg)
 
     tensors: dict[str, torch.Tensor] = {}
-    for file in _weight_files(root):
+    for file in weight_files(root):
         for name, t in _read_tensors(file, dtype).items():
             mapped = hf_to_module_name(name)
             tensors[mapped if mapped is not None else name] = t
@@ -125,7 +100,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, device
     base = {n: t for n, t in tensors.items() if not n.startswith("icm.")}
     _assign(_WithoutICM(model), base, str(root))
     if model.icm is not None:
-        _assign(model.icm, _read_tensors(icm_file, dtype), str(icm_file))
+        _assign(model.icm, _read_tensors(checkpoint_file(root, ICM_NAME), dtype), str(icm_file))
     return model.to(device).eval()
 
 

@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 ANN_JSON = "ann.json"
 METRICS = ("cosine", "ip", "l2")
 MAX_M = 1024  # hnswlib keeps a link count in 16 bits (2*M <= 65535); past ~100 recall stops improving anyway
+# Search and build beams: hnswlib takes a size_t, but a beam of a million already visits a million-item index
+# exhaustively; larger values are typos, and ones past 2**64 would fail inside hnswlib's binding.
+MAX_EF = 1_000_000
 RANDOM_SEED = 100  # hnswlib's default level seed, written down so that a single-threaded build is reproducible
 _COSINE_EPS = 1e-30  # hnswlib's normalize_vector: v / (|v| + 1e-30)
 _ORACLE_CHUNK = 1 << 24  # exact_search scores at most this many (query, item) pairs at once: 64 MiB of float32
@@ -84,8 +87,8 @@ class HnswParams:
             raise InputError(f"HnswParams.metric: got {self.metric!r}; expected one of {', '.join(METRICS)}")
         _check_int("HnswParams.dim", self.dim)
         _check_int("HnswParams.M", self.M, 2, MAX_M)  # M >= 2: hnswlib's level multiplier is 1/ln(M)
-        _check_int("HnswParams.ef_construction", self.ef_construction)
-        _check_int("HnswParams.ef_search", self.ef_search)
+        _check_int("HnswParams.ef_construction", self.ef_construction, 1, MAX_EF)
+        _check_int("HnswParams.ef_search", self.ef_search, 1, MAX_EF)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

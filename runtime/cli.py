@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from retrv.runtime.commands import positive_int
+from retrv.runtime.commands import SEED_MAX, int_in, positive_int
 from retrv.runtime.errors import RetrvError
 
 
@@ -93,20 +93,57 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the pipeline end to end on the embedded default")
     demo.add_argument("--cache-dir", default=None,
                       help="where to keep the demo's data, packs and index (default: ~/.cache/retrv/demo)")
-    demo.add_argument("--queries", type=positive_int, default=40, help="held-out queries to evaluate")
-    demo.add_argument("--seed", type=int, default=0)
+    # Each demo query is a generated scene (about 10 ms each): 10,000 is minutes of work, past it hours.
+    demo.add_argument("--queries", type=int_in(1, 10_000), default=40, help="held-out queries to evaluate")
+    demo.add_argument("--seed", type=int_in(0, SEED_MAX), default=0)
     demo.set_defaults(func=_cmd_demo)
     return ap
 
 
+EXIT_ERROR = 2  # bad input, refused file, missing dependency: the user can fix it (also argparse's usage error)
+EXIT_INTERNAL = 3  # a bug in retrv: anything else that escaped a command
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+
+def _one_line(text: object, limit: int = 2000) -> str:
+    line = " ".join(str(text).split())  # messages may quote file contents; the contract is one line
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def _os_error(e: OSError) -> str:
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    reason = e.strerror or str(e) or type(e).__name__
+    return f"{where}: {reason}" if where else reason
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Whatever escapes it becomes one line on stderr and an exit code (EXIT_*); with -v an
+    unexpected error's traceback is printed too. Nothing else reaches the user as a traceback."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    prefix = f"retrv {args.command}"
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     except RetrvError as e:
-        print(f"retrv {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        print(f"{prefix}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as e:  # a path the command could not read or write, a full disk
+        print(f"{prefix}: error: {_one_line(_os_error(e))}", file=sys.stderr)
+        return EXIT_ERROR
+    except MemoryError:
+        print(f"{prefix}: error: out of memory (MemoryError); expected inputs that fit this machine's memory",
+              file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as e:
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+        hint = "" if args.verbose else "; rerun with -v for the traceback"
+        print(f"{prefix}: internal error: {type(e).__name__}: {_one_line(e, 500)}{hint}", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

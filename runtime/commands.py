@@ -122,18 +122,32 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"got {value}; expected an integer >= 1")
-    return value
+# The most candidates a query may ask for (--k): hnswlib searches with a beam ef >= k, the same bound as
+# retrv.runtime.ann.MAX_EF; a million candidates is already past anything a reranker could read.
+MAX_K = 1_000_000
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding and torch.manual_seed both take any 32-bit value
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"got {value}; expected an integer >= 0")
-    return value
+def int_in(lo: int, hi: int | None = None):
+    """An argparse `type` for an integer in [lo, hi]; anything else is argparse's one-line usage error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:  # also a 5,000-digit number (Python's int-from-str limit)
+            value = None
+        if value is None or value < lo or (hi is not None and value > hi):
+            bound = f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}"
+            shown = text if len(text) <= 40 else text[:37] + "..."
+            raise argparse.ArgumentTypeError(f"got {shown!r}; expected {bound}")
+        return value
+
+    parse.__name__ = f"int_in_{lo}_{hi}"
+    return parse
+
+
+positive_int = int_in(1)
+non_negative_int = int_in(0)
 
 
 def _backend_flags(p) -> None:
@@ -144,7 +158,7 @@ def _backend_flags(p) -> None:
 
 def _query_flags(p) -> None:
     p.add_argument("--pack", required=True)
-    p.add_argument("--k", type=positive_int, default=50, help="coarse candidates to rerank")
+    p.add_argument("--k", type=int_in(1, MAX_K), default=50, help="coarse candidates to rerank")
     p.add_argument("--window", type=positive_int, default=20)
     p.add_argument("--stride", type=positive_int, default=10)
     p.add_argument("--think-budget", type=non_negative_int, default=128)
@@ -157,6 +171,7 @@ def _query_flags(p) -> None:
 
 
 def register(sub) -> None:
+    from retrv.runtime.ann import MAX_EF, MAX_M
     from retrv.runtime.index import DEFAULT_EF_CONSTRUCTION, DEFAULT_EF_SEARCH, DEFAULT_M
 
     idx = sub.add_parser("index", help="build, change and inspect an index")
@@ -165,9 +180,9 @@ def register(sub) -> None:
     build.add_argument("pack")
     build.add_argument("corpus", help="M-BEIR candidate JSONL")
     build.add_argument("index", help="output index directory: new, empty, or an index (replaced atomically)")
-    build.add_argument("--m", type=positive_int, default=DEFAULT_M)
-    build.add_argument("--ef-construction", type=positive_int, default=DEFAULT_EF_CONSTRUCTION)
-    build.add_argument("--ef-search", type=positive_int, default=DEFAULT_EF_SEARCH,
+    build.add_argument("--m", type=int_in(2, MAX_M), default=DEFAULT_M)
+    build.add_argument("--ef-construction", type=int_in(1, MAX_EF), default=DEFAULT_EF_CONSTRUCTION)
+    build.add_argument("--ef-search", type=int_in(1, MAX_EF), default=DEFAULT_EF_SEARCH,
                        help="HNSW search breadth; 200 gives recall@10 0.92 on 10k random 128-d vectors, the worst "
                             "case (bench/index.py)")
     build.add_argument("--image-root", default=None,

@@ -43,45 +43,102 @@ def _absent(value) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
-def _resolve(base: Path, value) -> str | None:
-    """An image path, absolute: relative paths are taken against `base` (stored absolute in an index, so the index
-    does not depend on the directory it is used from)."""
-    if _absent(value):
-        return None
-    p = Path(value)
-    return os.path.abspath(p if p.is_absolute() else (base / p))
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."  # a hostile value can be megabytes long
+
+
+class _Row:
+    """One parsed JSONL row and its `file:line`, with typed field access that names the field when it is wrong."""
+
+    def __init__(self, where: str, row: dict) -> None:
+        self.where, self.row = where, row
+
+    def fail(self, msg: str) -> InputError:
+        return InputError(f"{self.where}: {msg}")
+
+    def text(self, key: str) -> str | None:
+        """A string field; null and "" (and whitespace) mean absent, as M-BEIR writes them."""
+        value = self.row.get(key)
+        if _absent(value):
+            return None
+        if not isinstance(value, str):
+            raise self.fail(f"{key}: got {_show(value)} ({type(value).__name__}); expected a string or null")
+        if "\x00" in value:
+            raise self.fail(f"{key}: got {_show(value)}; expected a string without NUL characters")
+        return value
+
+    def ident(self, key: str) -> str:
+        """A required id. M-BEIR ids are strings ("9:123"); a JSON number is refused rather than str()-ed, because
+        5, 5.0 and "5" would then name different candidates and a typo'd schema would load silently."""
+        value = self.text(key)
+        if value is None:
+            raise self.fail(f"missing {key!r}; expected a non-empty string id such as \"9:123\"")
+        return value
+
+    def path(self, key: str, base: Path) -> str | None:
+        value = self.text(key)
+        if value is None:
+            return None
+        p = Path(value)
+        return os.path.abspath(p if p.is_absolute() else (base / p))  # stored absolute in an index
+
+    def ids(self, key: str) -> tuple[str, ...]:
+        value = self.row.get(key)
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(d, str) and d for d in value):
+            raise self.fail(f"{key}: got {_show(value)}; expected a list of non-empty string dids")
+        return tuple(value)
+
+    def integer(self, key: str) -> int | None:
+        value = self.row.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):  # bool is an int subclass
+            raise self.fail(f"{key}: got {_show(value)} ({type(value).__name__}); expected an integer or null")
+        return value
 
 
 def _modality(txt, img) -> str:
     return "image,text" if txt and img else ("image" if img else "text")
 
 
-def _rows(path: str | Path) -> Iterator[tuple[int, dict]]:
+def _rows(path: str | Path) -> Iterator[_Row]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found; expected an M-BEIR JSONL file")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    try:
+        f = open(path, "rb")  # bytes: a bad byte is reported with its line, which a text-mode reader cannot do
+    except OSError as e:
+        raise InputError(f"{path}: cannot be read ({e.strerror or e})") from None
+    with f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{where}: not UTF-8 (byte {e.start} of the line); expected UTF-8 JSON") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: not valid JSON ({e.msg}); expected one object per line") from None
+                raise InputError(f"{where}: not valid JSON ({e.msg}); expected one object per line") from None
+            except (ValueError, RecursionError) as e:  # a 5,000-digit integer; nesting deeper than the stack
+                raise InputError(f"{where}: not valid JSON ({type(e).__name__}); expected one object per line") \
+                    from None
             if not isinstance(row, dict):
-                raise InputError(f"{path}:{n}: got a JSON {type(row).__name__}; expected an object")
-            yield n, row
+                raise InputError(f"{where}: got a JSON {type(row).__name__}; expected an object")
+            yield _Row(where, row)
 
 
-def _candidate(row: dict, where: str, base: Path) -> Candidate:
-    did = row.get("did")
-    if _absent(did):
-        raise InputError(f"{where}: missing 'did'; expected a candidate id")
-    did = str(did)
-    txt, img = (None if _absent(row.get("txt")) else str(row["txt"])), _resolve(base, row.get("img_path"))
+def _candidate(r: "_Row", base: Path) -> Candidate:
+    did = r.ident("did")
+    txt, img = r.text("txt"), r.path("img_path", base)
     if txt is None and img is None:
-        raise InputError(f"{where}: candidate {did!r} has neither 'txt' nor 'img_path'; expected at least one")
-    return Candidate(did=did, txt=txt, img_path=img, modality=row.get("modality") or _modality(txt, img))
+        raise r.fail(f"candidate {_show(did)} has neither 'txt' nor 'img_path'; expected at least one")
+    return Candidate(did=did, txt=txt, img_path=img, modality=r.text("modality") or _modality(txt, img))
 
 
 def _unique(cands: list[Candidate], where: str) -> list[Candidate]:
@@ -98,10 +155,10 @@ def read_candidates(path: str | Path, image_root: str | Path | None = None) -> l
     Image paths are relative to the JSONL file's folder, or to `image_root` when given; returned absolute."""
     base = Path(os.path.abspath(image_root if image_root is not None else Path(path).parent))
     out, seen = [], set()
-    for n, row in _rows(path):
-        c = _candidate(row, f"{path}:{n}", base)
+    for r in _rows(path):
+        c = _candidate(r, base)
         if c.did in seen:
-            raise InputError(f"{path}:{n}: duplicate did {c.did!r}; expected unique candidate ids")
+            raise r.fail(f"duplicate did {_show(c.did)}; expected unique candidate ids")
         seen.add(c.did)
         out.append(c)
     if not out:
@@ -121,7 +178,7 @@ def candidates_from_rows(rows, base: str | Path | None = None) -> list[Candidate
             img = row.img_path and str(root / row.img_path)  # an absolute img_path stays as it is
             out.append(Candidate(row.did, row.txt, img, row.modality))
         elif isinstance(row, dict):
-            out.append(_candidate(row, f"rows[{i}]", root))
+            out.append(_candidate(_Row(f"rows[{i}]", row), root))
         else:
             raise InputError(f"rows[{i}]: got {type(row).__name__}; expected a candidate row (dict) or Candidate")
     return _unique(out, "rows")
@@ -131,24 +188,18 @@ def read_queries(path: str | Path, image_root: str | Path | None = None) -> list
     base = Path(os.path.abspath(image_root if image_root is not None else Path(path).parent))
     out = []
     known = {"qid", "query_txt", "query_img_path", "query_modality", "pos_cand_list", "neg_cand_list", "task_id"}
-    for n, row in _rows(path):
-        qid = row.get("qid")
-        if _absent(qid):
-            raise InputError(f"{path}:{n}: missing 'qid'; expected a query id")
-        txt = None if _absent(row.get("query_txt")) else str(row["query_txt"])
-        img = _resolve(base, row.get("query_img_path"))
+    for r in _rows(path):
+        qid = r.ident("qid")
+        txt, img = r.text("query_txt"), r.path("query_img_path", base)
         if txt is None and img is None:
-            raise InputError(f"{path}:{n}: query {qid!r} has neither 'query_txt' nor 'query_img_path'")
-        pos = row.get("pos_cand_list") or []
-        if not isinstance(pos, list):
-            raise InputError(f"{path}:{n}: pos_cand_list: got {type(pos).__name__}; expected a list of dids")
+            raise r.fail(f"query {_show(qid)} has neither 'query_txt' nor 'query_img_path'")
         out.append(Query(
-            qid=str(qid), query_txt=txt, query_img_path=img,
-            query_modality=row.get("query_modality") or _modality(txt, img),
-            pos_cand_list=tuple(str(d) for d in pos),
-            neg_cand_list=tuple(str(d) for d in (row.get("neg_cand_list") or [])),
-            task_id=row.get("task_id"),
-            extra={k: v for k, v in row.items() if k not in known},
+            qid=qid, query_txt=txt, query_img_path=img,
+            query_modality=r.text("query_modality") or _modality(txt, img),
+            pos_cand_list=r.ids("pos_cand_list"),
+            neg_cand_list=r.ids("neg_cand_list"),
+            task_id=r.integer("task_id"),
+            extra={k: v for k, v in r.row.items() if k not in known},
         ))
     if not out:
         raise InputError(f"{path}: no queries; expected at least one JSONL row")

@@ -373,6 +373,15 @@ class Pack:
         model_config = _parse_config(manifest_path, "model", manifest.model, "retrv.model.config", "ModelConfig")
         preprocessor = _parse_config(manifest_path, "preprocessor", manifest.preprocessor,
                                      "retrv.runtime.preprocess", "ImageProcessorConfig")
+        if "embedder" in manifest.extra:  # a separate coarse-stage embedder's configs (export.pack_export)
+            spec = manifest.extra["embedder"]
+            if not isinstance(spec, dict):
+                raise _fail(f"{manifest_path} 'extra.embedder': got {type(spec).__name__}; expected the embedder's "
+                            f"model and preprocessor configs")
+            _parse_config(manifest_path, "extra.embedder.model", spec.get("model"), "retrv.model.config",
+                          "ModelConfig")
+            _parse_config(manifest_path, "extra.embedder.preprocessor", spec.get("preprocessor"),
+                          "retrv.runtime.preprocess", "ImageProcessorConfig")
         fingerprint = hashlib.sha256(manifest.canonical_json()).hexdigest()
         return cls(root, manifest, model_config, preprocessor, fingerprint)
 

@@ -32,6 +32,9 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_ASPECT_RATIO = 200  # smart_resize refuses anything more elongated (transformers raises the same)
 NUM_CHANNELS = 3
+# Bound on every integer of the config: a terapixel image; far past any real bound, and it keeps smart_resize's
+# float arithmetic (sqrt of pixels / bound) away from OverflowError on a hostile 400-digit value.
+MAX_CONFIG_INT = 1 << 40
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 # PIL's Image.Resampling values, the integers preprocessor_config.json stores under "resample".
 RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
@@ -41,17 +44,21 @@ ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 def _positive_int(name: str, value: Any) -> None:
     # bool is an int subclass; `True` as a patch size is a config typo, not a 1.
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InputError(f"ImageProcessorConfig.{name}: got {value!r}; expected a positive integer")
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_CONFIG_INT:
+        raise InputError(f"ImageProcessorConfig.{name}: got {value!r}; expected a positive integer <= {MAX_CONFIG_INT}")
 
 
 def _float_triple(name: str, value: Any, positive: bool) -> tuple[float, float, float]:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = [value] * NUM_CHANNELS  # transformers broadcasts a scalar mean/std over the channels
+    # A list of numbers only: a string "123" would iterate to (1.0, 2.0, 3.0), and `true` is no float.
+    if not isinstance(value, (list, tuple, np.ndarray)) or not all(
+            isinstance(v, (int, float, np.number)) and not isinstance(v, (bool, np.bool_)) for v in value):
+        raise InputError(f"ImageProcessorConfig.{name}: got {value!r}; expected {NUM_CHANNELS} floats")
     try:
         triple = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        raise InputError(f"ImageProcessorConfig.{name}: got {value!r}; expected {NUM_CHANNELS} floats") from None
+    except OverflowError:  # an integer beyond float range
+        raise InputError(f"ImageProcessorConfig.{name}: got {value!r}; expected {NUM_CHANNELS} finite floats") from None
     if len(triple) != NUM_CHANNELS or not all(math.isfinite(v) for v in triple):
         raise InputError(f"ImageProcessorConfig.{name}: got {value!r}; expected {NUM_CHANNELS} finite floats")
     if positive and min(triple) <= 0:
@@ -89,10 +96,12 @@ class ImageProcessorConfig:
         object.__setattr__(self, "image_mean", _float_triple("image_mean", self.image_mean, positive=False))
         object.__setattr__(self, "image_std", _float_triple("image_std", self.image_std, positive=True))
         rf = self.rescale_factor
-        if isinstance(rf, bool) or not isinstance(rf, (int, float)) or not math.isfinite(rf) or rf <= 0:
+        if isinstance(rf, bool) or not isinstance(rf, (int, float)) or not (0 < rf < math.inf):
+            # a comparison, not math.isfinite: an integer beyond float range must be refused, not OverflowError
             raise InputError(f"ImageProcessorConfig.rescale_factor: got {rf!r}; expected a finite float > 0")
         object.__setattr__(self, "rescale_factor", float(rf))
-        if isinstance(self.resample, bool) or self.resample not in RESAMPLE_NAMES:
+        if isinstance(self.resample, bool) or not isinstance(self.resample, (int, np.integer)) \
+                or self.resample not in RESAMPLE_NAMES:
             raise InputError(
                 f"ImageProcessorConfig.resample: got {self.resample!r}; expected a PIL resampling id in "
                 f"{sorted(RESAMPLE_NAMES)} ({', '.join(f'{k}={v}' for k, v in RESAMPLE_NAMES.items())})"
@@ -176,11 +185,18 @@ class ImageProcessorConfig:
             raise InputError(f"preprocessor config '{path}': file not found") from None
         except OSError as e:
             raise InputError(f"preprocessor config '{path}': cannot be read ({e.strerror or e})") from None
+        except UnicodeDecodeError as e:
+            raise InputError(f"preprocessor config '{path}': not UTF-8 (byte {e.start}); expected JSON") from None
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise InputError(f"preprocessor config '{path}': invalid JSON at line {e.lineno} ({e.msg})") from None
-        return cls.from_dict(d)
+        except (ValueError, RecursionError) as e:  # a 5,000-digit integer; nesting deeper than the stack
+            raise InputError(f"preprocessor config '{path}': invalid JSON ({type(e).__name__})") from None
+        try:
+            return cls.from_dict(d)
+        except InputError as e:
+            raise InputError(f"preprocessor config '{path}': {e}") from None
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:

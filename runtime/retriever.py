@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +17,14 @@ from retrv.runtime.backends.base import Backend
 from retrv.runtime.budget import Budget
 from retrv.runtime.corpus import Candidate
 from retrv.runtime.embedding import EmbedItem, Embedder
-from retrv.runtime.errors import InputError
+from retrv.runtime.errors import InputError, PackError
 from retrv.runtime.positions import vision_graph_inputs
 from retrv.runtime.preprocess import preprocess_image
 from retrv.runtime.prompt import PromptTokenizer
 from retrv.runtime.rerank import Reranker, RerankResult
 from retrv.runtime.rerank_prompt import CandidateInput, PromptBuilder, QueryInput, pad_batch
+
+logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "ort", "trt", "torch")
 
@@ -50,7 +53,39 @@ def open_backend(pack, name: str = "auto", checkpoint: str | Path | None = None,
         raise InputError("--backend torch: needs --checkpoint CKPT (the checkpoint the pack was exported from)")
     from retrv.runtime.backends.torch_backend import TorchBackend
 
+    check_source_checkpoint(pack, checkpoint)
     return TorchBackend.from_checkpoint(checkpoint)
+
+
+def check_source_checkpoint(pack, checkpoint: str | Path) -> None:
+    """Refuse a --checkpoint that is not the one `pack` was exported from: the PyTorch backend would run another
+    model over the pack's tokenizer, embedding table and index, and rank meaninglessly.
+
+    The exporter records `extra.source_fingerprint` (`retrv.model.files.source_fingerprint`: config, shard names
+    and sizes, sampled weight bytes; about 1 MiB read per shard). A pack exported before it was recorded is
+    checked on its model config alone and accepted with a warning: refusing would lock every older pack out of
+    the fallback backend, and the config check already catches another architecture; what it cannot catch is
+    another training run of the same architecture, which the warning says.
+    """
+    from retrv.model.config import read_config
+    from retrv.model.files import source_fingerprint
+
+    where = f"--checkpoint {checkpoint}"
+    if read_config(checkpoint) != pack.model_config:
+        raise InputError(f"{where}: its config.json differs from the model of pack {pack.path}; expected the "
+                         f"checkpoint the pack was exported from")
+    extra = pack.manifest.extra
+    want = extra.get("source_fingerprint")
+    if want is None:
+        logger.warning("pack %s records no source fingerprint (exported by an older retrv-edge): --checkpoint %s "
+                       "has the same model config, but whether it holds the same weights cannot be checked; "
+                       "re-export the pack to record it", pack.path, checkpoint)
+        return
+    got = source_fingerprint(checkpoint)
+    if got != want:
+        source = extra.get("source_checkpoint")
+        raise InputError(f"{where}: source fingerprint {got[:16]}; expected {str(want)[:16]} (pack {pack.path} was "
+                         f"exported from {source!r}): not the pack's source checkpoint (other weights)")
 
 
 def _trt_ready(pack) -> bool:
@@ -83,7 +118,10 @@ class Components:
         from retrv.model.config import ModelConfig
         from retrv.runtime.preprocess import ImageProcessorConfig
 
-        spec = pack.manifest.extra["embedder"]
+        spec = pack.manifest.extra.get("embedder")  # checked by Pack.open when present
+        if spec is None:
+            raise PackError(f"{pack.path}: lists an 'embedder' graph but no extra.embedder configs; expected both "
+                            f"(written by `retrv export --embedder`)")
         cfg, proc = ModelConfig.from_dict(spec["model"]), ImageProcessorConfig.from_dict(spec["preprocessor"])
         table = np.load(pack.file("embedder_embed_tokens"), mmap_mode="r", allow_pickle=False)
         builder = PromptBuilder(PromptTokenizer(pack.file("embedder_tokenizer")), cfg, table)

@@ -277,7 +277,7 @@ def test_invalid_model_config_is_refused_on_open(pack_dir):
     refused(pack_dir, str(pack_dir / MANIFEST_NAME), "'model'", "hidden_size")
     d["model"] = {"text": {}}
     write_raw_manifest(pack_dir, d)
-    refused(pack_dir, "'model'", "not a valid ModelConfig")
+    refused(pack_dir, "'model'", "missing fields", "vision")
 
 
 def test_verify_size_catches_truncation_but_not_same_size_modification(pack_dir):
