@@ -236,3 +236,80 @@ def test_fuzz_ann_meta_bytes(ann_meta, data):
     path, _ = ann_meta
     path.write_bytes(data)
     outcome(read_meta, path)
+
+
+# --- index.json, the index's rows, the token cache's cache.json --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def index_dir(scratch):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from index_worker import FakeEncoder, rows
+
+    from retrv.runtime.index import Index
+
+    Index.build(FakeEncoder(), rows("b", 0, 6), scratch / "index")
+    root = scratch / "index"
+    return root, {name: (root / name).read_bytes() for name in ("index.json", "g000001/cache.json",
+                                                                "g000001/candidates.jsonl")}
+
+
+def _restore(root, originals):
+    for name, data in originals.items():
+        (root / name).write_bytes(data)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_index_json(index_dir, data):
+    from retrv.runtime.index import Index
+
+    root, originals = index_dir
+    _restore(root, originals)
+    (root / "index.json").write_text(dumps(data.draw(mutated(json.loads(originals["index.json"])))))
+    outcome(Index.open, root)
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_fuzz_index_json_bytes(index_dir, data):
+    from retrv.runtime.index import Index
+
+    root, originals = index_dir
+    _restore(root, originals)
+    (root / "index.json").write_bytes(data)
+    outcome(Index.open, root)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_token_cache_json(index_dir, data):
+    from retrv.runtime.token_cache import TokenCache
+
+    root, originals = index_dir
+    _restore(root, originals)
+    meta = root / "g000001" / "cache.json"
+    meta.write_text(dumps(data.draw(mutated(json.loads(originals["g000001/cache.json"])))))
+    outcome(TokenCache.open, root / "cache", "full", meta)
+
+
+@FUZZ
+@given(_rows(["did", "txt", "img_path", "modality", "deleted"]) | st.binary(max_size=300))
+def test_fuzz_index_rows(scratch, rows_or_bytes):
+    from retrv.runtime.index import _read_rows
+
+    path = scratch / "rows.jsonl"
+    if isinstance(rows_or_bytes, bytes):
+        path.write_bytes(rows_or_bytes)
+    else:
+        path.write_text("".join(dumps(r) + "\n" for r in rows_or_bytes))
+    outcome(_read_rows, path)
+
+
+def test_fuzz_fixture_index_opens(index_dir):
+    from retrv.runtime.index import Index
+
+    root, originals = index_dir
+    _restore(root, originals)
+    assert Index.open(root).meta.count == 6
