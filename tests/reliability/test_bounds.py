@@ -142,16 +142,21 @@ def test_a_prompt_that_fills_the_context_is_refused(env):
 
 @pytest.fixture
 def encode_spy(monkeypatch):
-    """Lengths of every text handed to the tokenizer."""
+    """Lengths of every text handed to the tokenizer; one past the character limit fails the test at once."""
     seen: list[int] = []
     real_encode, real_render = PromptTokenizer.encode_text, PromptTokenizer.render
 
+    def record(n):
+        seen.append(n)
+        if n > CONTEXT * MAX_CHARS_PER_TOKEN:
+            raise AssertionError(f"the tokenizer was handed {n} characters")
+
     def encode_text(self, text):
-        seen.append(len(text))
+        record(len(text))
         return real_encode(self, text)
 
     def render(self, messages, counts, add_generation_prompt=True):
-        seen.append(len(self.template.render(messages, add_generation_prompt)))
+        record(len(self.template.render(messages, add_generation_prompt)))
         return real_render(self, messages, counts, add_generation_prompt)
 
     monkeypatch.setattr(PromptTokenizer, "encode_text", encode_text)
@@ -185,6 +190,21 @@ def world(tmp_path_factory):
     return root, pack_dir, root / "index"
 
 
+@pytest.fixture
+def ort_context_guard(monkeypatch):
+    """ONNX Runtime would run past the context silently (its rotary tables are computed): make it refuse."""
+    from retrv.runtime.backends.ort import OrtBackend
+
+    real = OrtBackend.step
+
+    def step(self, state, inputs_embeds, position_ids, attention_mask):
+        if state.length + inputs_embeds.shape[1] > CONTEXT:
+            raise AssertionError(f"fed past the context: {state.length + inputs_embeds.shape[1]} tokens")
+        return real(self, state, inputs_embeds, position_ids, attention_mask)
+
+    monkeypatch.setattr(OrtBackend, "step", step)
+
+
 def _cli(argv):
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
@@ -192,7 +212,7 @@ def _cli(argv):
     return rc, out.getvalue(), err.getvalue()
 
 
-def test_generate_json_reports_the_capped_max_new_tokens(world):
+def test_generate_json_reports_the_capped_max_new_tokens(world, ort_context_guard):
     _, pack_dir, _ = world
     rc, out, _ = _cli(["generate", str(pack_dir), "--prompt", "hi", "--max-new-tokens", str(10**20), "--json"])
     d = json.loads(out)
@@ -203,7 +223,7 @@ def test_generate_json_reports_the_capped_max_new_tokens(world):
     assert rc == 2 and err.count("\n") == 1 and "prompt: got 100,000 characters" in err
 
 
-def test_search_with_huge_numbers_caps_and_reports_them(world):
+def test_search_with_huge_numbers_caps_and_reports_them(world, ort_context_guard):
     _, pack_dir, index_dir = world
     rc, out, err = _cli(["search", str(index_dir), "--pack", str(pack_dir), "--text", "picture 2", "--k", str(10**20),
                          "--think-budget", str(10**12), "--token-budget", str(10**30), "--json"])
