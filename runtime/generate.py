@@ -88,8 +88,10 @@ class Generator:
     def generate(self, prompt: str, images=(), max_new_tokens: int = 32, stop_at_eos: bool = True) -> GenerationResult:
         """Prompt and generated tokens together never exceed the model's context: a larger `max_new_tokens` is
         capped (and reported in `limits`); a prompt that alone fills the context is refused."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens: got {max_new_tokens!r}; expected an integer >= 1")
+        n = max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise InputError(f"max_new_tokens: got {n!r}; expected an integer >= 1")
+        max_new_tokens = int(n)
         context = context_of(self.cfg)
         check_text("prompt", prompt, context)
         timings: dict[str, float] = {}

@@ -201,8 +201,9 @@ class Retriever:
                window: int = 20, stride: int = 10, rerank: bool = True) -> SearchResult:
         if text is None and image is None:
             raise InputError("search: got neither --text nor --image; expected at least one")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise InputError(f"k: got {k!r}; expected an integer >= 1")
+        k = int(k)
         check_text("query text", text, context_of(self.c.cfg))
         clock, timings = time.perf_counter, {}
         t_start = t0 = clock()

@@ -234,6 +234,13 @@ def test_search_with_huge_numbers_caps_and_reports_them(world, ort_context_guard
     assert d["limits"]["think"]["asked"] == 10**12 and d["limits"]["think"]["capped_to"] == CONTEXT
     assert d["limits"]["token"]["capped_to"] == CONTEXT
     assert all(w["tokens"] <= CONTEXT for w in d["windows"]) and d["tokens"]["total_tokens"] <= CONTEXT
+    write_jsonl(index_dir.parent / "queries.jsonl", [{"qid": "q", "query_txt": "picture 1", "query_img_path": "",
+                                                      "pos_cand_list": ["c1"], "task_id": 0}])
+    rc, out, err = _cli(["eval", str(index_dir), "--pack", str(pack_dir), "--queries",
+                         str(index_dir.parent / "queries.jsonl"), "--think-budget", str(10**12), "--json"])
+    assert rc == 0, err
+    assert json.loads(out)["limits"]["think"] == {"asked": 10**12, "capped_to": CONTEXT,
+                                                  "reason": f"context {CONTEXT} tokens x 1 window"}
     rc, _, err = _cli(["search", str(index_dir), "--pack", str(pack_dir), "--text", HUGE_TEXT])
     assert rc == 2 and err.count("\n") == 1 and "query text: got 100,000 characters" in err
 
