@@ -199,11 +199,11 @@ class PackFeeds:
         """What the index caches per candidate: merged image tokens, or the embedded caption for a text item."""
         if item.image:
             return self.image_tokens(item.image)[0]
-        return self.gen.lookup(self.gen.tokenizer.encode_text(item.text))
+        return self.gen.lookup(self.gen.text_ids(item.text, "calibration text"))
 
     def text_tokens(self, item: CalibItem) -> np.ndarray:
         if item.text:
-            return self.gen.lookup(self.gen.tokenizer.encode_text(item.text))
+            return self.gen.lookup(self.gen.text_ids(item.text, "calibration text"))
         return self.image_tokens(item.image)[0]
 
 

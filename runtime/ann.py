@@ -374,7 +374,7 @@ class HnswIndex:
             if min(k, len(self._live)) <= self._params.ef_search:
                 return self._search_locked(q, k, num_threads)
         with self._lock.write():
-            self._index.set_ef(max(k, self._params.ef_search))
+            self._index.set_ef(max(min(k, len(self._live)), self._params.ef_search))  # hnswlib's ef is a C int
             try:
                 return self._search_locked(q, k, num_threads)
             finally:

@@ -8,13 +8,18 @@
 
 With several windows, each window may spend at most `remaining // windows_left` of each budget, so the windows
 processed first (the tail of the coarse list) cannot starve the head.
+
+The model's context is one more budget, per window (each window is its own decoder sequence): a window never
+feeds more than `max_position_embeddings` tokens, and runs out of it the way it runs out of `token` (reported as
+"context"). `fit_budget` caps the budgets to what the windows' contexts can ever hold and says which it capped.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from retrv.runtime.errors import InputError
+from retrv.runtime.limits import Cap, cap
 
 
 @dataclass(frozen=True)
@@ -56,14 +61,25 @@ class WindowAllowance:
     inspect: int
     tool: int
     token: int | None
+    context: int | None = None  # the model's context: the most tokens this window's decoder sequence may hold
     spent: Usage = field(default_factory=Usage)
     exhausted: set[str] = field(default_factory=set)
 
     def tokens_left(self) -> float:
-        return float("inf") if self.token is None else self.token - self.spent.token
+        return min(self._left(self.token), self._left(self.context))
+
+    def _left(self, limit: int | None) -> float:
+        return float("inf") if limit is None else limit - self.spent.token
+
+    def blocked(self, n: int, reserve: int = 0) -> str | None:
+        """Which limit feeding `n` tokens (keeping `reserve` for the answer) would break: "context" (the model's),
+        "token" (the query's budget), or None when they fit."""
+        if n + reserve <= self.tokens_left():
+            return None
+        return "token" if self._left(self.token) < self._left(self.context) else "context"  # a tie: the context
 
     def can_feed(self, n: int, reserve: int = 0) -> bool:
-        return n + reserve <= self.tokens_left()
+        return self.blocked(n, reserve) is None
 
     def feed(self, n: int) -> None:
         if not self.can_feed(n):  # the loop checks first; reaching this is a bug, never a silent overrun
@@ -74,10 +90,10 @@ class WindowAllowance:
 class Ledger:
     """Per-query budget accounting across windows."""
 
-    def __init__(self, budget: Budget, windows: int) -> None:
+    def __init__(self, budget: Budget, windows: int, context: int | None = None) -> None:
         if windows < 1:
             raise InputError(f"windows: got {windows}; expected >= 1")
-        self.budget = budget
+        self.budget, self.context = budget, context
         self.windows_left = windows
         self.used = Usage()
         self.exhausted: set[str] = set()
@@ -94,9 +110,34 @@ class Ledger:
             inspect=self._share(b.inspect, u.inspect),
             tool=self._share(b.tool, u.tool),
             token=self._share(b.token, u.token),
+            context=self.context,
         )
 
     def close_window(self, allowance: WindowAllowance) -> None:
         self.used.add(allowance.spent)
         self.exhausted |= allowance.exhausted
         self.windows_left -= 1
+
+
+def fit_budget(budget: Budget, context: int, window_sizes: list[int]) -> tuple[Budget, dict[str, Cap]]:
+    """Cap each budget to what the windows can ever spend: per window, at most `context` tokens fed (so at most
+    that many think tokens, tool calls or tokens) and one inspection per candidate. -> (the budget to run, the caps
+    by budget name, empty when nothing was capped)."""
+    windows = len(window_sizes)
+    room = context * windows
+    per = f"context {context} tokens x {windows} window{'s' if windows > 1 else ''}"
+    ceilings = {
+        "think": (room, per),
+        "inspect": (sum(window_sizes), f"one inspection per candidate per window: {sum(window_sizes)} in all"),
+        "tool": (room, per),
+        "token": (room, per),
+    }
+    values, caps = {}, {}
+    for name, (ceiling, reason) in ceilings.items():
+        asked = getattr(budget, name)
+        if asked is None:
+            continue
+        values[name], c = cap(asked, ceiling, reason)
+        if c is not None:
+            caps[name] = c
+    return (replace(budget, **values) if caps else budget), caps

@@ -48,6 +48,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(result.text)
         print(f"[{len(result.prompt_ids)} prompt tokens, {len(result.token_ids)} generated; "
               + ", ".join(f"{k} {v:.1f} ms" for k, v in result.timings_ms.items()) + "]", file=sys.stderr)
+        for name, c in result.limits.items():
+            print(f"[--{name.replace('_', '-')} {c.asked} capped to {c.capped_to}: {c.reason}]", file=sys.stderr)
     return 0
 
 
@@ -78,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("pack")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--image", action="append", help="image path; repeat for several, in order")
-    gen.add_argument("--max-new-tokens", type=positive_int, default=32)
+    gen.add_argument("--max-new-tokens", type=positive_int, default=32,
+                     help="a ceiling: capped to what fits the model's context after the prompt (reported)")
     gen.add_argument("--backend", default="auto", choices=["auto", "ort"])
     gen.add_argument("--provider", default=None, choices=["auto", "cpu", "cuda"], help="ONNX Runtime provider")
     gen.add_argument("--json", action="store_true", help="print one JSON object")

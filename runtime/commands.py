@@ -95,6 +95,8 @@ def cmd_search(args) -> int:
     t = d["tokens"]
     print(f"answer {d['answer']}; {t['prefill_tokens']} prefill + {t['think_tokens']} think tokens, "
           f"{t['inspected']} inspected, exhausted {t['budget_exhausted'] or 'none'}", file=sys.stderr)
+    for name, c in d["limits"].items():
+        print(f"{name} {c['asked']} capped to {c['capped_to']}: {c['reason']}", file=sys.stderr)
     return 0
 
 
@@ -161,10 +163,12 @@ def _query_flags(p) -> None:
     p.add_argument("--k", type=int_in(1, MAX_K), default=50, help="coarse candidates to rerank")
     p.add_argument("--window", type=positive_int, default=20)
     p.add_argument("--stride", type=positive_int, default=10)
+    # Budgets are ceilings: one larger than the windows' contexts can hold is capped, and --json reports it.
     p.add_argument("--think-budget", type=non_negative_int, default=128)
     p.add_argument("--inspect-budget", type=non_negative_int, default=3)
     p.add_argument("--tool-budget", type=non_negative_int, default=3)
-    p.add_argument("--token-budget", type=positive_int, default=None)
+    p.add_argument("--token-budget", type=positive_int, default=None,
+                   help="tokens the decoder may process per query (default: as many as the windows' contexts hold)")
     p.add_argument("--no-rerank", action="store_true", help="coarse stage only")
     p.add_argument("--json", action="store_true")
     _backend_flags(p)

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from retrv.runtime.errors import InputError
+from retrv.runtime.limits import check_tokens, context_of
 from retrv.runtime.rerank_prompt import Piece, PromptBuilder
 
 
@@ -72,6 +73,8 @@ class Embedder:
         """-> (n, H) float32, L2-normalised."""
         items = self._own_tokens(items)
         seqs = [self.builder.assemble(self.pieces(it, role), 0) for it in items]
+        for ids, _, _ in seqs:  # one sequence per item: each must fit the embedding model's context
+            check_tokens(role, len(ids), context_of(self.builder.cfg))
         longest = max(len(ids) for ids, _, _ in seqs)
         h = seqs[0][1].shape[1]
         embeds = np.zeros((len(seqs), longest, h), np.float32)

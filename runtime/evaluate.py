@@ -23,6 +23,7 @@ def evaluate(retriever, queries: list[Query], k: int = 50, budget: Budget | None
     log = LatencyLog()
     tokens = {"prefill_tokens": [], "think_tokens": [], "inspected": [], "total_tokens": []}
     fallbacks = forced = 0
+    limits: dict[str, dict] = {}  # requests capped to fit (the first query's cap of each name)
     for i, q in enumerate(queries):
         res = retriever.search(text=q.query_txt, image=q.query_img_path, k=k, budget=budget, window=window,
                                stride=stride, rerank=rerank)
@@ -34,6 +35,8 @@ def evaluate(retriever, queries: list[Query], k: int = 50, budget: Budget | None
         for key in tokens:
             tokens[key].append(d["tokens"][key])
         fallbacks += d["flags"]["fallback"]
+        for name, c in d["limits"].items():
+            limits.setdefault(name, c)
         forced += d["flags"]["forced_answer"]
         if progress:
             progress(i + 1, len(queries))
@@ -43,6 +46,7 @@ def evaluate(retriever, queries: list[Query], k: int = 50, budget: Budget | None
         "latency_ms": log.summary(),
         "settings": {"k": k, "window": window, "stride": stride, "rerank": rerank,
                      "budget": (budget or Budget()).to_dict()},
+        "limits": limits,
     }
     negatives = [list(q.neg_cand_list) for q in queries]
     if any(negatives):

@@ -16,6 +16,7 @@ from retrv.model.config import ModelConfig
 from retrv.runtime import positions
 from retrv.runtime.backends.base import Backend
 from retrv.runtime.errors import InputError
+from retrv.runtime.limits import Cap, cap, check_text, check_tokens, context_of
 from retrv.runtime.preprocess import ImageProcessorConfig, preprocess_images
 from retrv.runtime.prompt import PromptTokenizer
 
@@ -26,9 +27,11 @@ class GenerationResult:
     token_ids: list[int]
     text: str
     timings_ms: dict[str, float] = field(default_factory=dict)
+    limits: dict[str, Cap] = field(default_factory=dict)  # requests capped to fit the context, by name
 
     def to_dict(self) -> dict:
         return {"prompt_ids": self.prompt_ids, "token_ids": self.token_ids, "text": self.text,
+                "limits": {k: c.to_dict() for k, c in self.limits.items()},
                 "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()}}
 
 
@@ -59,7 +62,13 @@ class Generator:
         feeds["patches"] = patches
         return self.backend.vision(feeds), grids
 
+    def text_ids(self, text: str, name: str = "text") -> list[int]:
+        """A user-supplied text fragment's ids, refused first when too long to fit the context."""
+        check_text(name, text, context_of(self.cfg))
+        return self.tokenizer.encode_text(text)
+
     def render(self, prompt: str, grids: np.ndarray) -> list[int]:
+        check_text("prompt", prompt, context_of(self.cfg))
         merge = self.cfg.vision.spatial_merge_size ** 2
         content = [{"type": "image"} for _ in range(len(grids))] + [{"type": "text", "text": prompt}]
         counts = [int(np.prod(g)) // merge for g in grids]
@@ -77,8 +86,14 @@ class Generator:
 
     # -- the loop --------------------------------------------------------------------------------------------------
     def generate(self, prompt: str, images=(), max_new_tokens: int = 32, stop_at_eos: bool = True) -> GenerationResult:
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens: got {max_new_tokens}; expected >= 1")
+        """Prompt and generated tokens together never exceed the model's context: a larger `max_new_tokens` is
+        capped (and reported in `limits`); a prompt that alone fills the context is refused."""
+        n = max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise InputError(f"max_new_tokens: got {n!r}; expected an integer >= 1")
+        max_new_tokens = int(n)
+        context = context_of(self.cfg)
+        check_text("prompt", prompt, context)
         timings: dict[str, float] = {}
         clock = time.perf_counter
 
@@ -90,6 +105,8 @@ class Generator:
 
         t0 = clock()
         ids = self.render(prompt, grids)
+        check_tokens("prompt", len(ids), context, room=1, why="one generated token")
+        max_new_tokens, capped = cap(max_new_tokens, context - len(ids), f"context {context} - prompt {len(ids)}")
         embeds = self.prompt_embeds(ids, image_tokens)
         pos, _ = positions.rope_index(
             np.asarray([ids]), grids if len(grids) else None, None,
@@ -117,7 +134,8 @@ class Generator:
         if len(tokens) > 1:
             timings["ms_per_token"] = timings["decode"] / (len(tokens) - 1)
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        return GenerationResult(prompt_ids=list(ids), token_ids=tokens, text=text, timings_ms=timings)
+        return GenerationResult(prompt_ids=list(ids), token_ids=tokens, text=text, timings_ms=timings,
+                                limits={"max_new_tokens": capped} if capped else {})
 
 
 def load_pack_generator(pack_dir: str | Path, backend: str = "auto", **backend_kwargs) -> Generator:

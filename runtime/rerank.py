@@ -19,8 +19,9 @@ import numpy as np
 
 from retrv.runtime.answer import AnswerTrie, parse_index
 from retrv.runtime.backends.base import Backend
-from retrv.runtime.budget import Budget, Ledger, Usage, WindowAllowance
+from retrv.runtime.budget import Budget, Ledger, Usage, WindowAllowance, fit_budget
 from retrv.runtime.errors import InputError
+from retrv.runtime.limits import Cap, check_text, context_of
 from retrv.runtime.rerank_prompt import CandidateInput, Piece, PromptBuilder, QueryInput, RerankTemplate, pad_batch
 from retrv.runtime.rerank_tools import ToolSession
 
@@ -45,7 +46,8 @@ class WindowTrace:
     candidates: list[int]  # indices into the coarse list, in the order the window showed them
     choice: int | None = None  # 0-based within the window
     forced: bool = False
-    fallback: str | None = None  # why the window kept its order: "no_answer", "invalid_answer", "token_budget"
+    fallback: str | None = None  # why the window kept its order: "no_answer", "invalid_answer", "token_budget",
+    # "context_budget" (its prompt and the answer would not fit the token budget / the model's context)
     inspected: list[int] = field(default_factory=list)  # 0-based within the window
     ranking: list[int] | None = None  # listwise (V-Retrver): a 0-based permutation of the window
     repairs: list[str] = field(default_factory=list)  # what was fixed in a listwise answer
@@ -67,6 +69,7 @@ class RerankResult:
     usage: Usage
     exhausted: list[str]
     timings_ms: dict
+    limits: dict[str, Cap] = field(default_factory=dict)  # budgets capped to what the windows' contexts can hold
 
     @property
     def fallback(self) -> bool:
@@ -153,12 +156,16 @@ class Reranker:
                window: int = 20, stride: int = 10) -> RerankResult:
         if not cands:
             raise InputError("candidates: got none; expected at least one to rerank")
-        budget = budget or Budget()
+        context = context_of(self.cfg)
+        check_text("query text", query.text, context)
+        for c in cands:
+            check_text(f"candidate {c.did!r} text", c.text, context)
         timings: dict[str, float] = {}
         icm = self._icm(query, cands, timings) if self.use_icm else None
         order = list(range(len(cands)))
         starts = window_starts(len(cands), window, stride)
-        ledger = Ledger(budget, len(starts))
+        budget, caps = fit_budget(budget or Budget(), context, [len(order[s:s + window]) for s in starts])
+        ledger = Ledger(budget, len(starts), context)
         traces = []
         for start in starts:
             idx = order[start:start + window]
@@ -177,7 +184,7 @@ class Reranker:
             for k, v in w.timings_ms.items():
                 timings[k] = timings.get(k, 0.0) + v
         return RerankResult(order=order, windows=traces, usage=ledger.used, exhausted=sorted(ledger.exhausted),
-                            timings_ms=timings)
+                            timings_ms=timings, limits=caps)
 
     # -- ICM -----------------------------------------------------------------------------------------------------
     def _icm(self, query: QueryInput, cands: list[CandidateInput], timings: dict) -> np.ndarray:
@@ -201,9 +208,10 @@ class Reranker:
         prompt = (self.builder.listwise_prompt(query, cands) if self.method == "listwise"
                   else self.builder.window_prompt(query, cands, icm))
         w = _Window(self, allow, trace)
-        if not allow.can_feed(w.cost(prompt), reserve):
-            allow.exhausted.add("token")
-            trace.fallback = "token_budget"
+        short = allow.blocked(w.cost(prompt), reserve)
+        if short:
+            allow.exhausted.add(short)
+            trace.fallback = f"{short}_budget"
             return trace
         t0 = time.perf_counter()
         w.feed(prompt)
@@ -232,8 +240,9 @@ class Reranker:
             if allow.spent.think >= allow.think:
                 allow.exhausted.add("think")
                 return self._force(w, trie, generated)
-            if not allow.can_feed(1, reserve):
-                allow.exhausted.add("token")
+            short = allow.blocked(1, reserve)  # the model's context runs out like the token budget
+            if short:
+                allow.exhausted.add(short)
                 return self._force(w, trie, generated)
             allow.spent.think += 1
             w.taken(tok)
@@ -275,14 +284,16 @@ class Reranker:
         else:
             chunk = [end, self.builder.text(t.inspected_prefix.format(i=i))] + \
                 self.builder.full_candidate(cands[i - 1]) + [self.builder.text("\n")]
-            if allow.can_feed(w.cost(chunk), reserve):
+            short = allow.blocked(w.cost(chunk), reserve)  # the candidate must fit, and the answer after it
+            if short is None:
                 allow.spent.inspect += 1
                 trace.inspected.append(i - 1)
             else:
-                allow.exhausted.add("token")
+                allow.exhausted.add(short)
                 chunk = [end, self.builder.text(t.marker_token_budget)]
-        if not allow.can_feed(w.cost(chunk), reserve):
-            allow.exhausted.add("token")
+        short = allow.blocked(w.cost(chunk), reserve)
+        if short:
+            allow.exhausted.add(short)
             return self._force(w, trie, generated)
         w.feed(chunk)
 

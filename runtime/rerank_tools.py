@@ -49,8 +49,9 @@ class ToolSession:
             allow.spent.tool += 1
             result = self.server.run(body[start + len(t.tool_open):])
         pieces = self._observation(result)
-        if not allow.can_feed(w.cost(pieces), reserve):
-            allow.exhausted.add("token")
+        short = allow.blocked(w.cost(pieces), reserve)
+        if short:
+            allow.exhausted.add(short)
             pieces = [rr.builder.text(t.observation_prefix + t.marker_token_budget.strip() + t.observation_suffix)]
             if not allow.can_feed(w.cost(pieces), reserve):
                 rr._force(w, trie, generated)

@@ -18,6 +18,7 @@ from retrv.runtime.budget import Budget
 from retrv.runtime.corpus import Candidate
 from retrv.runtime.embedding import EmbedItem, Embedder
 from retrv.runtime.errors import InputError, PackError
+from retrv.runtime.limits import Cap, check_text, context_of
 from retrv.runtime.positions import vision_graph_inputs
 from retrv.runtime.preprocess import preprocess_image
 from retrv.runtime.prompt import PromptTokenizer
@@ -172,6 +173,9 @@ class CandidateEncoder:
         self.template = components.embedder.t.to_dict()
 
     def encode(self, cands: list[Candidate]) -> EncodedBatch:
+        context = context_of(self.c.cfg)
+        for c in cands:  # before any tokenizing: a text that cannot fit is refused, whatever its length
+            check_text(f"candidate {c.did!r} text", c.txt, context)
         with_image = [c for c in cands if c.img_path]
         encoded = dict(zip((c.did for c in with_image), self.c.encode_images([c.img_path for c in with_image])))
         empty = np.zeros((0, self.hidden), np.float32)
@@ -197,6 +201,7 @@ class SearchResult:
     answer: str | None
     rerank: RerankResult | None
     timings_ms: dict = field(default_factory=dict)
+    limits: dict[str, Cap] = field(default_factory=dict)  # requests capped (k to the index, budgets to the context)
 
     def to_dict(self, trace: bool = True) -> dict:
         r = self.rerank
@@ -211,9 +216,11 @@ class SearchResult:
             flags.update(fallback=r.fallback, forced_answer=r.forced)
             windows = [{"start": w.start, "choice": w.choice, "ranking": w.ranking, "forced": w.forced,
                         "fallback": w.fallback, "inspected": w.inspected, "repairs": w.repairs,
+                        "tokens": w.usage.token,
                         "tool_calls": [{k: c[k] for k in ("name", "ok")} for c in w.tool_calls],
                         **({"text": w.text} if trace else {})} for w in r.windows]
         return {"ranked": self.ranked, "answer": self.answer, "tokens": tokens, "flags": flags, "windows": windows,
+                "limits": {k: c.to_dict() for k, c in self.limits.items()},
                 "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()}}
 
 
@@ -232,8 +239,10 @@ class Retriever:
                window: int = 20, stride: int = 10, rerank: bool = True) -> SearchResult:
         if text is None and image is None:
             raise InputError("search: got neither --text nor --image; expected at least one")
-        if k < 1:
-            raise InputError(f"k: got {k}; expected >= 1")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise InputError(f"k: got {k!r}; expected an integer >= 1")
+        k = int(k)
+        check_text("query text", text, context_of(self.c.cfg))
         clock, timings = time.perf_counter, {}
         t_start = t0 = clock()
         q_tokens, q_grid = (None, None)
@@ -251,6 +260,8 @@ class Retriever:
         ranked = [{"did": snap.row(lab)["did"], "score": float(s), "coarse_rank": i}
                   for i, (lab, s) in enumerate(zip(labels, scores))]
         result = SearchResult(ranked=ranked, answer=None, rerank=None, timings_ms=timings)
+        if len(ranked) < k:
+            result.limits["k"] = Cap(k, len(ranked), f"the index holds {len(ranked)} candidates")
         if rerank and labels:
             t0 = clock()
             cands = [self._candidate(snap, lab, s) for lab, s in zip(labels, scores)]
@@ -260,6 +271,7 @@ class Retriever:
             timings.update(r.timings_ms)
             result.ranked = [ranked[i] for i in r.order]
             result.rerank = r
+            result.limits.update(r.limits)
             result.answer = result.ranked[0]["did"] if r.answered else None
         timings["total"] = (clock() - t_start) * 1e3
         return result
