@@ -63,10 +63,10 @@ class TransformersBaseline:
         import transformers
 
         from retrv.model.config import read_config
-        from retrv.runtime.embedding import Embedder
-        from retrv.runtime.index import Index
-        from retrv.runtime.prompt import PromptTokenizer
-        from retrv.runtime.rerank_prompt import PromptBuilder, RerankTemplate
+        from retrv.runtime.inputs.embedding import Embedder
+        from retrv.runtime.index.store import Index
+        from retrv.runtime.inputs.prompt import PromptTokenizer
+        from retrv.runtime.rerank.prompt import PromptBuilder, RerankTemplate
 
         self.torch = torch
         ckpt = Path(ckpt)
@@ -78,9 +78,9 @@ class TransformersBaseline:
             self.processor_name = type(self.processor).__name__
         except Exception:  # noqa: BLE001 - fall back to the project's numpy port, identical output
             self.processor = None
-            self.processor_name = "retrv.runtime.preprocess (transformers' image processor failed to load)"
+            self.processor_name = "retrv.runtime.inputs.preprocess (transformers' image processor failed to load)"
         self.cfg = read_config(ckpt)
-        from retrv.runtime.preprocess import ImageProcessorConfig
+        from retrv.runtime.inputs.preprocess import ImageProcessorConfig
 
         self.proc_cfg = ImageProcessorConfig.from_file(ckpt / "preprocessor_config.json")
         self.tok = PromptTokenizer(ckpt / "tokenizer.json")
@@ -93,7 +93,7 @@ class TransformersBaseline:
         self.vision_clock = _Clock(self.model.model.visual)
 
     def open_index(self, index_dir) -> None:
-        from retrv.runtime.index import Index
+        from retrv.runtime.index.store import Index
 
         self.index = Index.open(index_dir)
 
@@ -107,7 +107,7 @@ class TransformersBaseline:
             pil = [Image.open(p).convert("RGB") if isinstance(p, (str, Path)) else p for p in images]
             out = self.processor(images=pil, return_tensors="pt")
             return out["pixel_values"].float(), out["image_grid_thw"].numpy().astype(np.int64)
-        from retrv.runtime.preprocess import preprocess_images
+        from retrv.runtime.inputs.preprocess import preprocess_images
 
         patches, grids = preprocess_images(images, self.proc_cfg)
         return torch.from_numpy(patches), grids
@@ -122,9 +122,9 @@ class TransformersBaseline:
 
     # -- one query -------------------------------------------------------------------------------------------------
     def search(self, text: str | None, image, k: int, think: int, force_length: bool, answer_tokens: int) -> dict:
-        from retrv.runtime.answer import parse_index
-        from retrv.runtime.embedding import EmbedItem
-        from retrv.runtime.rerank_prompt import CandidateInput, QueryInput
+        from retrv.runtime.rerank.answer import parse_index
+        from retrv.runtime.inputs.embedding import EmbedItem
+        from retrv.runtime.rerank.prompt import CandidateInput, QueryInput
 
         torch, clock, t = self.torch, time.perf_counter, {}
         t_start = t0 = clock()

@@ -90,7 +90,7 @@ def photo_corpus(workdir: Path, size: int, n: int, src: Path = PHOTOS) -> tuple[
     def build(out: Path) -> dict:
         from PIL import Image
 
-        from retrv.runtime.corpus import write_jsonl
+        from retrv.runtime.inputs.corpus import write_jsonl
 
         (out / "images").mkdir(parents=True)
         rows, queries = [], []
@@ -109,7 +109,7 @@ def photo_corpus(workdir: Path, size: int, n: int, src: Path = PHOTOS) -> tuple[
                 queries.append({"text": captions[name][0], "positives": [Path(name).stem]})
             source = f"flickr8k-1k ({src})"
         else:
-            from retrv.runtime.demo import synthetic_image
+            from retrv.app.demo import synthetic_image
 
             for i in range(n):
                 synthetic_image(1000 + i, (size, size)).save(out / "images" / f"s{i:04d}.jpg", quality=JPEG_QUALITY)
@@ -144,7 +144,7 @@ def index(workdir: Path, pack: Path, corpus: Path, name: str) -> tuple[Path, dic
     """`retrv index build` through the pack's ONNX Runtime backend: real encoding of every candidate (vision
     tokens into the int8 cache, t_con, the coarse vector). Build time and bytes per item are recorded."""
     def build(out: Path) -> dict:
-        from retrv.runtime.index import Index
+        from retrv.runtime.index.store import Index
         from retrv.runtime.pack import Pack
         from retrv.runtime.retriever import CandidateEncoder, Components, open_backend
 

@@ -58,7 +58,7 @@ class SuppressEos:
 
 class RetrieverConfig:
     def __init__(self, msg: dict) -> None:
-        from retrv.runtime.index import Index
+        from retrv.runtime.index.store import Index
         from retrv.runtime.pack import Pack
         from retrv.runtime.retriever import Retriever
 
@@ -70,11 +70,13 @@ class RetrieverConfig:
         self.pack = Pack.open(msg["pack"])
         index = Index.open(msg["index"], pack=self.pack)
         if msg["backend"] == "torch":
+            import retrv.export.torch_backend  # noqa: F401  (registers the PyTorch fallback with the runtime)
+
             self.r = Retriever(self.pack, index, backend="torch", checkpoint=msg["ckpt"])
         else:
             self.r = Retriever(self.pack, index, backend="ort", cache_dir=msg.get("ort_cache"), threads=threads)
         if msg.get("use_icm") is False:
-            from retrv.runtime.rerank import Reranker
+            from retrv.runtime.rerank.loop import Reranker
 
             c = self.r.c
             self.r.reranker = Reranker(self.r.backend, c.tokenizer, c.cfg, c.table, method="retrv-r1",
@@ -83,12 +85,12 @@ class RetrieverConfig:
             self.r.reranker.backend = SuppressEos(self.r.backend, self.r.c.cfg.tokens.eos_token_ids)
 
     def open_index(self, path: str) -> None:
-        from retrv.runtime.index import Index
+        from retrv.runtime.index.store import Index
 
         self.r.index = Index.open(path, pack=self.pack)
 
     def query(self, q: dict) -> dict:
-        from retrv.runtime.budget import Budget
+        from retrv.runtime.rerank.budget import Budget
 
         window = q.get("window") or q["k"]
         res = self.r.search(text=q.get("text"), image=q.get("image"), k=q["k"], budget=Budget(**q["budget"]),

@@ -45,7 +45,7 @@ ROUNDS = 3  # timed rounds per measurement; the median is reported
 
 
 def index_defaults() -> dict:
-    from retrv.runtime.index import Index
+    from retrv.runtime.index.store import Index
 
     p = inspect.signature(Index.build).parameters
     return {"M": p["m"].default, "ef_construction": p["ef_construction"].default, "ef_search": p["ef_search"].default}
@@ -75,7 +75,7 @@ class BruteForce:
 
 
 def measure(kind: str, n: int, dim: int, n_queries: int, k: int, seed: int, log) -> dict:
-    from retrv.runtime.ann import HnswIndex, HnswParams
+    from retrv.runtime.index.ann import HnswIndex, HnswParams
 
     d = index_defaults()
     rng = np.random.default_rng(seed)

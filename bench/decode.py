@@ -63,7 +63,7 @@ def main() -> int:
     from retrv.model import load_checkpoint
     from retrv.model.tiny import write_tiny_checkpoint
     from retrv.runtime.backends.ort import OrtBackend
-    from retrv.runtime.backends.torch_backend import TorchBackend
+    from retrv.export.torch_backend import TorchBackend
     from retrv.runtime.pack import Pack
 
     if args.threads:

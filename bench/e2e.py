@@ -71,8 +71,8 @@ def aggregate(replies: list[dict], positives: list[list[str]] | None) -> dict:
 
 def answer_tokens(tokenizer_json: Path, k: int) -> int:
     """Tokens the project spends after the think budget: close the reasoning, open the answer, the index, close."""
-    from retrv.runtime.prompt import PromptTokenizer
-    from retrv.runtime.rerank_prompt import RerankTemplate
+    from retrv.runtime.inputs.prompt import PromptTokenizer
+    from retrv.runtime.rerank.prompt import RerankTemplate
 
     tok, t = PromptTokenizer(tokenizer_json), RerankTemplate()
     return len(tok.encode_text(f"\n{t.think_close}\n{t.answer_open}")) + len(tok.encode_text(f"{k}{t.answer_close}"))
@@ -254,7 +254,7 @@ def default_section(args, workdir: Path, log) -> dict:
         shown = ckpt.resolve().relative_to(REPO) if ckpt.resolve().is_relative_to(REPO) else ckpt
         return {"present": False, "reason": f"{shown}/config.json not found: the embedded default is not trained yet; "
                                             f"this part runs as soon as it exists"}
-    from retrv.runtime.corpus import read_queries
+    from retrv.runtime.inputs.corpus import read_queries
 
     syn = _synth_config(ckpt)
     if args.default_n_test:

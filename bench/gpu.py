@@ -108,7 +108,7 @@ def bench_backends(args, table, torch) -> None:
     from retrv.export.pack_export import export_pack
     from retrv.model import load_checkpoint
     from retrv.model.tiny import write_tiny_checkpoint
-    from retrv.runtime.backends.torch_backend import TorchBackend
+    from retrv.export.torch_backend import TorchBackend
     from retrv.runtime.pack import Pack
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="retrv-bench-gpu-"))

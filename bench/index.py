@@ -33,7 +33,7 @@ from pathlib import Path  # noqa: E402
 import hnswlib  # noqa: E402
 import numpy as np  # noqa: E402
 
-from retrv.runtime.ann import ANN_JSON, HNSW_BIN, RANDOM_SEED, HnswIndex, HnswParams, exact_search  # noqa: E402
+from retrv.runtime.index.ann import ANN_JSON, HNSW_BIN, RANDOM_SEED, HnswIndex, HnswParams, exact_search  # noqa: E402
 
 REPEATS = 3  # timed runs per measurement; the median is reported
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from retrv.calibration.gates import AnswerFn
 from retrv.calibration.readers import CalibItem
-from retrv.runtime.budget import Budget
+from retrv.runtime.rerank.budget import Budget
 
 THINK = 24  # the gate compares decisions, not essays: a short budget, forced answers are constrained and valid
 MAX_CANDIDATES = 8
@@ -27,8 +27,8 @@ def reranker_answers(items: list[CalibItem], think: int = THINK) -> AnswerFn | N
     def answers(pack_dir: Path) -> list[int]:
         from retrv.runtime.backends.ort import OrtBackend
         from retrv.runtime.pack import Pack
-        from retrv.runtime.rerank import Reranker
-        from retrv.runtime.rerank_prompt import CandidateInput, QueryInput
+        from retrv.runtime.rerank.loop import Reranker
+        from retrv.runtime.rerank.prompt import CandidateInput, QueryInput
         from retrv.runtime.retriever import Components
 
         pack = Pack.open(pack_dir)

@@ -1,4 +1,4 @@
-"""`retrv quantize PACK OUT --mode ...`: wired into `retrv.runtime.cli` through `register(subparsers)`.
+"""`retrv quantize PACK OUT --mode ...`: wired into `retrv.app.cli` through `register(subparsers)`.
 
 Flags left out take the config dataclass's default (defaults are written once, in quantize.py); a flag that does
 not apply to the chosen mode is refused rather than ignored.

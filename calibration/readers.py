@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrv.runtime import positions
+from retrv.runtime.inputs import positions
 from retrv.runtime.errors import InputError, require
 
 log = logging.getLogger(__name__)
@@ -78,13 +78,13 @@ def _caption_rows(folder: Path) -> list[CalibItem]:
 
 
 def _jsonl_rows(path: Path) -> list[CalibItem]:
-    from retrv.runtime.corpus import read_candidates
+    from retrv.runtime.inputs.corpus import read_candidates
 
     return [CalibItem(text=c.txt, image=c.img_path) for c in read_candidates(path)]
 
 
 def _readable(image: str) -> bool:
-    from retrv.runtime.preprocess import load_image
+    from retrv.runtime.inputs.preprocess import load_image
 
     try:
         load_image(image)
@@ -143,7 +143,7 @@ class PackFeeds:
         return self
 
     def vision_feed(self, image: str) -> dict[str, np.ndarray]:
-        from retrv.runtime.preprocess import preprocess_images
+        from retrv.runtime.inputs.preprocess import preprocess_images
 
         patches, grids = preprocess_images([image], self.gen.processor)
         v = self.cfg.vision

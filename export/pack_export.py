@@ -26,8 +26,8 @@ from retrv.runtime.errors import CheckpointError, InputError
 from retrv.runtime.fsutil import atomic_dir
 from retrv.runtime.outputs import check_output
 from retrv.runtime.pack import PACK_FORMAT_VERSION, Manifest, describe_file, write_manifest
-from retrv.runtime.preprocess import ImageProcessorConfig
-from retrv.runtime.prompt import ChatTemplate
+from retrv.runtime.inputs.preprocess import ImageProcessorConfig
+from retrv.runtime.inputs.prompt import ChatTemplate
 
 log = logging.getLogger(__name__)
 

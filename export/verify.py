@@ -11,7 +11,7 @@ import torch
 
 from retrv.export.onnx_export import ExportValidationError
 from retrv.runtime.backends.ort import OrtBackend
-from retrv.runtime.backends.torch_backend import TorchBackend
+from retrv.export.torch_backend import TorchBackend
 from retrv.runtime.generate import Generator
 from retrv.runtime.pack import Pack
 
@@ -22,7 +22,7 @@ MAX_NEW_TOKENS = 32
 
 def verification_images():
     """Two deterministic pictures of different sizes (the project ships no photographs)."""
-    from retrv.runtime.demo import synthetic_image
+    from retrv.app.demo import synthetic_image
 
     return [synthetic_image(11, (150, 220)), synthetic_image(12, (260, 120))]
 
@@ -42,7 +42,7 @@ def _transformers_greedy(ckpt: Path, gen: Generator, prompt: str, images) -> lis
     kwargs = {}
     grids = np.zeros((0, 3), np.int64)
     if images:
-        from retrv.runtime.preprocess import preprocess_images
+        from retrv.runtime.inputs.preprocess import preprocess_images
 
         patches, grids = preprocess_images(images, gen.processor)
         kwargs = dict(pixel_values=torch.from_numpy(patches), image_grid_thw=torch.from_numpy(grids))

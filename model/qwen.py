@@ -1,7 +1,7 @@
 """Qwen2.5-VL (plus an optional Retrv-R1 ICM) as one module with transformers' calling convention.
 
 `forward(input_ids, pixel_values, image_grid_thw, attention_mask)` returns `.logits` like
-`Qwen2_5_VLForConditionalGeneration`; M-RoPE positions come from numpy (`retrv.runtime.positions`) so the
+`Qwen2_5_VLForConditionalGeneration`; M-RoPE positions come from numpy (`retrv.runtime.inputs.positions`) so the
 PyTorch model, the exported graphs and the runtime all use one implementation of them.
 """
 
@@ -17,7 +17,7 @@ from retrv.model.config import ModelConfig
 from retrv.model.decoder import KVCache, TextModel
 from retrv.model.icm import ICM
 from retrv.model.vision import VisionTower
-from retrv.runtime import positions
+from retrv.runtime.inputs import positions
 from retrv.runtime.errors import InputError
 
 

@@ -172,7 +172,7 @@ def write_tokenizer_files(out_dir, tokenizer: Tokenizer, special_ids: dict[str, 
     The config mirrors Qwen2.5-VL-7B-Instruct's (class `Qwen2Tokenizer`, eos `<|im_end|>`, pad `<|endoftext|>`,
     no bos). transformers 5's `Qwen2Tokenizer` does not load tokenizer.json as is: it takes the vocab and merges
     from it, rebuilds the Qwen2 pipeline itself and adds the tokens of `added_tokens_decoder`; the file written
-    here has that same pipeline, so transformers and `retrv.runtime.prompt` (which loads tokenizer.json directly)
+    here has that same pipeline, so transformers and `retrv.runtime.inputs.prompt` (which loads tokenizer.json directly)
     produce the same ids. The chat template goes in tokenizer_config.json (read by `AutoTokenizer`) and in
     chat_template.json (the legacy processor file the real checkpoint ships, still read by the processor).
     """

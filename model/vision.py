@@ -1,7 +1,7 @@
 """The Qwen2.5-VL vision tower: patch embedding, 2D rotary, window attention with full-attention blocks, 2x2 merger.
 
 Everything that depends on the image grid (rotary positions, the window permutation, which tokens share a window
-or an image) is computed in numpy by `retrv.runtime.positions` and passed in as tensors, so the traced graph has
+or an image) is computed in numpy by `retrv.runtime.inputs.positions` and passed in as tensors, so the traced graph has
 no data-dependent Python and the runtime can feed the same inputs to ONNX Runtime or TensorRT.
 """
 
@@ -15,7 +15,7 @@ from torch import nn
 
 from retrv.model.config import VisionConfig
 from retrv.model.layers import RMSNorm, SwiGLU, apply_rotary, attention, inv_freq, mask_value
-from retrv.runtime import positions
+from retrv.runtime.inputs import positions
 
 
 @dataclass

@@ -14,10 +14,10 @@ from retrv.runtime.errors import CheckpointError, InputError, MissingDependencyE
 
 _LAZY = {
     "Pack": "retrv.runtime.pack",
-    "Index": "retrv.runtime.index",
+    "Index": "retrv.runtime.index.store",
     "Retriever": "retrv.runtime.retriever",
-    "Budget": "retrv.runtime.budget",
-    "Candidate": "retrv.runtime.corpus",
+    "Budget": "retrv.runtime.rerank.budget",
+    "Candidate": "retrv.runtime.inputs.corpus",
 }
 
 __all__ = ["RetrvError", "CheckpointError", "InputError", "MissingDependencyError", *_LAZY]

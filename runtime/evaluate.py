@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from retrv.runtime.budget import Budget
-from retrv.runtime.corpus import Query
+from retrv.runtime.rerank.budget import Budget
+from retrv.runtime.inputs.corpus import Query
 from retrv.runtime.errors import InputError
 from retrv.runtime.metrics import LatencyLog, hard_negative_wins, recall_at_k
 

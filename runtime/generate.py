@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from retrv.model.config import ModelConfig
-from retrv.runtime import positions
+from retrv.runtime.config import ModelConfig
+from retrv.runtime.inputs import positions
 from retrv.runtime.backends.base import Backend
 from retrv.runtime.errors import InputError
 from retrv.runtime.limits import Cap, cap, check_text, check_tokens, context_of
-from retrv.runtime.preprocess import ImageProcessorConfig, preprocess_images
-from retrv.runtime.prompt import PromptTokenizer
+from retrv.runtime.inputs.preprocess import ImageProcessorConfig, preprocess_images
+from retrv.runtime.inputs.prompt import PromptTokenizer
 
 
 @dataclass

@@ -29,12 +29,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from retrv.runtime.config import ModelConfig
 from retrv.runtime.errors import InputError, PackError, RetrvError
 from retrv.runtime.fsutil import atomic_write_json, sha256_file
 
 if TYPE_CHECKING:
-    from retrv.model.config import ModelConfig
-    from retrv.runtime.preprocess import ImageProcessorConfig
+    from retrv.runtime.inputs.preprocess import ImageProcessorConfig
 
 logger = logging.getLogger(__name__)
 
@@ -370,18 +370,18 @@ class Pack:
                 if digest != entry.sha256:
                     raise _fail(f"{root / name}: sha256 {digest}; expected {entry.sha256} (modified file)")
 
-        model_config = _parse_config(manifest_path, "model", manifest.model, "retrv.model.config", "ModelConfig")
-        preprocessor = _parse_config(manifest_path, "preprocessor", manifest.preprocessor,
-                                     "retrv.runtime.preprocess", "ImageProcessorConfig")
+        from retrv.runtime.inputs.preprocess import ImageProcessorConfig  # here: it pulls in Pillow
+
+        model_config = _parse_config(manifest_path, "model", manifest.model, ModelConfig)
+        preprocessor = _parse_config(manifest_path, "preprocessor", manifest.preprocessor, ImageProcessorConfig)
         if "embedder" in manifest.extra:  # a separate coarse-stage embedder's configs (export.pack_export)
             spec = manifest.extra["embedder"]
             if not isinstance(spec, dict):
                 raise _fail(f"{manifest_path} 'extra.embedder': got {type(spec).__name__}; expected the embedder's "
                             f"model and preprocessor configs")
-            _parse_config(manifest_path, "extra.embedder.model", spec.get("model"), "retrv.model.config",
-                          "ModelConfig")
+            _parse_config(manifest_path, "extra.embedder.model", spec.get("model"), ModelConfig)
             _parse_config(manifest_path, "extra.embedder.preprocessor", spec.get("preprocessor"),
-                          "retrv.runtime.preprocess", "ImageProcessorConfig")
+                          ImageProcessorConfig)
         fingerprint = hashlib.sha256(manifest.canonical_json()).hexdigest()
         return cls(root, manifest, model_config, preprocessor, fingerprint)
 
@@ -425,12 +425,9 @@ class Pack:
         return f"Pack({str(self._path)!r}, method={self._manifest.method!r}, files={len(self._manifest.files)})"
 
 
-def _parse_config(manifest_path: Path, key: str, d: Mapping, module: str, cls_name: str) -> Any:
-    """Build a config dataclass from a manifest section at open time, so a bad one is refused now, not mid-run.
-    Imported here: `retrv.model.config` is torch-free, and `retrv.runtime.preprocess` pulls in Pillow."""
-    import importlib
-
-    cls = getattr(importlib.import_module(module), cls_name)
+def _parse_config(manifest_path: Path, key: str, d: Mapping, cls: type) -> Any:
+    """Build a config dataclass from a manifest section at open time, so a bad one is refused now, not mid-run."""
+    cls_name = cls.__name__
     try:
         return cls.from_dict(d)
     except RetrvError as e:  # CheckpointError / InputError from the dataclasses' own validation

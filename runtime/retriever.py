@@ -14,16 +14,16 @@ from pathlib import Path
 import numpy as np
 
 from retrv.runtime.backends.base import Backend
-from retrv.runtime.budget import Budget
-from retrv.runtime.corpus import Candidate
-from retrv.runtime.embedding import EmbedItem, Embedder
-from retrv.runtime.errors import InputError, PackError
+from retrv.runtime.rerank.budget import Budget
+from retrv.runtime.inputs.corpus import Candidate
+from retrv.runtime.inputs.embedding import EmbedItem, Embedder
+from retrv.runtime.errors import InputError, MissingDependencyError, PackError
 from retrv.runtime.limits import Cap, check_text, context_of
-from retrv.runtime.positions import vision_graph_inputs
-from retrv.runtime.preprocess import preprocess_image
-from retrv.runtime.prompt import PromptTokenizer
-from retrv.runtime.rerank import Reranker, RerankResult
-from retrv.runtime.rerank_prompt import CandidateInput, PromptBuilder, QueryInput, pad_batch
+from retrv.runtime.inputs.positions import vision_graph_inputs
+from retrv.runtime.inputs.preprocess import preprocess_image
+from retrv.runtime.inputs.prompt import PromptTokenizer
+from retrv.runtime.rerank.loop import Reranker, RerankResult
+from retrv.runtime.rerank.prompt import CandidateInput, PromptBuilder, QueryInput, pad_batch
 
 logger = logging.getLogger(__name__)
 
@@ -50,43 +50,13 @@ def open_backend(pack, name: str = "auto", checkpoint: str | Path | None = None,
         from retrv.runtime.backends.ort import OrtBackend
 
         return OrtBackend(pack, provider=provider, threads=threads, cache_dir=cache_dir)
-    if checkpoint is None:
-        raise InputError("--backend torch: needs --checkpoint CKPT (the checkpoint the pack was exported from)")
-    from retrv.runtime.backends.torch_backend import TorchBackend
+    from retrv.runtime.backends.base import registered_backend
 
-    check_source_checkpoint(pack, checkpoint)
-    return TorchBackend.from_checkpoint(checkpoint)
-
-
-def check_source_checkpoint(pack, checkpoint: str | Path) -> None:
-    """Refuse a --checkpoint that is not the one `pack` was exported from: the PyTorch backend would run another
-    model over the pack's tokenizer, embedding table and index, and rank meaninglessly.
-
-    The exporter records `extra.source_fingerprint` (`retrv.model.files.source_fingerprint`: config, shard names
-    and sizes, sampled weight bytes; about 1 MiB read per shard). A pack exported before it was recorded is
-    checked on its model config alone and accepted with a warning: refusing would lock every older pack out of
-    the fallback backend, and the config check already catches another architecture; what it cannot catch is
-    another training run of the same architecture, which the warning says.
-    """
-    from retrv.model.config import read_config
-    from retrv.model.files import source_fingerprint
-
-    where = f"--checkpoint {checkpoint}"
-    if read_config(checkpoint) != pack.model_config:
-        raise InputError(f"{where}: its config.json differs from the model of pack {pack.path}; expected the "
-                         f"checkpoint the pack was exported from")
-    extra = pack.manifest.extra
-    want = extra.get("source_fingerprint")
-    if want is None:
-        logger.warning("pack %s records no source fingerprint (exported by an older retrv-edge): --checkpoint %s "
-                       "has the same model config, but whether it holds the same weights cannot be checked; "
-                       "re-export the pack to record it", pack.path, checkpoint)
-        return
-    got = source_fingerprint(checkpoint)
-    if got != want:
-        source = extra.get("source_checkpoint")
-        raise InputError(f"{where}: source fingerprint {got[:16]}; expected {str(want)[:16]} (pack {pack.path} was "
-                         f"exported from {source!r}): not the pack's source checkpoint (other weights)")
+    factory = registered_backend("torch")
+    if factory is None:  # the PyTorch fallback lives above the runtime (it needs the model): the app layer loads it
+        raise MissingDependencyError("--backend torch: the PyTorch fallback is not loaded; expected `import "
+                                     "retrv.export.torch_backend` first (pip install 'retrv-edge[export]')")
+    return factory(pack, checkpoint)
 
 
 def _trt_ready(pack) -> bool:
@@ -116,8 +86,8 @@ class Components:
         if not hasattr(backend, "runner"):
             raise InputError(f"{backend.name} backend: this pack has a separate embedder, which runs on ONNX Runtime; "
                              f"expected --backend ort (or auto)")
-        from retrv.model.config import ModelConfig
-        from retrv.runtime.preprocess import ImageProcessorConfig
+        from retrv.runtime.config import ModelConfig
+        from retrv.runtime.inputs.preprocess import ImageProcessorConfig
 
         spec = pack.manifest.extra.get("embedder")  # checked by Pack.open when present
         if spec is None:

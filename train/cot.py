@@ -37,8 +37,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from retrv.runtime.answer import parse_index
-from retrv.runtime.rerank_prompt import RerankTemplate
+from retrv.runtime.rerank.answer import parse_index
+from retrv.runtime.rerank.prompt import RerankTemplate
 from retrv.train.scene import Scene
 
 INSPECT_START, INSPECT_END = "<inspection-index-start>", "<inspection-index-end>"

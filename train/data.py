@@ -1,6 +1,6 @@
 """The synthetic dataset as training examples: queries, their candidate pools, ground-truth scenes and image patches.
 
-Images go through the runtime's own preprocessing (`retrv.runtime.preprocess`) with the checkpoint's
+Images go through the runtime's own preprocessing (`retrv.runtime.inputs.preprocess`) with the checkpoint's
 preprocessor settings, so training sees exactly the patches the runtime will feed the vision graph.
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrv.runtime.corpus import Candidate, Query, read_candidates, read_queries
-from retrv.runtime.preprocess import ImageProcessorConfig, preprocess_image
+from retrv.runtime.inputs.corpus import Candidate, Query, read_candidates, read_queries
+from retrv.runtime.inputs.preprocess import ImageProcessorConfig, preprocess_image
 from retrv.train.synth import SceneRecord, read_scenes
 
 VISION_CHUNK = 8  # images per vision call: the block-diagonal attention is (N, N) over all patches of a call, so

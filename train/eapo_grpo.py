@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from retrv.runtime.backends.torch_backend import TorchBackend
-from retrv.runtime.budget import Budget
-from retrv.runtime.rerank import Reranker, WindowTrace
-from retrv.runtime.rerank_prompt import CandidateInput, QueryInput
+from retrv.export.torch_backend import TorchBackend
+from retrv.runtime.rerank.budget import Budget
+from retrv.runtime.rerank.loop import Reranker, WindowTrace
+from retrv.runtime.rerank.prompt import CandidateInput, QueryInput
 from retrv.train.eapo import EapoReward, eapo_reward
 from retrv.train.grpo import advantages, policy_loss  # noqa: F401 - re-exported: the same GRPO step serves both
 
@@ -36,7 +36,7 @@ class ToolRollout:
 def torch_image_encoder(model, processor):
     """Tool results (crops, selected images) through the model's own vision tower, as the runtime does with a
     pack's vision graph."""
-    from retrv.runtime.preprocess import preprocess_images
+    from retrv.runtime.inputs.preprocess import preprocess_images
 
     def encode(images):
         out = []

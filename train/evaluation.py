@@ -11,8 +11,8 @@ import logging
 import time
 from pathlib import Path
 
-from retrv.runtime.budget import Budget
-from retrv.runtime.corpus import read_queries
+from retrv.runtime.rerank.budget import Budget
+from retrv.runtime.inputs.corpus import read_queries
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def _open(pack_dir: Path, backend: str):
 
 
 def build_index(pack_dir: Path, backend: str, corpus: Path, out: Path):
-    from retrv.runtime.index import Index
+    from retrv.runtime.index.store import Index
     from retrv.runtime.retriever import CandidateEncoder, Components
 
     pack, be = _open(pack_dir, backend)

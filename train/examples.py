@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from retrv.runtime.corpus import Query
+from retrv.runtime.inputs.corpus import Query
 from retrv.train.cot import CotPlan, plan_cot
 from retrv.train.data import Split, TokenStore
 from retrv.train.sequences import Item, SequenceBuilder

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from retrv.runtime.backends.torch_backend import TorchBackend
-from retrv.runtime.budget import Budget
-from retrv.runtime.rerank import Reranker, WindowTrace
-from retrv.runtime.rerank_prompt import CandidateInput, QueryInput
+from retrv.export.torch_backend import TorchBackend
+from retrv.runtime.rerank.budget import Budget
+from retrv.runtime.rerank.loop import Reranker, WindowTrace
+from retrv.runtime.rerank.prompt import CandidateInput, QueryInput
 from retrv.train.rewards import format_reward, retrv_reward
 from retrv.train.sequences import Item, SequenceBuilder
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retrv.runtime.corpus import Query
+from retrv.runtime.inputs.corpus import Query
 from retrv.train.sequences import Item, Sequence, SequenceBuilder
 
 TAU = 0.05  # InfoNCE temperature, fixed: CLIP's learned value settles near 0.01-0.07; fixed keeps runs comparable

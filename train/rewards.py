@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from retrv.runtime.answer import parse_index
+from retrv.runtime.rerank.answer import parse_index
 
 _START, _END = "<inspection-index-start>", "<inspection-index-end>"
 # Free reasoning text, any number of inspections (each an index between the markers, free text after it), then

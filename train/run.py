@@ -181,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from retrv.runtime.preprocess import ImageProcessorConfig
-    from retrv.runtime.prompt import PromptTokenizer
+    from retrv.runtime.inputs.preprocess import ImageProcessorConfig
+    from retrv.runtime.inputs.prompt import PromptTokenizer
     from retrv.train.checkpoint import MAX_PIXELS, MIN_PIXELS, ModelSize, new_model, save_checkpoint
     from retrv.train.data import ImageBank, load_split
     from retrv.train.stages import Trainer

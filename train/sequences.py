@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retrv.runtime.embedding import EmbedItem, Embedder, EmbedTemplate
-from retrv.runtime.rerank_prompt import CandidateInput, Piece, PromptBuilder, QueryInput, RerankTemplate
+from retrv.runtime.inputs.embedding import EmbedItem, Embedder, EmbedTemplate
+from retrv.runtime.rerank.prompt import CandidateInput, Piece, PromptBuilder, QueryInput, RerankTemplate
 from retrv.train.cot import INSPECT_END, INSPECT_START
 
 # Training-only prompt for vision-language pretraining (captioning); never served, so not part of a template.

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
-from retrv.runtime.budget import Budget
+from retrv.runtime.rerank.budget import Budget
 from retrv.train import losses
 from retrv.train.cot import cot_events, ideal_text
 from retrv.train.data import ImageBank, Split, TokenStore
@@ -294,8 +294,8 @@ class Trainer:
         """Greedy reranking of the validation queries' real coarse windows through the runtime's Reranker:
         R@1 of the coarse order and of the reranked order, per inspection budget (`use_icm=False`: full-token
         prompts, the teacher's mode)."""
-        from retrv.runtime.backends.torch_backend import TorchBackend
-        from retrv.runtime.rerank import Reranker
+        from retrv.export.torch_backend import TorchBackend
+        from retrv.runtime.rerank.loop import Reranker
         from retrv.train.grpo import to_runtime
 
         t0 = time.perf_counter()

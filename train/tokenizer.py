@@ -23,8 +23,8 @@ from retrv.model.tiny_tokenizer import (
     _added_token_specs,
     _qwen2_pipeline,
 )
-from retrv.runtime.embedding import EmbedTemplate
-from retrv.runtime.rerank_prompt import RerankTemplate
+from retrv.runtime.inputs.embedding import EmbedTemplate
+from retrv.runtime.rerank.prompt import RerankTemplate
 
 VOCAB_SIZE = 512  # fits the 22 added tokens, the 256 byte symbols and ~230 merges; a 512-row table is 64 K params
 TEMPLATE_WEIGHT = 300  # template text occurs in every prompt: weight it so it merges into whole words

@@ -79,3 +79,16 @@ class Backend(ABC):
              attention_mask: np.ndarray) -> np.ndarray:
         """Append (B, S, H) embeddings at (3, B, S) positions with a (B, S) key mask for the new positions;
         returns the last position's logits (B, V) and extends `state` in place."""
+
+
+# Backends that live above the runtime register a factory `(pack, checkpoint) -> Backend` here when imported (the
+# PyTorch fallback: `retrv.export.torch_backend`), so `open_backend` can offer them without importing upward.
+_REGISTERED: dict = {}
+
+
+def register_backend(name: str, factory) -> None:
+    _REGISTERED[name] = factory
+
+
+def registered_backend(name: str):
+    return _REGISTERED.get(name)

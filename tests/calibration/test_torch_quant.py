@@ -11,7 +11,7 @@ pytest.importorskip("bitsandbytes")
 from retrv.calibration.torch_quant import quantize_linears_bnb  # noqa: E402
 from retrv.model import load_checkpoint  # noqa: E402
 from retrv.model.tiny import write_tiny_checkpoint  # noqa: E402
-from retrv.runtime.backends.torch_backend import TorchBackend  # noqa: E402
+from retrv.export.torch_backend import TorchBackend  # noqa: E402
 from retrv.runtime.errors import InputError  # noqa: E402
 
 

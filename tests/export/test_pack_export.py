@@ -19,14 +19,14 @@ from retrv.export.verify import MAX_NEW_TOKENS, _transformers_greedy, verificati
 from retrv.model import load_checkpoint
 from retrv.model.tiny import write_tiny_checkpoint
 from retrv.runtime.backends.ort import OrtBackend
-from retrv.runtime.backends.torch_backend import TorchBackend
-from retrv.runtime.budget import Budget
-from retrv.runtime.cli import main as cli
+from retrv.export.torch_backend import TorchBackend
+from retrv.runtime.rerank.budget import Budget
+from retrv.app.cli import main as cli
 from retrv.runtime.errors import InputError
 from retrv.runtime.generate import Generator
 from retrv.runtime.pack import Pack, PackError
-from retrv.runtime.embedding import Embedder
-from retrv.runtime.preprocess import ImageProcessorConfig, preprocess_images
+from retrv.runtime.inputs.embedding import Embedder
+from retrv.runtime.inputs.preprocess import ImageProcessorConfig, preprocess_images
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["icm", "plain"])
@@ -235,10 +235,10 @@ def test_fp16_pack_validates_against_the_fp32_model_and_verifies(tmp_path):
 
 
 def test_separate_embedder_checkpoint_is_exported_validated_and_used(tmp_path):
-    from retrv.runtime.corpus import write_jsonl
-    from retrv.runtime.demo import synthetic_image
-    from retrv.runtime.embedding import EmbedItem
-    from retrv.runtime.index import Index
+    from retrv.runtime.inputs.corpus import write_jsonl
+    from retrv.app.demo import synthetic_image
+    from retrv.runtime.inputs.embedding import EmbedItem
+    from retrv.runtime.index.store import Index
     from retrv.runtime.retriever import Components, Retriever
 
     ckpt = write_tiny_checkpoint(tmp_path / "reranker", icm=True, seed=3)

@@ -63,7 +63,7 @@ def plan_churn(n: int, batch: int = 10) -> list[tuple[str, list]]:
 
 
 def main(argv: list[str]) -> None:
-    from retrv.runtime.index import Index
+    from retrv.runtime.index.store import Index
 
     cmd, path = argv[0], Path(argv[1])
     enc = FakeEncoder()

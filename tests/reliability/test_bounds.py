@@ -17,17 +17,17 @@ from retrv.export.pack_export import export_pack
 from retrv.model.config import parse_hf_config
 from retrv.model.tiny import VOCAB_SIZE, tiny_config, write_tiny_checkpoint
 from retrv.model.tiny_tokenizer import build_tiny_tokenizer
-from retrv.runtime.backends.scripted import ScriptedBackend
-from retrv.runtime.budget import Budget
-from retrv.runtime.cli import main as cli
-from retrv.runtime.corpus import write_jsonl
+from scripted_backend import ScriptedBackend
+from retrv.runtime.rerank.budget import Budget
+from retrv.app.cli import main as cli
+from retrv.runtime.inputs.corpus import write_jsonl
 from retrv.runtime.errors import InputError
 from retrv.runtime.generate import Generator
 from retrv.runtime.limits import MAX_CHARS_PER_TOKEN
 from retrv.runtime.pack import Pack
-from retrv.runtime.prompt import PromptTokenizer
-from retrv.runtime.rerank import Reranker
-from retrv.runtime.rerank_prompt import CandidateInput, QueryInput
+from retrv.runtime.inputs.prompt import PromptTokenizer
+from retrv.runtime.rerank.loop import Reranker
+from retrv.runtime.rerank.prompt import CandidateInput, QueryInput
 
 CONTEXT = 256  # the tiny model's max_position_embeddings here: a 4-candidate window prompt is ~150 tokens
 H = 64

@@ -12,8 +12,8 @@ import pytest
 
 from retrv.export.pack_export import export_pack
 from retrv.model.tiny import write_tiny_checkpoint
-from retrv.runtime import cli
-from retrv.runtime.corpus import write_jsonl
+from retrv.app import cli
+from retrv.runtime.inputs.corpus import write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +194,7 @@ def test_bad_queries_are_one_line(world, tmp_path, capsys, case):
 
 
 def test_m_beir_nulls_and_empty_strings_still_mean_absent(tmp_path):
-    from retrv.runtime.corpus import read_candidates, read_queries
+    from retrv.runtime.inputs.corpus import read_candidates, read_queries
 
     (tmp_path / "c.jsonl").write_text('{"did": "9:1", "txt": "x", "img_path": null, "modality": ""}\n'
                                       '{"did": "9:2", "txt": "", "img_path": "a.png", "modality": null}\n')
@@ -225,7 +225,7 @@ def test_torch_backend_refuses_a_checkpoint_of_another_config(world, tmp_path, c
 def test_pack_without_fingerprint_is_checked_on_config_and_warns(world, tmp_path, caplog):
     from retrv.runtime.errors import InputError
     from retrv.runtime.pack import Manifest, Pack, write_manifest
-    from retrv.runtime.retriever import check_source_checkpoint
+    from retrv.export.torch_backend import check_source_checkpoint
 
     pack_dir = shutil.copytree(world["pack"], tmp_path / "old-pack")
     m = Pack.open(pack_dir).manifest

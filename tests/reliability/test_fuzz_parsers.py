@@ -18,12 +18,12 @@ from hypothesis import strategies as st
 
 from retrv.model.config import ModelConfig, parse_hf_config, read_config
 from retrv.model.tiny import tiny_config
-from retrv.runtime.ann import HnswIndex, HnswParams
-from retrv.runtime.ann_files import read_meta
-from retrv.runtime.corpus import read_candidates, read_queries
+from retrv.runtime.index.ann import HnswIndex, HnswParams
+from retrv.runtime.index.ann_files import read_meta
+from retrv.runtime.inputs.corpus import read_candidates, read_queries
 from retrv.runtime.errors import RetrvError
 from retrv.runtime.pack import PACK_FORMAT_VERSION, Manifest, Pack, describe_file, write_manifest
-from retrv.runtime.preprocess import ImageProcessorConfig
+from retrv.runtime.inputs.preprocess import ImageProcessorConfig
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -247,7 +247,7 @@ def index_dir(scratch):
     sys.path.insert(0, str(Path(__file__).parent))
     from index_worker import FakeEncoder, rows
 
-    from retrv.runtime.index import Index
+    from retrv.runtime.index.store import Index
 
     Index.build(FakeEncoder(), rows("b", 0, 6), scratch / "index")
     root = scratch / "index"
@@ -263,7 +263,7 @@ def _restore(root, originals):
 @FUZZ
 @given(data=st.data())
 def test_fuzz_index_json(index_dir, data):
-    from retrv.runtime.index import Index
+    from retrv.runtime.index.store import Index
 
     root, originals = index_dir
     _restore(root, originals)
@@ -274,7 +274,7 @@ def test_fuzz_index_json(index_dir, data):
 @FUZZ
 @given(st.binary(max_size=300))
 def test_fuzz_index_json_bytes(index_dir, data):
-    from retrv.runtime.index import Index
+    from retrv.runtime.index.store import Index
 
     root, originals = index_dir
     _restore(root, originals)
@@ -285,7 +285,7 @@ def test_fuzz_index_json_bytes(index_dir, data):
 @FUZZ
 @given(data=st.data())
 def test_fuzz_token_cache_json(index_dir, data):
-    from retrv.runtime.token_cache import TokenCache
+    from retrv.runtime.index.token_cache import TokenCache
 
     root, originals = index_dir
     _restore(root, originals)
@@ -297,7 +297,7 @@ def test_fuzz_token_cache_json(index_dir, data):
 @FUZZ
 @given(_rows(["did", "txt", "img_path", "modality", "deleted"]) | st.binary(max_size=300))
 def test_fuzz_index_rows(scratch, rows_or_bytes):
-    from retrv.runtime.index import _read_rows
+    from retrv.runtime.index.store import _read_rows
 
     path = scratch / "rows.jsonl"
     if isinstance(rows_or_bytes, bytes):
@@ -308,7 +308,7 @@ def test_fuzz_index_rows(scratch, rows_or_bytes):
 
 
 def test_fuzz_fixture_index_opens(index_dir):
-    from retrv.runtime.index import Index
+    from retrv.runtime.index.store import Index
 
     root, originals = index_dir
     _restore(root, originals)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from retrv.runtime.errors import InputError
-from retrv.runtime.index import Index
+from retrv.runtime.index.store import Index
 
 from index_worker import FakeEncoder, plan_churn, rows, vector
 

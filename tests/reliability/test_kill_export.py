@@ -33,13 +33,13 @@ from retrv.runtime.pack import Pack
 
 POLL_S = 0.0005  # the aimed kills poll this often; the swap itself takes microseconds, the steps around it ms
 NO_EXCHANGE = ("import sys; from retrv.runtime import fsutil; fsutil._renameat2 = False; "
-               "from retrv.runtime.cli import main; sys.exit(main(sys.argv[1:]))")
+               "from retrv.app.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
 @dataclass
 class Job:
     name: str
-    argv: list[str]  # after `python -m retrv.runtime.cli`
+    argv: list[str]  # after `python -m retrv.app.cli`
     out: Path
     pristine: Path  # a copy of the old pack, put back at `out` before each try
     old_sha: str
@@ -87,7 +87,7 @@ def reset(job: Job) -> int:
 
 
 def start(job: Job, fallback: bool) -> subprocess.Popen:
-    head = [sys.executable, "-c", NO_EXCHANGE] if fallback else [sys.executable, "-m", "retrv.runtime.cli"]
+    head = [sys.executable, "-c", NO_EXCHANGE] if fallback else [sys.executable, "-m", "retrv.app.cli"]
     return subprocess.Popen(head + job.argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from retrv.runtime.errors import IndexFileError
-from retrv.runtime.index import Index
+from retrv.runtime.index.store import Index
 
 from index_worker import FakeEncoder, rows
 

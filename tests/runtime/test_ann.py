@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from retrv.runtime.ann import (
+from retrv.runtime.index.ann import (
     ANN_FORMAT_VERSION,
     ANN_JSON,
     HNSW_BIN,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from retrv.runtime import demo
-from retrv.runtime.cli import main as cli
+from retrv.app import demo
+from retrv.app.cli import main as cli
 
 pytest.importorskip("torch")
 

@@ -1,4 +1,4 @@
-"""runtime/index.py as a unit, with a fake encoder (no model): generations, integrity, refusal, refresh, cleanup."""
+"""runtime/index/store.py as a unit, with a fake encoder (no model): generations, integrity, refusal, refresh, cleanup."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrv.runtime.cli import main as cli
+from retrv.app.cli import main as cli
 from retrv.runtime.errors import IndexFileError, InputError, RetrvError
-from retrv.runtime.index import INDEX_JSON, Index
+from retrv.runtime.index.store import INDEX_JSON, Index
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "reliability"))
 from index_worker import FakeEncoder, rows, vector  # noqa: E402

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from retrv.runtime.budget import Budget, Ledger, fit_budget
+from retrv.runtime.rerank.budget import Budget, Ledger, fit_budget
 from retrv.runtime.errors import InputError
 from retrv.runtime.limits import MAX_CHARS_PER_TOKEN, Cap, check_text, check_tokens
 

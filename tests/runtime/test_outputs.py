@@ -276,7 +276,7 @@ def test_a_live_writers_temporary_is_never_cleaned_and_other_names_are_left_alon
 
 # -- the CLI: refused, one line, the target untouched --------------------------------------------------------------
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
-    from retrv.runtime.cli import main
+    from retrv.app.cli import main
 
     code = main(argv)
     err = capsys.readouterr().err

@@ -24,7 +24,7 @@ from retrv.runtime.pack import (
     describe_file,
     write_manifest,
 )
-from retrv.runtime.preprocess import ImageProcessorConfig
+from retrv.runtime.inputs.preprocess import ImageProcessorConfig
 
 
 def model_config(icm: bool) -> ModelConfig:

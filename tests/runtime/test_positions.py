@@ -1,4 +1,4 @@
-"""retrv.runtime.positions against transformers 5.23's vision_utils and Qwen2_5_VLModel.get_rope_index (the oracles),
+"""retrv.runtime.inputs.positions against transformers 5.23's vision_utils and Qwen2_5_VLModel.get_rope_index (the oracles),
 on seeded random grids and prompts."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from retrv.runtime.errors import InputError
-from retrv.runtime.positions import (
+from retrv.runtime.inputs.positions import (
     decode_position_ids,
     rope_index,
     segment_ids_from_cu_seqlens,

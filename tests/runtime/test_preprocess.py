@@ -1,4 +1,4 @@
-"""retrv.runtime.preprocess against transformers' Qwen2-VL PIL image processor (the oracle), plus config and error
+"""retrv.runtime.inputs.preprocess against transformers' Qwen2-VL PIL image processor (the oracle), plus config and error
 handling that need no oracle. Images are seeded random arrays, never downloads."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from retrv.runtime.errors import InputError
-from retrv.runtime.preprocess import (
+from retrv.runtime.inputs.preprocess import (
     ImageProcessorConfig,
     load_image,
     preprocess_image,
@@ -288,7 +288,7 @@ def test_image_errors(tmp_path):
 
 def test_runtime_modules_import_without_torch():
     code = (
-        "import sys, retrv.runtime.preprocess, retrv.runtime.positions; "
+        "import sys, retrv.runtime.inputs.preprocess, retrv.runtime.inputs.positions; "
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

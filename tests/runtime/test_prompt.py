@@ -11,7 +11,7 @@ import pytest
 
 from retrv.model.tiny_tokenizer import build_tiny_tokenizer, write_preprocessor_config, write_tokenizer_files
 from retrv.runtime.errors import CheckpointError, InputError
-from retrv.runtime.prompt import ChatTemplate, PromptTokenizer, image_token_count
+from retrv.runtime.inputs.prompt import ChatTemplate, PromptTokenizer, image_token_count
 
 MAX_PIXELS = 64 * 28 * 28  # at most 64 merged tokens per image: keeps the processor fast
 
@@ -236,7 +236,7 @@ def test_missing_or_foreign_tokenizer_is_refused(tmp_path):
 
 def test_prompt_module_is_light():
     code = (
-        "import sys, retrv.runtime.prompt\n"
+        "import sys, retrv.runtime.inputs.prompt\n"
         "print(','.join(m for m in ('torch', 'transformers') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -10,12 +10,12 @@ from hypothesis import strategies as st
 from retrv.model.config import parse_hf_config
 from retrv.model.tiny import VOCAB_SIZE, tiny_config
 from retrv.model.tiny_tokenizer import build_tiny_tokenizer
-from retrv.runtime.backends.scripted import ScriptedBackend
-from retrv.runtime.budget import Budget
+from scripted_backend import ScriptedBackend
+from retrv.runtime.rerank.budget import Budget
 from retrv.runtime.errors import InputError
-from retrv.runtime.prompt import PromptTokenizer
-from retrv.runtime.rerank import Reranker, window_starts
-from retrv.runtime.rerank_prompt import CandidateInput, QueryInput
+from retrv.runtime.inputs.prompt import PromptTokenizer
+from retrv.runtime.rerank.loop import Reranker, window_starts
+from retrv.runtime.rerank.prompt import CandidateInput, QueryInput
 
 H = 64
 

@@ -13,15 +13,16 @@ import pytest
 
 from retrv.export.pack_export import export_pack
 from retrv.model.tiny import write_tiny_checkpoint
-from retrv.runtime.backends.scripted import ScriptedBackend
-from retrv.runtime.budget import Budget
-from retrv.runtime.cli import main as cli
-from retrv.runtime.corpus import Candidate, write_jsonl
-from retrv.runtime.demo import synthetic_image
-from retrv.runtime.embedding import EmbedItem
+from scripted_backend import ScriptedBackend
+from retrv.runtime.rerank.budget import Budget
+from retrv.app.cli import main as cli
+from retrv.runtime.inputs.corpus import Candidate, write_jsonl
+from retrv.app.demo import synthetic_image
+from retrv.runtime.inputs.embedding import EmbedItem
 from retrv.runtime.errors import IndexFileError, RetrvError
-from retrv.runtime.index import Index
+from retrv.runtime.index.store import Index
 from retrv.runtime.pack import Pack
+import retrv.export.torch_backend  # noqa: F401  (registers the PyTorch fallback with the runtime)
 from retrv.runtime.retriever import CandidateEncoder, Components, Retriever, open_backend
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from retrv.runtime.errors import CacheFileError, InputError
-from retrv.runtime.token_cache import (
+from retrv.runtime.index.token_cache import (
     CACHE_JSON,
     FORMAT_VERSION,
     TokenCache,
@@ -310,7 +310,7 @@ def test_crash_mid_append_keeps_old_cache_valid(tmp_path):
     # A real crash: the process dies after appending data, before cache.json is replaced.
     code = textwrap.dedent(f"""
         import os, numpy as np
-        from retrv.runtime.token_cache import TokenCacheWriter
+        from retrv.runtime.index.token_cache import TokenCacheWriter
         w = TokenCacheWriter.extend({str(tmp_path / "c")!r})
         for _ in range(3):
             w.add(np.ones((4, 16), np.float32), (1, 4, 4), np.ones(16, np.float32))

@@ -11,13 +11,13 @@ from PIL import Image
 from retrv.model.config import parse_hf_config
 from retrv.model.tiny import VOCAB_SIZE, tiny_config
 from retrv.model.tiny_tokenizer import build_tiny_tokenizer
-from retrv.runtime.answer import parse_ranking
-from retrv.runtime.backends.scripted import ScriptedBackend
-from retrv.runtime.budget import Budget
-from retrv.runtime.prompt import PromptTokenizer
-from retrv.runtime.rerank import Reranker
-from retrv.runtime.rerank_prompt import CandidateInput, QueryInput
-from retrv.runtime.tools import ToolServer, crop_box
+from retrv.runtime.rerank.answer import parse_ranking
+from scripted_backend import ScriptedBackend
+from retrv.runtime.rerank.budget import Budget
+from retrv.runtime.inputs.prompt import PromptTokenizer
+from retrv.runtime.rerank.loop import Reranker
+from retrv.runtime.rerank.prompt import CandidateInput, QueryInput
+from retrv.runtime.rerank.tools import ToolServer, crop_box
 
 H = 64
 

@@ -10,13 +10,13 @@ import torch
 
 from retrv.model import load_checkpoint
 from retrv.model.tiny import write_tiny_checkpoint
-from retrv.runtime.backends.scripted import ScriptedBackend
-from retrv.runtime.budget import Budget
-from retrv.runtime.demo import synthetic_image
-from retrv.runtime.preprocess import ImageProcessorConfig
-from retrv.runtime.prompt import PromptTokenizer
-from retrv.runtime.rerank import Reranker
-from retrv.runtime.rerank_prompt import CandidateInput, QueryInput
+from scripted_backend import ScriptedBackend
+from retrv.runtime.rerank.budget import Budget
+from retrv.app.demo import synthetic_image
+from retrv.runtime.inputs.preprocess import ImageProcessorConfig
+from retrv.runtime.inputs.prompt import PromptTokenizer
+from retrv.runtime.rerank.loop import Reranker
+from retrv.runtime.rerank.prompt import CandidateInput, QueryInput
 from retrv.train.eapo import eapo_reward
 from retrv.train.eapo_grpo import ToolRollout, grpo_step, tool_rollouts, torch_image_encoder
 from retrv.train.grpo import advantages, policy_loss

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from retrv.runtime.corpus import read_candidates, read_queries
+from retrv.runtime.inputs.corpus import read_candidates, read_queries
 from retrv.runtime.errors import InputError
 from retrv.train.flickr8k import convert_flickr8k, main
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrv.runtime.corpus import read_candidates, read_queries
+from retrv.runtime.inputs.corpus import read_candidates, read_queries
 from retrv.runtime.errors import InputError
 from retrv.runtime.fsutil import sha256_file
 from retrv.train.scene import RADIUS, Scene, SceneObject, render

@@ -10,12 +10,12 @@ import torch
 from retrv.model.loading import load_checkpoint
 from retrv.model.tiny import VOCAB_SIZE, write_tiny_checkpoint
 from retrv.model.tiny_tokenizer import build_tiny_tokenizer
-from retrv.runtime.answer import parse_index
-from retrv.runtime.backends.torch_backend import TorchBackend
-from retrv.runtime.budget import Budget
-from retrv.runtime.prompt import PromptTokenizer
-from retrv.runtime.rerank import Reranker
-from retrv.runtime.rerank_prompt import RerankTemplate
+from retrv.runtime.rerank.answer import parse_index
+from retrv.export.torch_backend import TorchBackend
+from retrv.runtime.rerank.budget import Budget
+from retrv.runtime.inputs.prompt import PromptTokenizer
+from retrv.runtime.rerank.loop import Reranker
+from retrv.runtime.rerank.prompt import RerankTemplate
 from retrv.train import losses
 from retrv.train.cot import (
     INSPECT_END,
@@ -479,7 +479,7 @@ def test_a_missing_flickr_folder_is_refused_before_any_training(tmp_path, capsys
 def test_probe_position_reaches_the_vision_stage(tiny, tmp_path):
     from dataclasses import replace
 
-    from retrv.runtime.preprocess import ImageProcessorConfig
+    from retrv.runtime.inputs.preprocess import ImageProcessorConfig
     from retrv.train.checkpoint import MAX_PIXELS, MIN_PIXELS
     from retrv.train.data import ImageBank, load_split
     from retrv.train.run import schedule_for

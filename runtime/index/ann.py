@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from retrv.runtime.errors import IndexFileError, InputError
-from retrv.runtime.ann_files import (ANN_FORMAT_VERSION, HNSW_BIN, MAX_CAPACITY, first_duplicate, check_graph,
+from retrv.runtime.index.ann_files import (ANN_FORMAT_VERSION, HNSW_BIN, MAX_CAPACITY, first_duplicate, check_graph,
                                     read_meta)
 from retrv.runtime.fsutil import atomic_write_json, fsync_dir, sha256_file
 

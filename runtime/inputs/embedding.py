@@ -13,7 +13,7 @@ import numpy as np
 
 from retrv.runtime.errors import InputError
 from retrv.runtime.limits import check_tokens, context_of
-from retrv.runtime.rerank_prompt import Piece, PromptBuilder
+from retrv.runtime.rerank.prompt import Piece, PromptBuilder
 
 
 @dataclass(frozen=True)

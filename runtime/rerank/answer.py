@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from retrv.runtime.rerank_prompt import Piece
+from retrv.runtime.rerank.prompt import Piece
 
 _INDEX = re.compile(r"^\s*\[?\s*(\d{1,6})\s*\]?\s*$")
 

@@ -1,15 +1,22 @@
 """PyTorch fallback backend: the project's own model behind the same numpy interface.
 
-For machines without ONNX Runtime, and the path training uses. torch is imported here and only here in the
-runtime; `import retrv.runtime` never reaches this module unless a PyTorch backend is asked for.
+For machines without ONNX Runtime, and the path training uses. It lives in `retrv.export`, not in the runtime,
+because it needs the PyTorch model (`retrv.model`) and the export graphs' pooling: the runtime never imports
+upward. Importing this module registers it as the runtime's "torch" backend (`open_backend(pack, "torch")`); the
+application layer imports it when `--backend torch` is asked for.
 """
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import numpy as np
 
-from retrv.runtime.backends.base import Backend, DecoderState
-from retrv.runtime.errors import require
+from retrv.runtime.backends.base import Backend, DecoderState, register_backend
+from retrv.runtime.errors import InputError, require
+
+logger = logging.getLogger(__name__)
 
 
 class TorchBackend(Backend):
@@ -18,6 +25,14 @@ class TorchBackend(Backend):
     def __init__(self, model) -> None:
         self.torch = require("torch", "export")
         self.model = model.eval()
+
+    @classmethod
+    def for_pack(cls, pack, checkpoint: str | Path | None) -> "TorchBackend":
+        """The fallback for a pack: its source checkpoint, loaded after checking that it is that source."""
+        if checkpoint is None:
+            raise InputError("--backend torch: needs --checkpoint CKPT (the checkpoint the pack was exported from)")
+        check_source_checkpoint(pack, checkpoint)
+        return cls.from_checkpoint(checkpoint)
 
     @classmethod
     def from_checkpoint(cls, path, dtype: str = "float32", device: str = "cpu") -> "TorchBackend":
@@ -74,3 +89,37 @@ class TorchBackend(Backend):
         state.stats["steps"] += 1
         state.stats["tokens"] += int(inputs_embeds.shape[1])
         return self._np(logits[:, -1])
+
+
+def check_source_checkpoint(pack, checkpoint: str | Path) -> None:
+    """Refuse a --checkpoint that is not the one `pack` was exported from: the PyTorch backend would run another
+    model over the pack's tokenizer, embedding table and index, and rank meaninglessly.
+
+    The exporter records `extra.source_fingerprint` (`retrv.model.files.source_fingerprint`: config, shard names
+    and sizes, sampled weight bytes; about 1 MiB read per shard). A pack exported before it was recorded is
+    checked on its model config alone and accepted with a warning: refusing would lock every older pack out of
+    the fallback backend, and the config check already catches another architecture; what it cannot catch is
+    another training run of the same architecture, which the warning says.
+    """
+    from retrv.model.config import read_config
+    from retrv.model.files import source_fingerprint
+
+    where = f"--checkpoint {checkpoint}"
+    if read_config(checkpoint) != pack.model_config:
+        raise InputError(f"{where}: its config.json differs from the model of pack {pack.path}; expected the "
+                         f"checkpoint the pack was exported from")
+    extra = pack.manifest.extra
+    want = extra.get("source_fingerprint")
+    if want is None:
+        logger.warning("pack %s records no source fingerprint (exported by an older retrv-edge): --checkpoint %s "
+                       "has the same model config, but whether it holds the same weights cannot be checked; "
+                       "re-export the pack to record it", pack.path, checkpoint)
+        return
+    got = source_fingerprint(checkpoint)
+    if got != want:
+        source = extra.get("source_checkpoint")
+        raise InputError(f"{where}: source fingerprint {got[:16]}; expected {str(want)[:16]} (pack {pack.path} was "
+                         f"exported from {source!r}): not the pack's source checkpoint (other weights)")
+
+
+register_backend("torch", TorchBackend.for_pack)

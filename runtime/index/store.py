@@ -42,14 +42,14 @@ from typing import Any
 
 import numpy as np
 
-from retrv.runtime.ann import HnswIndex, HnswParams
-from retrv.runtime.ann_files import HNSW_BIN
-from retrv.runtime.corpus import Candidate, candidates_from_rows, read_candidates
+from retrv.runtime.index.ann import HnswIndex, HnswParams
+from retrv.runtime.index.ann_files import HNSW_BIN
+from retrv.runtime.inputs.corpus import Candidate, candidates_from_rows, read_candidates
 from retrv.runtime.errors import IndexFileError, InputError
 from retrv.runtime.folder import (WriterLock, check_table, check_version, describe, is_int, member,
                                   one_line, read_manifest, verify_files)
 from retrv.runtime.fsutil import atomic_dir, atomic_write_json, atomic_write_text, fsync_dir
-from retrv.runtime.token_cache import CACHE_JSON, TokenCache, TokenCacheWriter
+from retrv.runtime.index.token_cache import CACHE_JSON, TokenCache, TokenCacheWriter
 
 log = logging.getLogger(__name__)
 

@@ -85,10 +85,10 @@ def run_demo(cache_dir: str | None, seed: int, out: TextIO, n_queries: int = DEM
     from retrv.calibration.config import Int8DynamicConfig
     from retrv.calibration.quantize import quantize_pack
     from retrv.export.pack_export import export_pack
-    from retrv.runtime.budget import Budget
-    from retrv.runtime.corpus import read_queries
+    from retrv.runtime.rerank.budget import Budget
+    from retrv.runtime.inputs.corpus import read_queries
     from retrv.runtime.evaluate import evaluate
-    from retrv.runtime.index import Index
+    from retrv.runtime.index.store import Index
     from retrv.runtime.pack import Pack
     from retrv.runtime.retriever import CandidateEncoder, Components, Retriever, open_backend
     from retrv.train.synth import generate_dataset
@@ -114,7 +114,7 @@ def run_demo(cache_dir: str | None, seed: int, out: TextIO, n_queries: int = DEM
     pack = Pack.open(root / "pack-int8")
     backend = open_backend(pack, "ort", cache_dir=root / "ort-cache")
     t0 = clock()
-    from retrv.runtime.index import INDEX_FORMAT_VERSION
+    from retrv.runtime.index.store import INDEX_FORMAT_VERSION
 
     index_dir = root / f"index-v{INDEX_FORMAT_VERSION}-seed{seed}-{scenes}"  # an older layout is rebuilt, not refused
     if not (index_dir / "index.json").is_file():

@@ -41,7 +41,7 @@ def first_duplicate(labels: np.ndarray) -> int | None:
 
 
 def _params_from_dict(d):
-    from retrv.runtime.ann import HnswParams  # here, not at the top: ann imports this module
+    from retrv.runtime.index.ann import HnswParams  # here, not at the top: ann imports this module
 
     return HnswParams.from_dict(d)
 

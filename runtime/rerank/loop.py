@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from retrv.runtime.answer import AnswerTrie, parse_index
+from retrv.runtime.rerank.answer import AnswerTrie, parse_index
 from retrv.runtime.backends.base import Backend
-from retrv.runtime.budget import Budget, Ledger, Usage, WindowAllowance, fit_budget
+from retrv.runtime.rerank.budget import Budget, Ledger, Usage, WindowAllowance, fit_budget
 from retrv.runtime.errors import InputError
 from retrv.runtime.limits import Cap, check_text, context_of
-from retrv.runtime.rerank_prompt import CandidateInput, Piece, PromptBuilder, QueryInput, RerankTemplate, pad_batch
-from retrv.runtime.rerank_tools import ToolSession
+from retrv.runtime.rerank.prompt import CandidateInput, Piece, PromptBuilder, QueryInput, RerankTemplate, pad_batch
+from retrv.runtime.rerank.tool_session import ToolSession
 
 MAX_INDEX_TOKENS = 8  # an inspection index longer than this is not an index: the markup is treated as text
 

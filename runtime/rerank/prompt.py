@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from retrv.runtime import positions
+from retrv.runtime.inputs import positions
 from retrv.runtime.errors import InputError
 
 SLOT_TOKEN = "<|vision_pad|>"  # an id Qwen2.5-VL reserves and never emits; carries t_con / t_rel embeddings

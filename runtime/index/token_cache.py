@@ -389,4 +389,4 @@ class TokenCache:
                 f"total_tokens={self.total_tokens}, t_con={self.t_con_dtype})")
 
 
-from retrv.runtime.token_cache_writer import TokenCacheWriter  # noqa: E402  (the writer imports this module's helpers)
+from retrv.runtime.index.token_cache_writer import TokenCacheWriter  # noqa: E402  (the writer imports this module's helpers)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from retrv.runtime.errors import InputError
-from retrv.runtime.preprocess import load_image
+from retrv.runtime.inputs.preprocess import load_image
 
 CROP_NAMES = ("crop_image", "zoom_in", "crop_image_normalized")
 TOOL_NAMES = ("select_images", *CROP_NAMES)

@@ -11,30 +11,40 @@ log = logging.getLogger(__name__)
 
 
 def _budget(args):
-    from retrv.runtime.budget import Budget
+    from retrv.runtime.rerank.budget import Budget
 
     return Budget(think=args.think_budget, inspect=args.inspect_budget, tool=args.tool_budget, token=args.token_budget)
 
 
 def _retriever(args):
-    from retrv.runtime.index import Index
+    from retrv.runtime.index.store import Index
     from retrv.runtime.pack import Pack
     from retrv.runtime.retriever import Retriever
 
     pack = Pack.open(args.pack)
     index = Index.open(args.index, pack=pack)
-    return Retriever(pack, index, backend=args.backend, checkpoint=args.checkpoint, provider=args.provider)
+    return Retriever(pack, index, backend=args.backend, **_backend_kwargs(args))
 
 
 def _backend_kwargs(args) -> dict:
+    _load_backend(args.backend)
     return {"checkpoint": args.checkpoint, "provider": args.provider}
+
+
+def _load_backend(name: str) -> None:
+    """The PyTorch fallback lives above the runtime; load it (it registers itself) when it may be used."""
+    if name == "torch":
+        from retrv.runtime.errors import require
+
+        require("torch", "export")
+        import retrv.export.torch_backend  # noqa: F401
 
 
 def cmd_index_build(args) -> int:
     from retrv.runtime.outputs import check_output
 
     check_output(args.index, "index", {"the pack": args.pack, "the corpus": args.corpus})
-    from retrv.runtime.index import Index
+    from retrv.runtime.index.store import Index
     from retrv.runtime.pack import Pack
 
     pack = Pack.open(args.pack)
@@ -48,8 +58,8 @@ def cmd_index_build(args) -> int:
 
 
 def cmd_index_add(args) -> int:
-    from retrv.runtime.corpus import read_candidates
-    from retrv.runtime.index import Index
+    from retrv.runtime.inputs.corpus import read_candidates
+    from retrv.runtime.index.store import Index
     from retrv.runtime.pack import Pack
 
     pack = Pack.open(args.pack)
@@ -61,7 +71,7 @@ def cmd_index_add(args) -> int:
 
 
 def cmd_index_delete(args) -> int:
-    from retrv.runtime.index import Index
+    from retrv.runtime.index.store import Index
 
     index = Index.open(args.index)
     gen = index.delete(args.ids)
@@ -70,7 +80,7 @@ def cmd_index_delete(args) -> int:
 
 
 def cmd_index_info(args) -> int:
-    from retrv.runtime.index import Index
+    from retrv.runtime.index.store import Index
 
     info = Index.open(args.index, verify="size" if args.quick else "full").info()
     if args.json:
@@ -101,7 +111,7 @@ def cmd_search(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from retrv.runtime.corpus import read_queries
+    from retrv.runtime.inputs.corpus import read_queries
     from retrv.runtime.evaluate import evaluate
 
     out = evaluate(_retriever(args), read_queries(args.queries), k=args.k, budget=_budget(args), window=args.window,
@@ -125,7 +135,7 @@ def cmd_eval(args) -> int:
 
 
 # The most candidates a query may ask for (--k): hnswlib searches with a beam ef >= k, the same bound as
-# retrv.runtime.ann.MAX_EF; a million candidates is already past anything a reranker could read.
+# retrv.runtime.index.ann.MAX_EF; a million candidates is already past anything a reranker could read.
 MAX_K = 1_000_000
 SEED_MAX = 2**32 - 1  # numpy's legacy seeding and torch.manual_seed both take any 32-bit value
 
@@ -175,8 +185,8 @@ def _query_flags(p) -> None:
 
 
 def register(sub) -> None:
-    from retrv.runtime.ann import MAX_EF, MAX_M
-    from retrv.runtime.index import DEFAULT_EF_CONSTRUCTION, DEFAULT_EF_SEARCH, DEFAULT_M
+    from retrv.runtime.index.ann import MAX_EF, MAX_M
+    from retrv.runtime.index.store import DEFAULT_EF_CONSTRUCTION, DEFAULT_EF_SEARCH, DEFAULT_M
 
     idx = sub.add_parser("index", help="build, change and inspect an index")
     idx_sub = idx.add_subparsers(dest="index_command", required=True, metavar="ACTION")

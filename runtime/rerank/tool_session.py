@@ -7,9 +7,9 @@ by the backend's vision graph, at fresh M-RoPE positions; the assistant then con
 
 from __future__ import annotations
 
-from retrv.runtime.answer import parse_ranking
-from retrv.runtime.rerank_prompt import Piece
-from retrv.runtime.tools import ToolResult, ToolServer
+from retrv.runtime.rerank.answer import parse_ranking
+from retrv.runtime.rerank.prompt import Piece
+from retrv.runtime.rerank.tools import ToolResult, ToolServer
 
 LIST_TOKENS_PER_ITEM = 4  # "12, " is at most 4 tokens in Qwen's digit-by-digit tokenizer
 

@@ -7,12 +7,12 @@ import argparse
 import logging
 import sys
 
-from retrv.runtime.commands import SEED_MAX, int_in, positive_int
+from retrv.app.commands import SEED_MAX, int_in, positive_int
 from retrv.runtime.errors import RetrvError
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from retrv.runtime.demo import run_demo
+    from retrv.app.demo import run_demo
 
     return run_demo(cache_dir=args.cache_dir, seed=args.seed, out=sys.stdout, n_queries=args.queries)
 
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(func=_cmd_generate)
 
-    from retrv.runtime import commands
+    from retrv.app import commands
 
     commands.register(sub)
     _register_optional(sub, "retrv.calibration.cli")  # retrv quantize

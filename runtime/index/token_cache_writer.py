@@ -1,6 +1,6 @@
 """Writing the candidate token cache: new caches built atomically, appends that survive a crash.
 
-The format and the reader are in `retrv.runtime.token_cache`; this module only writes.
+The format and the reader are in `retrv.runtime.index.token_cache`; this module only writes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 
 from retrv.runtime.errors import InputError
 from retrv.runtime.fsutil import atomic_dir, atomic_write_json
-from retrv.runtime.token_cache import (CACHE_JSON, FORMAT_VERSION, KIND, LOCK_NAME, T_CON_DTYPES, T_CON_MAX_REL_ERROR,
+from retrv.runtime.index.token_cache import (CACHE_JSON, FORMAT_VERSION, KIND, LOCK_NAME, T_CON_DTYPES, T_CON_MAX_REL_ERROR,
                                        _data_file, _dtypes_of, _fail, _hash_prefix, _is_int, _layout, _read_meta,
                                        quantize_int8)
 
