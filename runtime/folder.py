@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import stat
@@ -33,6 +34,7 @@ from typing import Any
 from retrv.runtime.errors import RetrvError
 from retrv.runtime.fsutil import sha256_file
 
+logger = logging.getLogger(__name__)
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 LOCK_NAME = ".lock"
 LOCK_TIMEOUT_S = 600.0  # a writer waits this long for another one (an index update of a large corpus) before failing
@@ -51,11 +53,12 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # `true` is no size
 
 
-def read_manifest(path: Path, error: type[RetrvError], max_bytes: int, what: str) -> dict:
-    """The JSON object in `path`, refused (as `error`, one line) unless it is a regular file that is not a symlink,
-    at most `max_bytes`, UTF-8, strict JSON (no NaN/Infinity) and an object."""
+def read_manifest(path: Path, error: type[RetrvError], max_bytes: int, what: str, symlink_ok: bool = False) -> dict:
+    """The JSON object in `path`, refused (as `error`, one line) unless it is a regular file that is not a symlink
+    (`symlink_ok`: the caller has checked where it points), at most `max_bytes`, UTF-8, strict JSON (no
+    NaN/Infinity) and an object."""
     try:
-        st = os.lstat(path)
+        st = os.stat(path) if symlink_ok else os.lstat(path)
     except FileNotFoundError:
         raise _err(error, f"{path}: file not found; expected {what}") from None
     except OSError as e:
@@ -68,7 +71,7 @@ def read_manifest(path: Path, error: type[RetrvError], max_bytes: int, what: str
         raise _err(error, f"{path}: {st.st_size} bytes; expected {what} of at most {max_bytes} bytes")
     try:
         with open(path, "rb") as f:
-            raw = f.read(max_bytes + 1)
+            raw = f.read(min(st.st_size, max_bytes) + 1)  # sized to the file: no max_bytes buffer for a 1 KB file
     except OSError as e:
         raise _err(error, f"{path}: cannot be read ({e.strerror or e}); expected {what}") from None
 
@@ -85,40 +88,48 @@ def read_manifest(path: Path, error: type[RetrvError], max_bytes: int, what: str
     except (ValueError, RecursionError) as e:
         raise _err(error, f"{path}: not valid JSON ({type(e).__name__}: {e}); expected {what}") from None
     if not isinstance(data, dict):
-        raise _err(error, f"{path}: got a JSON {type(data).__name__}; expected {what} (a JSON object)")
+        raise _err(error, f"{path}: got a JSON {type(data).__name__}; expected an object ({what})")
     return data
 
 
 def check_version(where: Any, value: Any, current: int, error: type[RetrvError], oldest: int = 1,
                   older_hint: str = "") -> int:
     """`value` must be an integer in [oldest, current]. Newer: upgrade retrv-edge. Older: `older_hint` says what to
-    do (e.g. rebuild), since this reader no longer reads it."""
+    do (e.g. rebuild), since this reader no longer reads it. `where` prefixes the message (None: no prefix)."""
+    at = f"{where}: " if where else ""
     if not is_int(value) or value < 1:
-        raise _err(error, f"{where}: format_version {value!r}; expected an integer from {oldest} to {current}")
+        raise _err(error, f"{at}format_version: got {value!r}; expected an integer from {oldest} to {current}")
     if value > current:
-        raise _err(error, f"{where}: format_version {value} is newer than this retrv-edge reads ({current}); "
+        raise _err(error, f"{at}format_version {value} is newer than this retrv-edge supports ({current}); "
                           f"upgrade retrv-edge")
     if value < oldest:
-        raise _err(error, f"{where}: format_version {value} is older than this retrv-edge reads ({oldest} to "
+        raise _err(error, f"{at}format_version {value} is older than this retrv-edge reads ({oldest} to "
                           f"{current}){'; ' + older_hint if older_hint else ''}")
     return value
 
 
-def check_name(name: Any, error: type[RetrvError], where: str = "file name") -> str:
+def check_name(name: Any, error: type[RetrvError], where: str = "file name", folder: str = "folder",
+               example: str = "a/b.bin") -> str:
     """A relative, normalized POSIX path: no absolute path, drive, backslash, NUL, `.`/`..` or empty component."""
     if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
-        raise _err(error, f"{where} {name!r}: expected a non-empty relative path inside the folder")
+        raise _err(error, f"{where} {name!r}: expected a non-empty relative path inside the {folder}")
     if PurePosixPath(name).is_absolute() or re.match(r"^[A-Za-z]:", name):
-        raise _err(error, f"{where} {name!r}: absolute path; expected a path relative to the folder")
+        raise _err(error, f"{where} {name!r}: absolute path escapes the {folder}; expected a relative path")
     if any(part in ("", ".", "..") for part in name.split("/")):
-        raise _err(error, f"{where} {name!r}: leaves the folder or is not normalized; expected e.g. 'a/b.bin'")
+        raise _err(error, f"{where} {name!r}: escapes the {folder} or is not normalized; expected e.g. '{example}'")
     return name
 
 
-def member(root: Path, name: str, error: type[RetrvError], kind: str = "file") -> Path:
+def member(root: Path, name: str, error: type[RetrvError], kind: str = "file", symlinks: str = "refuse",
+           folder: str = "folder") -> Path:
     """`root/name`, refused unless every component below `root` exists and is not a symlink, and the last is a
-    regular file (kind="file") or a directory (kind="dir"). A symlink anywhere could point outside the folder."""
-    check_name(name, error)
+    regular file (kind="file") or a directory (kind="dir"). A symlink anywhere could point outside the folder.
+
+    `symlinks="inside"` (packs: a user may deduplicate files with links) accepts symlinks whose target, fully
+    resolved, is inside `root` (itself resolved), and returns the resolved path."""
+    check_name(name, error, folder=folder)
+    if symlinks == "inside":
+        return _resolved_member(root, name, error, kind, folder)
     path = root
     parts = name.split("/")
     for i, part in enumerate(parts):
@@ -141,6 +152,25 @@ def member(root: Path, name: str, error: type[RetrvError], kind: str = "file") -
     return path
 
 
+def _resolved_member(root: Path, name: str, error: type[RetrvError], kind: str, folder: str) -> Path:
+    real_root = Path(os.path.realpath(root))
+    path = root / name
+    real = Path(os.path.realpath(path))
+    if real != real_root and real_root not in real.parents:
+        raise _err(error, f"{path}: resolves to {real}, outside the {folder}; expected a {kind} inside {real_root}")
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        raise _err(error, f"{path}: file not found; expected it (listed in the {folder}'s manifest)") from None
+    except OSError as e:
+        raise _err(error, f"{path}: cannot be read ({e.strerror or e})") from None
+    if kind == "file" and not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end when hashed
+        raise _err(error, f"{path}: not a regular file; expected a file of the {folder}")
+    if kind == "dir" and not stat.S_ISDIR(st.st_mode):
+        raise _err(error, f"{path}: not a directory; expected one")
+    return real
+
+
 def describe(root: Path, name: str) -> dict:
     """The manifest entry of one file: {"bytes", "sha256"}."""
     p = root / name
@@ -160,23 +190,34 @@ def check_table(where: Any, table: Any, error: type[RetrvError]) -> dict[str, di
     return table
 
 
-def verify_files(root: Path, table: Mapping[str, Mapping], error: type[RetrvError], verify: str = "full") -> None:
-    """Every listed file exists inside `root` without symlinks, has its size, and (verify="full") its sha256."""
+def verify_files(root: Path, table: Mapping[str, Mapping], error: type[RetrvError], verify: str = "full",
+                 symlinks: str = "refuse", folder: str = "folder") -> dict[str, Path]:
+    """Every listed file exists inside `root` (no symlinks, or only symlinks inside with `symlinks="inside"`), has
+    its size, and (verify="full") its sha256; sizes first, so a truncated file is reported before GBs are hashed.
+    `table`: name -> {"bytes", "sha256"} (a mapping, or an object with those attributes). Returns name -> path."""
     paths = {}
     for name, entry in table.items():
-        p = member(root, name, error)
-        size = os.lstat(p).st_size
+        entry = _entry(entry)
+        p = member(root, name, error, symlinks=symlinks, folder=folder)
+        size = os.stat(p).st_size
         if size != entry["bytes"]:
-            raise _err(error, f"{p}: {size} bytes; expected {entry['bytes']} (truncated or modified file)")
+            raise _err(error, f"{root / name}: {size} bytes; expected {entry['bytes']} (truncated or modified file)")
         paths[name] = p
     if verify == "full":
         for name, entry in table.items():
+            entry = _entry(entry)
+            logger.info("verifying %s (%d bytes)", name, entry["bytes"])
             try:
                 digest = sha256_file(paths[name])
             except OSError as e:
                 raise _err(error, f"{paths[name]}: cannot be read ({e.strerror or e})") from None
             if digest != entry["sha256"]:
-                raise _err(error, f"{paths[name]}: sha256 {digest}; expected {entry['sha256']} (modified file)")
+                raise _err(error, f"{root / name}: sha256 {digest}; expected {entry['sha256']} (modified file)")
+    return paths
+
+
+def _entry(entry: Any) -> Mapping:
+    return entry if isinstance(entry, Mapping) else {"bytes": entry.bytes, "sha256": entry.sha256}
 
 
 # ---------------------------------------------------------------------------------------------- one writer

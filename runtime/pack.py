@@ -23,14 +23,14 @@ import json
 import logging
 import os
 import re
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from retrv.runtime.config import ModelConfig
 from retrv.runtime.errors import InputError, PackError, RetrvError
+from retrv.runtime.folder import check_name, check_version, member, read_manifest, verify_files
 from retrv.runtime.fsutil import atomic_write_json, sha256_file
 
 if TYPE_CHECKING:
@@ -85,16 +85,9 @@ def _json_copy(where: str, value: Any) -> dict:
 
 
 def check_file_name(name: Any) -> str:
-    """A manifest file name: a relative POSIX path inside the pack (no absolute path, no `..`, no `.`, no
-    backslash, no empty component). Symlinks are checked against the real directory by `Pack.open`."""
-    if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
-        raise _fail(f"file name {name!r}: expected a non-empty relative path inside the pack")
-    p = PurePosixPath(name)
-    if p.is_absolute() or name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-        raise _fail(f"file name {name!r}: absolute path escapes the pack directory; expected a relative path")
-    if any(part in ("..", ".") for part in name.split("/")) or "" in name.split("/"):
-        raise _fail(f"file name {name!r}: escapes the pack directory or is not normalized; "
-                    f"expected e.g. 'decoder.onnx'")
+    """A manifest file name: a relative POSIX path inside the pack (`folder.check_name`). Symlinks are checked
+    against the real directory by `Pack.open`."""
+    check_name(name, PackError, folder="pack directory", example="decoder.onnx")
     if name == MANIFEST_NAME:
         raise _fail(f"file name {name!r}: the manifest cannot list itself")
     return name
@@ -248,11 +241,7 @@ class Manifest:
 
 
 def _check_version(v: Any) -> None:
-    if not _is_int(v) or v < 1:
-        raise _fail(f"format_version: got {v!r}; expected an integer from 1 to {PACK_FORMAT_VERSION}")
-    if v > PACK_FORMAT_VERSION:
-        raise _fail(f"format_version {v} is newer than this retrv-edge supports ({PACK_FORMAT_VERSION}); "
-                    f"upgrade retrv-edge")
+    check_version(None, v, PACK_FORMAT_VERSION, PackError)
 
 
 def describe_file(pack_dir: str | os.PathLike, name: str, role: str, **kw: Any) -> FileEntry:
@@ -274,27 +263,7 @@ def write_manifest(pack_dir: str | os.PathLike, manifest: Manifest) -> Path:
 
 
 def _read_manifest(path: Path) -> Manifest:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_MANIFEST_BYTES + 1)
-    except OSError as e:
-        raise _fail(f"{path}: cannot be read ({e.strerror or e}); expected the pack manifest") from None
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise _fail(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes; expected a pack manifest of a few KB")
-
-    def no_constant(c: str) -> float:
-        raise ValueError(f"{c} is not JSON")
-
-    try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=no_constant)
-    except UnicodeDecodeError:
-        raise _fail(f"{path}: not UTF-8 text; expected a JSON manifest") from None
-    except json.JSONDecodeError as e:
-        raise _fail(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    except (ValueError, RecursionError) as e:
-        raise _fail(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict):
-        raise _fail(f"{path}: got a JSON {type(data).__name__}; expected an object")
+    data = read_manifest(path, PackError, MAX_MANIFEST_BYTES, "the pack manifest", symlink_ok=True)
     try:
         return Manifest.from_dict(data)
     except PackError as e:
@@ -302,20 +271,8 @@ def _read_manifest(path: Path) -> Manifest:
 
 
 def _resolve_inside(root: Path, name: str) -> Path:
-    """`root/name` with symlinks resolved, refused unless it is a regular file inside `root` (already resolved)."""
-    path = root / name
-    real = Path(os.path.realpath(path))
-    if real != root and root not in real.parents:
-        raise _fail(f"{path}: resolves to {real}, outside the pack directory; expected a file inside {root}")
-    try:
-        st = os.stat(real)
-    except FileNotFoundError:
-        raise _fail(f"{path}: file not found; expected it (listed in {MANIFEST_NAME})") from None
-    except OSError as e:
-        raise _fail(f"{path}: cannot be read ({e.strerror or e})") from None
-    if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end when hashed
-        raise _fail(f"{path}: not a regular file; expected a file of the pack")
-    return real
+    """`root/name` with symlinks resolved, refused unless it is a regular file inside `root`."""
+    return member(root, name, PackError, symlinks="inside", folder="pack directory")
 
 
 class Pack:
@@ -353,22 +310,7 @@ class Pack:
         manifest = _read_manifest(manifest_path)
 
         # Sizes of every file first (cheap), so a missing or truncated file is reported before GBs are hashed.
-        resolved: dict[str, Path] = {}
-        for name, entry in manifest.files.items():
-            real = _resolve_inside(root, name)
-            size = os.stat(real).st_size
-            if size != entry.bytes:
-                raise _fail(f"{root / name}: {size} bytes; expected {entry.bytes} (truncated or modified file)")
-            resolved[name] = real
-        if verify == "full":
-            for name, entry in manifest.files.items():
-                logger.info("verifying %s (%d bytes)", name, entry.bytes)
-                try:
-                    digest = sha256_file(resolved[name])
-                except OSError as e:
-                    raise _fail(f"{root / name}: cannot be read ({e.strerror or e})") from None
-                if digest != entry.sha256:
-                    raise _fail(f"{root / name}: sha256 {digest}; expected {entry.sha256} (modified file)")
+        verify_files(root, manifest.files, PackError, verify, symlinks="inside", folder="pack directory")
 
         from retrv.runtime.inputs.preprocess import ImageProcessorConfig  # here: it pulls in Pillow
 

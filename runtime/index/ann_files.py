@@ -7,7 +7,6 @@ checking every size, count and neighbour id its loader or search would trust.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import struct
@@ -17,8 +16,10 @@ from typing import Any
 import numpy as np
 
 from retrv.runtime.errors import IndexFileError, InputError
+from retrv.runtime.folder import check_version, read_manifest
 
 ANN_FORMAT_VERSION = 1
+MAX_ANN_JSON_BYTES = 1 << 20  # a real ann.json is under 1 KB
 HNSW_BIN = "hnsw.bin"
 MAX_CAPACITY = 2**32 - 1  # hnswlib's internal ids are 32-bit (`tableint`)
 
@@ -48,24 +49,14 @@ def _params_from_dict(d):
 
 def read_meta(path: Path) -> dict[str, Any]:
     """ann.json, checked field by field; `params` comes back as HnswParams."""
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise IndexFileError(f"{path}: missing; expected the index metadata written by HnswIndex.save") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise IndexFileError(f"{path}: unreadable ({type(e).__name__}: {e}); expected JSON") from None
-    if not isinstance(meta, dict):
-        raise IndexFileError(f"{path}: got a JSON {type(meta).__name__}; expected an object")
+    meta = read_manifest(path, IndexFileError, MAX_ANN_JSON_BYTES, "the index metadata written by HnswIndex.save")
 
     def integer(name: str, value: Any, lo: int, hi: int) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
             raise IndexFileError(f"{path}: {name} is {value!r}; expected an integer in [{lo}, {hi}]")
         return value
 
-    version = integer("format_version", meta.get("format_version"), 1, 2**31)
-    if version > ANN_FORMAT_VERSION:
-        raise IndexFileError(f"{path}: format_version {version} is newer than this retrv-edge reads "
-                             f"({ANN_FORMAT_VERSION}); expected <= {ANN_FORMAT_VERSION} (upgrade retrv-edge)")
+    check_version(path, meta.get("format_version"), ANN_FORMAT_VERSION, IndexFileError)
     try:
         meta["params"] = _params_from_dict(meta.get("params"))
     except (InputError, TypeError) as e:

@@ -50,7 +50,6 @@ numpy + stdlib only.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -62,6 +61,7 @@ from typing import Any
 import numpy as np
 
 from retrv.runtime.errors import CacheFileError, InputError
+from retrv.runtime.folder import check_version, read_manifest
 from retrv.runtime.fsutil import CHUNK
 
 logger = logging.getLogger(__name__)
@@ -156,28 +156,10 @@ def _read_meta(root: Path, meta_path: Path | None = None) -> dict:
     """Parse and check cache.json (`root/cache.json`, or `meta_path` where the description lives outside the data
     folder, as in an index generation); returns it with `t_con_dtype` and `layout` added. Touches no data file."""
     path = root / CACHE_JSON if meta_path is None else Path(meta_path)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise _fail(f"{path}: file not found; expected the token cache description") from None
-    if not stat.S_ISREG(os.lstat(path).st_mode):
-        raise _fail(f"{path}: not a regular file (or a symlink); expected the token cache description")
-    if st.st_size > MAX_CACHE_JSON_BYTES:
-        raise _fail(f"{path}: {st.st_size} bytes; expected at most {MAX_CACHE_JSON_BYTES}")
-    try:
-        meta = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise _fail(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(meta, dict):
-        raise _fail(f"{path}: got {type(meta).__name__}; expected a JSON object")
+    meta = read_manifest(path, CacheFileError, MAX_CACHE_JSON_BYTES, "the token cache description")
     if meta.get("kind") != KIND:
         raise _fail(f"{path}: kind {meta.get('kind')!r}; expected {KIND!r}")
-    v = meta.get("format_version")
-    if not _is_int(v) or v < 1:
-        raise _fail(f"{path}: format_version {v!r}; expected an integer >= 1")
-    if v > FORMAT_VERSION:
-        raise _fail(f"{path}: format_version {v} is newer than this reader's {FORMAT_VERSION}; "
-                    f"upgrade retrv-edge or rebuild the index")
+    check_version(path, meta.get("format_version"), FORMAT_VERSION, CacheFileError)
     missing = sorted(_TOP_KEYS - {"extra"} - set(meta))
     unknown = sorted(set(meta) - _TOP_KEYS)
     if missing or unknown:

@@ -157,7 +157,7 @@ def test_load_refuses_modified_byte(saved):
 @pytest.mark.parametrize("name", [HNSW_BIN, ANN_JSON])
 def test_load_refuses_missing_file(saved, name):
     (saved / name).unlink()
-    with pytest.raises(IndexFileError, match=f"{name}: missing") as e:
+    with pytest.raises(IndexFileError, match=f"{name}: (missing|file not found)") as e:
         HnswIndex.load(saved)
     one_line(e)
 
@@ -173,7 +173,7 @@ def test_load_refuses_newer_format_and_bad_metadata(saved):
             HnswIndex.load(saved)
         one_line(e)
     (saved / ANN_JSON).write_text("{not json")
-    with pytest.raises(IndexFileError, match="unreadable") as e:
+    with pytest.raises(IndexFileError, match="not valid JSON") as e:
         HnswIndex.load(saved)
     one_line(e)
 

@@ -240,7 +240,7 @@ def test_refuses_modified_byte_in_full_mode_only(small_cache):
 
 
 @pytest.mark.parametrize("changes, match", [
-    ({"format_version": FORMAT_VERSION + 1}, "newer than this reader"),
+    ({"format_version": FORMAT_VERSION + 1}, "newer than this retrv-edge supports"),
     ({"count": 4}, "expected .* for count 4"),
     ({"hidden": 0}, "hidden 0"),
     ({"kind": "something-else"}, "kind"),
