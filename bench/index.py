@@ -2,7 +2,7 @@
 brute-force numpy (`exact_search`), in one run, on a seeded random Gaussian dataset.
 
     python bench/index.py [--n 10000] [--dim 128] [--queries 1000] [--k 10] [--metric cosine]
-                          [--m 16] [--ef-construction 200] [--ef-search 64] [--build-threads N] [--json OUT]
+                          [--m 16] [--ef-construction 200] [--ef-search 200] [--build-threads N] [--json OUT]
 
 Reported, each the median of 3 timed rounds after one warm-up round (the contenders take turns within a round):
   * build: create + add all n vectors in one call, on --build-threads threads (default: every core) for both hnsw

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from retrv.runtime.index.ann import HnswIndex, HnswParams
+from retrv.runtime.index.ann import DEFAULT_EF_CONSTRUCTION, DEFAULT_EF_SEARCH, DEFAULT_M, HnswIndex, HnswParams
 from retrv.runtime.index.ann_files import HNSW_BIN
 from retrv.runtime.inputs.corpus import Candidate, candidates_from_rows, read_candidates
 from retrv.runtime.errors import IndexFileError, InputError
@@ -63,10 +63,6 @@ MAX_INDEX_JSON_BYTES = 1 << 20  # a real index.json is about 2 KB
 _GEN_RE = re.compile(r"g(\d{6,})")
 _OPEN_RETRIES = 5  # a reader opening generation N while writers commit N+1 and N+2 (which deletes N) starts over
 
-# Defaults, written once (the CLI and Index.build read them from here).
-DEFAULT_M = 16
-DEFAULT_EF_CONSTRUCTION = 200
-DEFAULT_EF_SEARCH = 200  # recall@10 0.92 on 10k random 128-d vectors, the worst case (bench/index.py)
 
 
 def _gen_dir(generation: int) -> str:
