@@ -112,7 +112,9 @@ def test_every_mode_gives_a_pack_that_opens_generates_and_reports_its_gate(quant
     assert gate["inputs"] == "held-out from corpus.jsonl" and gate["prompts"] == 2 and gate["positions"] == 12
     assert -1 <= gate["logits_cosine_min"] <= gate["logits_cosine_mean"] <= 1
     assert gate["logits_cosine_mean"] > 0.9  # a random tiny model: close, not identical
-    assert 0 <= gate["top1_agreement"] <= 1 and gate["drop"] == pytest.approx(1 - gate["top1_agreement"], abs=1e-6)
+    assert gate["drop"] == pytest.approx(1 - gate["top1_agreement"], abs=1e-6)
+    assert gate["top1_agreement"] * gate["positions"] == pytest.approx(round(gate["top1_agreement"] * gate["positions"]),
+                                                                        abs=1e-4)  # a share of 12 positions
     assert gate["answer_agreement"] == "not measured"
     assert gate["icm_cosine_min"] is not None
 

@@ -22,7 +22,7 @@ from retrv.runtime.backends.ort import OrtBackend
 from retrv.export.torch_backend import TorchBackend
 from retrv.runtime.rerank.budget import Budget
 from retrv.app.cli import main as cli
-from retrv.runtime.errors import InputError
+from retrv.runtime.errors import CheckpointError, InputError
 from retrv.runtime.generate import Generator
 from retrv.runtime.pack import Pack, PackError
 from retrv.runtime.inputs.embedding import Embedder
@@ -291,6 +291,6 @@ def test_embedder_of_another_family_is_refused_by_model_type(tmp_path):
     (clip / "config.json").write_text(_json.dumps({"model_type": "clip"}))
     (clip / "tokenizer.json").write_text("{}")
     (clip / "preprocessor_config.json").write_text("{}")
-    with pytest.raises(Exception, match="'clip' is not supported"):
+    with pytest.raises(CheckpointError, match="'clip' is not supported"):
         export_pack(ckpt, tmp_path / "pack", embedder=clip)
     assert not (tmp_path / "pack").exists()

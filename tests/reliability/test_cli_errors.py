@@ -10,22 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from retrv.export.pack_export import export_pack
 from retrv.model.tiny import write_tiny_checkpoint
 from retrv.app import cli
-from retrv.runtime.inputs.corpus import write_jsonl
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A tiny checkpoint, its pack, a two-candidate index, and a second checkpoint of the same architecture."""
+def world(tmp_path_factory, tiny_ckpt, tiny_pack, tiny_corpus, tiny_index):
+    """The shared tiny checkpoint, its pack, corpus and index (tests/conftest.py), and a second checkpoint of the
+    same architecture."""
     root = tmp_path_factory.mktemp("cli-errors")
-    ckpt = write_tiny_checkpoint(root / "ckpt", icm=True, seed=5)
-    pack = export_pack(ckpt, root / "pack")
     other = write_tiny_checkpoint(root / "other", icm=True, seed=6)  # same config, other weights
-    write_jsonl(root / "corpus.jsonl", [{"did": "a", "txt": "a red cube"}, {"did": "b", "txt": "a blue ball"}])
-    assert cli.main(["index", "build", str(pack), str(root / "corpus.jsonl"), str(root / "index")]) == 0
-    return {"root": root, "ckpt": ckpt, "pack": pack, "other": other, "index": root / "index"}
+    return {"root": tiny_corpus, "ckpt": tiny_ckpt, "pack": tiny_pack, "other": other, "index": tiny_index}
 
 
 def one_line(capsys, code: int, *fragments: str) -> str:

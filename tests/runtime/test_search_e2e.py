@@ -17,7 +17,6 @@ from scripted_backend import ScriptedBackend
 from retrv.runtime.rerank.budget import Budget
 from retrv.app.cli import main as cli
 from retrv.runtime.inputs.corpus import Candidate, write_jsonl
-from retrv.app.demo import synthetic_image
 from retrv.runtime.inputs.embedding import EmbedItem
 from retrv.runtime.errors import IndexFileError, RetrvError
 from retrv.runtime.index.store import Index
@@ -27,24 +26,8 @@ from retrv.runtime.retriever import CandidateEncoder, Components, Retriever, ope
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    ckpt = write_tiny_checkpoint(root / "ckpt", icm=True, seed=5)
-    pack_dir = export_pack(ckpt, root / "pack")
-    data = root / "data"
-    data.mkdir()
-    rows = []
-    for i in range(14):
-        synthetic_image(100 + i, (96 + 8 * (i % 3), 120)).save(data / f"{i}.png")
-        rows.append({"did": f"c{i}", "txt": f"picture {i}", "img_path": f"{i}.png", "modality": "image,text"})
-    rows.append({"did": "t0", "txt": "a caption without a picture", "img_path": "", "modality": "text"})
-    write_jsonl(data / "corpus.jsonl", rows)
-    queries = [{"qid": f"q{i}", "query_txt": f"picture {i}", "query_img_path": f"{i}.png" if i % 2 else "",
-                "pos_cand_list": [f"c{i}"], "task_id": 0} for i in range(4)]
-    write_jsonl(data / "queries.jsonl", queries)
-    index_dir = root / "index"
-    assert cli(["index", "build", str(pack_dir), str(data / "corpus.jsonl"), str(index_dir)]) == 0
-    return ckpt, pack_dir, data, index_dir
+def world(tiny_ckpt, tiny_pack, tiny_corpus, tiny_index):
+    return tiny_ckpt, tiny_pack, tiny_corpus, tiny_index
 
 
 def _json(argv):
