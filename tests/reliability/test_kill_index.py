@@ -9,7 +9,6 @@ fsyncs and the commit.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -118,3 +117,47 @@ def test_kill_during_index_writes_many_moments(tmp_path, cmd):
     counts = kill_campaign(tmp_path, cmd, moments=100, n=60, batch=5)
     print(cmd, counts)
     assert counts["neither"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["add", "delete", "build"])
+def test_kill_retrv_index_commands(tmp_path, tiny_pack, tiny_corpus, command):
+    """The same through the command line with a real (tiny) pack: `retrv index add|delete|build` killed at 20
+    moments spread over an uninterrupted run; the index opens as the old or the new one every time."""
+    from retrv.runtime.inputs.corpus import write_jsonl
+
+    more = tmp_path / "more.jsonl"
+    write_jsonl(more, [{"did": f"n{i}", "txt": f"new picture {i}", "img_path": str(tiny_corpus / f"{i % 14}.png")}
+                       for i in range(8)])
+    corpus = tiny_corpus / "corpus.jsonl"
+    old = {f"c{i}" for i in range(14)} | {"t0"}
+    argv = {"add": lambda ix: ["index", "add", ix, str(more), "--pack", str(tiny_pack)],
+            "delete": lambda ix: ["index", "delete", ix, "--ids", *[f"c{i}" for i in range(10)]],
+            "build": lambda ix: ["index", "build", str(tiny_pack), str(more), ix]}[command]
+    new = {"add": old | {f"n{i}" for i in range(8)}, "delete": old - {f"c{i}" for i in range(10)},
+           "build": {f"n{i}" for i in range(8)}}[command]
+    from retrv.app.cli import main
+
+    def fresh(name: str) -> Path:
+        path = tmp_path / name / "ix"
+        assert main(["index", "build", str(tiny_pack), str(corpus), str(path)]) == 0
+        return path
+
+    cmd = [sys.executable, "-c", "import sys; from retrv.app.cli import main; sys.exit(main(sys.argv[1:]))"]
+    probe = fresh("probe")
+    t0 = time.perf_counter()
+    subprocess.run(cmd + argv(str(probe)), check=True, capture_output=True, timeout=300)
+    duration = time.perf_counter() - t0
+    outcomes = {"old": 0, "new": 0}
+    for i in range(20):
+        path = fresh(f"m{i}")
+        p = subprocess.Popen(cmd + argv(str(path)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            p.wait(timeout=duration * (i + 0.5) / 20)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+        live = Index.open(path).snapshot().live_dids()
+        assert live in (old, new), f"{command} killed at {i}/20: {len(live)} live candidates, neither old nor new"
+        outcomes["old" if live == old else "new"] += 1
+    print(f"\nretrv index {command}: 20 kill moments over a {duration:.1f} s run: {outcomes}, neither 0")
