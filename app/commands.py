@@ -114,7 +114,8 @@ def cmd_eval(args) -> int:
     from retrv.runtime.inputs.corpus import read_queries
     from retrv.runtime.evaluate import evaluate
 
-    out = evaluate(_retriever(args), read_queries(args.queries), k=args.k, budget=_budget(args), window=args.window,
+    queries = read_queries(args.queries, image_root=args.image_root)
+    out = evaluate(_retriever(args), queries, k=args.k, budget=_budget(args), window=args.window,
                    stride=args.stride, rerank=not args.no_rerank)
     if args.json:
         print(json.dumps(out))
@@ -234,5 +235,7 @@ def register(sub) -> None:
     ev = sub.add_parser("eval", help="Recall@1/5/10, tokens and latency over an M-BEIR query file")
     ev.add_argument("index")
     ev.add_argument("--queries", required=True)
+    ev.add_argument("--image-root", default=None,
+                    help="resolve the queries' relative image paths against this folder (default: the JSONL's folder)")
     _query_flags(ev)
     ev.set_defaults(func=cmd_eval)

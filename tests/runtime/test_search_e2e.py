@@ -261,3 +261,13 @@ def test_cli_index_add_with_image_root_then_search_finds_it(world, tmp_path):
     np.testing.assert_array_equal(snap.cache.tokens(a), snap.cache.tokens(b))
     vec = np.asarray(snap.ann._index.get_items([a, b]))
     np.testing.assert_allclose(vec[0], vec[1], atol=1e-6)
+
+
+def test_eval_resolves_query_images_against_image_root(world, tmp_path, capsys):
+    _, pack_dir, data, index_dir = world
+    shutil.copy(data / "queries.jsonl", tmp_path / "queries.jsonl")  # images named relative to data/, not here
+    args = ["eval", str(index_dir), "--pack", str(pack_dir), "--queries", str(tmp_path / "queries.jsonl"), "--k", "3",
+            "--no-rerank", "--json"]
+    assert cli(args) == 2 and "1.png" in capsys.readouterr().err
+    out = _json(args + ["--image-root", str(data)])
+    assert out["queries"] == 4
