@@ -80,7 +80,7 @@ class RetrieverConfig:
 
             c = self.r.c
             self.r.reranker = Reranker(self.r.backend, c.tokenizer, c.cfg, c.table, method="retrv-r1",
-                                       use_icm=False, image_encoder=c.encode_images)
+                                       use_icm=False, image_encoder=c.vision)
         if msg.get("suppress_eos"):
             self.r.reranker.backend = SuppressEos(self.r.backend, self.r.c.cfg.tokens.eos_token_ids)
 

@@ -17,8 +17,11 @@ from retrv.runtime.inputs import positions
 from retrv.runtime.backends.base import Backend
 from retrv.runtime.errors import InputError
 from retrv.runtime.limits import Cap, cap, check_text, check_tokens, context_of
-from retrv.runtime.inputs.preprocess import ImageProcessorConfig, preprocess_images
+from retrv.runtime.decode import DecodeSession
+from retrv.runtime.inputs.preprocess import ImageProcessorConfig
 from retrv.runtime.inputs.prompt import PromptTokenizer
+from retrv.runtime.inputs.vision import VisionEncoder
+from retrv.runtime.rerank.prompt import PromptBuilder
 
 
 @dataclass
@@ -43,6 +46,8 @@ class Generator:
                              f"({cfg.text.vocab_size}, {cfg.text.hidden_size})")
         self.backend, self.tokenizer, self.cfg, self.processor = backend, tokenizer, cfg, processor
         self.embed_table = embed_table
+        self.builder = PromptBuilder(tokenizer, cfg, embed_table)  # the prompt renderer the decode session feeds
+        self.vision = VisionEncoder(backend, cfg, processor)
 
     @classmethod
     def from_pack(cls, pack, backend: Backend) -> "Generator":
@@ -56,11 +61,7 @@ class Generator:
 
     def encode_images(self, images) -> tuple[np.ndarray, np.ndarray]:
         """Images (paths, PIL, arrays) -> (merged tokens (M, H), grids (n, 3))."""
-        patches, grids = preprocess_images(list(images), self.processor)
-        v = self.cfg.vision
-        feeds = positions.vision_graph_inputs(grids, v.spatial_merge_size, v.window_size, v.patch_size)
-        feeds["patches"] = patches
-        return self.backend.vision(feeds), grids
+        return self.vision.encode(images)
 
     def text_ids(self, text: str, name: str = "text") -> list[int]:
         """A user-supplied text fragment's ids, refused first when too long to fit the context."""
@@ -115,21 +116,19 @@ class Generator:
         timings["prepare"] = (clock() - t0) * 1e3
 
         t0 = clock()
-        state = self.backend.start(1)
-        logits = self.backend.step(state, embeds[None], pos, np.ones((1, len(ids)), np.int64))
+        session = DecodeSession(self.backend, self.builder)
+        session.feed_inputs(list(ids), embeds, pos)
         timings["prefill"] = (clock() - t0) * 1e3
 
         t0 = clock()
         eos = set(self.cfg.tokens.eos_token_ids) if stop_at_eos else set()
-        next_pos = int(pos.max()) + 1
         tokens: list[int] = []
         for step in range(max_new_tokens):
-            token = int(np.argmax(logits[0]))
+            token = session.choose()
             tokens.append(token)
             if token in eos or step == max_new_tokens - 1:
                 break
-            step_pos = np.full((3, 1, 1), next_pos + step, dtype=np.int64)
-            logits = self.backend.step(state, self.lookup([token])[None], step_pos, np.ones((1, 1), np.int64))
+            session.feed_token(token)
         timings["decode"] = (clock() - t0) * 1e3
         if len(tokens) > 1:
             timings["ms_per_token"] = timings["decode"] / (len(tokens) - 1)

@@ -19,9 +19,8 @@ from retrv.runtime.inputs.corpus import Candidate
 from retrv.runtime.inputs.embedding import EmbedItem, Embedder
 from retrv.runtime.errors import InputError, MissingDependencyError, PackError
 from retrv.runtime.limits import Cap, check_text, context_of
-from retrv.runtime.inputs.positions import vision_graph_inputs
-from retrv.runtime.inputs.preprocess import preprocess_image
 from retrv.runtime.inputs.prompt import PromptTokenizer
+from retrv.runtime.inputs.vision import VisionEncoder
 from retrv.runtime.rerank.loop import Reranker, RerankResult
 from retrv.runtime.rerank.prompt import CandidateInput, PromptBuilder, QueryInput, pad_batch
 
@@ -69,7 +68,8 @@ def _trt_ready(pack) -> bool:
 
 
 class Components:
-    """What every stage needs from a pack and a backend: tokenizer, embedding table, prompt builder, embedder."""
+    """What every stage needs from a pack and a backend: tokenizer, embedding table, prompt builder, the vision
+    encoder, embedder."""
 
     def __init__(self, pack, backend: Backend) -> None:
         self.pack, self.backend = pack, backend
@@ -78,6 +78,7 @@ class Components:
         self.tokenizer = PromptTokenizer(pack.file("tokenizer"))
         self.table = np.load(pack.file("embed_tokens"), mmap_mode="r", allow_pickle=False)
         self.builder = PromptBuilder(self.tokenizer, self.cfg, self.table)
+        self.vision = VisionEncoder(backend, self.cfg, self.processor)
         self.embedder = self._embedder(pack, backend)
 
     def _embedder(self, pack, backend: Backend) -> Embedder:
@@ -96,25 +97,7 @@ class Components:
         cfg, proc = ModelConfig.from_dict(spec["model"]), ImageProcessorConfig.from_dict(spec["preprocessor"])
         table = np.load(pack.file("embedder_embed_tokens"), mmap_mode="r", allow_pickle=False)
         builder = PromptBuilder(PromptTokenizer(pack.file("embedder_tokenizer")), cfg, table)
-        encode = lambda imgs: self.encode_images(imgs, cfg, proc, role="embedder_vision")  # noqa: E731
-        return Embedder(backend, builder, image_encoder=encode)
-
-    def encode_images(self, images: list, cfg=None, processor=None, role: str = "vision"):
-        """Images -> [(merged tokens (M_i, H), grid)] with one vision call for the batch (the reranker's vision
-        tower by default; a separate embedder's with its config, processor and role)."""
-        if not images:
-            return []
-        cfg, processor = cfg or self.cfg, processor or self.processor
-        done = [preprocess_image(img, processor) for img in images]
-        patches = np.concatenate([p for p, _ in done], axis=0)
-        grids = np.stack([g for _, g in done])
-        v = cfg.vision
-        feeds = vision_graph_inputs(grids, v.spatial_merge_size, v.window_size, v.patch_size)
-        feeds["patches"] = patches
-        tokens = self.backend.vision(feeds) if role == "vision" else self.backend.vision(feeds, role=role)
-        counts = (grids.prod(axis=1) // v.spatial_merge_size**2).tolist()
-        splits = np.split(tokens, np.cumsum(counts)[:-1])
-        return [(s, tuple(int(x) for x in g)) for s, g in zip(splits, grids)]
+        return Embedder(backend, builder, image_encoder=VisionEncoder(backend, cfg, proc, role="embedder_vision"))
 
 
 @dataclass
@@ -147,7 +130,7 @@ class CandidateEncoder:
         for c in cands:  # before any tokenizing: a text that cannot fit is refused, whatever its length
             check_text(f"candidate {c.did!r} text", c.txt, context)
         with_image = [c for c in cands if c.img_path]
-        encoded = dict(zip((c.did for c in with_image), self.c.encode_images([c.img_path for c in with_image])))
+        encoded = dict(zip((c.did for c in with_image), self.c.vision([c.img_path for c in with_image])))
         empty = np.zeros((0, self.hidden), np.float32)
         items = []
         for c in cands:
@@ -203,7 +186,7 @@ class Retriever:
         self.c = Components(pack, self.backend)
         # The method comes from the manifest: "retrv-r1" (ICM, inspection) or "listwise" (V-Retrver tools).
         self.reranker = Reranker(self.backend, self.c.tokenizer, self.c.cfg, self.c.table,
-                                 method=pack.manifest.method, image_encoder=self.c.encode_images)
+                                 method=pack.manifest.method, image_encoder=self.c.vision)
 
     def search(self, text: str | None = None, image=None, k: int = 50, budget: Budget | None = None,
                window: int = 20, stride: int = 10, rerank: bool = True) -> SearchResult:
@@ -217,7 +200,7 @@ class Retriever:
         t_start = t0 = clock()
         q_tokens, q_grid = (None, None)
         if image is not None:
-            q_tokens, q_grid = self.c.encode_images([image])[0]
+            q_tokens, q_grid = self.c.vision([image])[0]
         timings["vision"] = (clock() - t0) * 1e3
         t0 = clock()
         vector = self.c.embedder.embed([EmbedItem(text, q_tokens, q_grid, image=image)], "query")

@@ -22,7 +22,7 @@ from retrv.runtime.rerank.prompt import CandidateInput, Piece, PromptBuilder, Qu
 from retrv.train.cot import INSPECT_END, INSPECT_START
 
 # Training-only prompt for vision-language pretraining (captioning); never served, so not part of a template.
-CAPTION_PROMPT = "\nDescribe the image.<|im_end|>\n<|im_start|>assistant\n"
+CAPTION_PROMPT = "\nDescribe the image."  # then the chat template hands over to the assistant
 
 
 @dataclass
@@ -111,11 +111,12 @@ class SequenceBuilder:
         return seq
 
     def caption(self, image: Item, caption: str) -> Sequence:
-        pieces = [self.pb.text("<|im_start|>user\n")] + self.pb.image(self._ph(image.tokens), image.grid) + \
-            [self.pb.text(CAPTION_PROMPT)]
+        chat = self.pb.chat
+        pieces = [self.pb.text(chat.open_turn("user"))] + self.pb.image(self._ph(image.tokens), image.grid) + \
+            [self.pb.text(CAPTION_PROMPT + chat.handover("assistant"))]
         seq = Sequence()
         seq.add(self.chunk(pieces, [image.tokens], 0))
-        seq.add(self.text_chunk(caption + "<|im_end|>", seq.next_pos, True))
+        seq.add(self.text_chunk(caption + chat.turn_end, seq.next_pos, True))
         return seq
 
     def rerank(self, query: Item, cands: list[Item], icm: torch.Tensor | None, events: list[tuple]) -> Sequence:

@@ -24,6 +24,7 @@ from retrv.model.tiny_tokenizer import (
     _qwen2_pipeline,
 )
 from retrv.runtime.inputs.embedding import EmbedTemplate
+from retrv.runtime.inputs.prompt import ChatTemplate
 from retrv.runtime.rerank.prompt import RerankTemplate
 
 VOCAB_SIZE = 512  # fits the 22 added tokens, the 256 byte symbols and ~230 merges; a 512-row table is 64 K params
@@ -32,11 +33,11 @@ TEMPLATE_WEIGHT = 300  # template text occurs in every prompt: weight it so it m
 
 def template_texts() -> list[str]:
     """Every fixed string the runtime's rerank and embedding prompts are made of."""
-    t, e = RerankTemplate(), EmbedTemplate()
-    return [f"<|im_start|>system\n{t.system}<|im_end|>\n<|im_start|>user\n", t.query_prefix, t.candidates_header,
+    t, e, chat = RerankTemplate(), EmbedTemplate(), ChatTemplate()
+    return [chat.turn("system", t.system) + chat.open_turn("user"), t.query_prefix, t.candidates_header,
             t.instruction, t.inspected_prefix.format(i=3), t.marker_inspect_budget, t.marker_repeat.format(i=2),
-            f"{t.instruction}<|im_end|>\n<|im_start|>assistant\n{t.think_open}", "\n" + e.query_instruction,
-            "\n" + e.candidate_instruction, "<|im_end|>\n<|im_start|>assistant\n"] + \
+            t.instruction + chat.handover("assistant") + t.think_open, "\n" + e.query_instruction,
+            "\n" + e.candidate_instruction, chat.handover("assistant")] + \
         [t.candidate_label.format(i=i) for i in range(1, 21)]
 
 

@@ -371,7 +371,7 @@ class Index:
                              encoder.has_t_con, generation=1, extra={"embed_template": encoder.template})
             _commit(tmp, meta)
         index = cls.open(out, pack=pack, backend=backend, **backend_kwargs)
-        index._encoder = encoder
+        index.use_encoder(encoder)
         return index
 
     # -- the committed state ----------------------------------------------------------------------------------------
@@ -507,6 +507,10 @@ class Index:
             if old.exists():
                 shutil.rmtree(old, ignore_errors=True)  # N-1 stays for readers still opening it
         return new
+
+    def use_encoder(self, encoder) -> None:
+        """The encoder `add` uses when it is given none (the one `build` encoded with)."""
+        self._encoder = encoder
 
     def _default_encoder(self):
         if self._encoder is None:

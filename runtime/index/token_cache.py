@@ -89,15 +89,15 @@ def _one_line(msg: str) -> str:
     return " ".join(str(msg).split())  # the CLI prints errors as one line, and they may quote untrusted JSON
 
 
-def _fail(msg: str) -> CacheFileError:
+def cache_error(msg: str) -> CacheFileError:
     return CacheFileError(_one_line(msg))
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
-def _layout(hidden: int, t_con_dtype: str | None) -> dict[str, tuple[str, str, int]]:
+def file_layout(hidden: int, t_con_dtype: str | None) -> dict[str, tuple[str, str, int]]:
     """file name -> (dtype, what one row is per: "token" or "candidate", items per row)."""
     files = {
         "tokens.i8": ("|i1", "token", hidden),
@@ -138,7 +138,7 @@ def dequantize_int8(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- cache.json
 
 
-def _hash_prefix(path: Path, nbytes: int) -> Any:
+def hash_prefix(path: Path, nbytes: int) -> Any:
     """A sha256 object fed with the first `nbytes` bytes of `path` (the file may be longer)."""
     h = hashlib.sha256()
     left = nbytes
@@ -146,30 +146,30 @@ def _hash_prefix(path: Path, nbytes: int) -> Any:
         while left:
             chunk = f.read(min(CHUNK, left))
             if not chunk:
-                raise _fail(f"{path}: ended {left} bytes early; expected at least {nbytes} bytes (truncated file)")
+                raise cache_error(f"{path}: ended {left} bytes early; expected at least {nbytes} bytes (truncated file)")
             h.update(chunk)
             left -= len(chunk)
     return h
 
 
-def _read_meta(root: Path, meta_path: Path | None = None) -> dict:
+def read_meta(root: Path, meta_path: Path | None = None) -> dict:
     """Parse and check cache.json (`root/cache.json`, or `meta_path` where the description lives outside the data
     folder, as in an index generation); returns it with `t_con_dtype` and `layout` added. Touches no data file."""
     path = root / CACHE_JSON if meta_path is None else Path(meta_path)
     meta = read_manifest(path, CacheFileError, MAX_CACHE_JSON_BYTES, "the token cache description")
     if meta.get("kind") != KIND:
-        raise _fail(f"{path}: kind {meta.get('kind')!r}; expected {KIND!r}")
+        raise cache_error(f"{path}: kind {meta.get('kind')!r}; expected {KIND!r}")
     check_version(path, meta.get("format_version"), FORMAT_VERSION, CacheFileError)
     missing = sorted(_TOP_KEYS - {"extra"} - set(meta))
     unknown = sorted(set(meta) - _TOP_KEYS)
     if missing or unknown:
         problem = f"missing fields {missing}" if missing else f"unknown fields {unknown}"
-        raise _fail(f"{path}: {problem}; expected {sorted(_TOP_KEYS)} (additive information goes in 'extra')")
+        raise cache_error(f"{path}: {problem}; expected {sorted(_TOP_KEYS)} (additive information goes in 'extra')")
     for key in ("hidden", "count", "total_tokens"):
-        if not _is_int(meta[key]) or meta[key] < (1 if key == "hidden" else 0):
-            raise _fail(f"{path}: {key} {meta[key]!r}; expected an integer >= {1 if key == 'hidden' else 0}")
+        if not is_int(meta[key]) or meta[key] < (1 if key == "hidden" else 0):
+            raise cache_error(f"{path}: {key} {meta[key]!r}; expected an integer >= {1 if key == 'hidden' else 0}")
     if not isinstance(meta["has_t_con"], bool):
-        raise _fail(f"{path}: has_t_con {meta['has_t_con']!r}; expected true or false")
+        raise cache_error(f"{path}: has_t_con {meta['has_t_con']!r}; expected true or false")
     dtypes = meta["dtypes"]
     t_con_dtype = None
     if meta["has_t_con"]:
@@ -177,43 +177,43 @@ def _read_meta(root: Path, meta_path: Path | None = None) -> dict:
                             and dtypes.get("t_con") == d), None)
         if t_con_dtype is None:
             got = dtypes.get("t_con") if isinstance(dtypes, dict) else dtypes
-            raise _fail(f"{path}: dtypes.t_con {got!r}; expected one of {sorted(T_CON_DTYPES.values())}")
-    layout = _layout(meta["hidden"], t_con_dtype)
-    if dtypes != _dtypes_of(layout):
-        raise _fail(f"{path}: dtypes {dtypes!r}; expected {_dtypes_of(layout)!r}")
+            raise cache_error(f"{path}: dtypes.t_con {got!r}; expected one of {sorted(T_CON_DTYPES.values())}")
+    layout = file_layout(meta["hidden"], t_con_dtype)
+    if dtypes != dtypes_of(layout):
+        raise cache_error(f"{path}: dtypes {dtypes!r}; expected {dtypes_of(layout)!r}")
     files = meta["files"]
     if not isinstance(files, dict) or set(files) != set(layout):
         got = sorted(files) if isinstance(files, dict) else files
-        raise _fail(f"{path}: files {got!r}; expected {sorted(layout)}")
+        raise cache_error(f"{path}: files {got!r}; expected {sorted(layout)}")
     for name, (dtype, per, width) in layout.items():
         entry = files[name]
-        if not isinstance(entry, dict) or set(entry) != {"bytes", "sha256"} or not _is_int(entry["bytes"]) \
+        if not isinstance(entry, dict) or set(entry) != {"bytes", "sha256"} or not is_int(entry["bytes"]) \
                 or not isinstance(entry["sha256"], str) or not _SHA_RE.fullmatch(entry["sha256"]):
-            raise _fail(f"{path}: files[{name!r}] {entry!r}; expected {{'bytes': int, 'sha256': 64 hex digits}}")
+            raise cache_error(f"{path}: files[{name!r}] {entry!r}; expected {{'bytes': int, 'sha256': 64 hex digits}}")
         want = _expected_bytes(dtype, per, width, meta["count"], meta["total_tokens"])
         if entry["bytes"] != want:
-            raise _fail(f"{path}: files[{name!r}].bytes {entry['bytes']}; expected {want} for count "
+            raise cache_error(f"{path}: files[{name!r}].bytes {entry['bytes']}; expected {want} for count "
                         f"{meta['count']}, total_tokens {meta['total_tokens']}, hidden {meta['hidden']}")
     if "extra" in meta and not isinstance(meta["extra"], dict):
-        raise _fail(f"{path}: extra {meta['extra']!r}; expected a JSON object")
+        raise cache_error(f"{path}: extra {meta['extra']!r}; expected a JSON object")
     return {**meta, "t_con_dtype": t_con_dtype, "layout": layout}
 
 
-def _dtypes_of(layout: dict) -> dict[str, str]:
+def dtypes_of(layout: dict) -> dict[str, str]:
     return {name.split(".")[0]: dtype for name, (dtype, _, _) in layout.items()}
 
 
-def _data_file(root: Path, name: str, recorded: int) -> Path:
+def data_file(root: Path, name: str, recorded: int) -> Path:
     """`root/name`, refused unless it is a regular file of at least `recorded` bytes."""
     path = root / name
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise _fail(f"{path}: file not found; expected it (listed in {CACHE_JSON})") from None
+        raise cache_error(f"{path}: file not found; expected it (listed in {CACHE_JSON})") from None
     if not stat.S_ISREG(st.st_mode):
-        raise _fail(f"{path}: not a regular file; expected a data file of the token cache")
+        raise cache_error(f"{path}: not a regular file; expected a data file of the token cache")
     if st.st_size < recorded:
-        raise _fail(f"{path}: {st.st_size} bytes; expected at least {recorded} (truncated file)")
+        raise cache_error(f"{path}: {st.st_size} bytes; expected at least {recorded} (truncated file)")
     if st.st_size > recorded:
         logger.info("%s: %d bytes beyond the %d that %s covers (an interrupted append?); ignored",
                     path, st.st_size - recorded, recorded, CACHE_JSON)
@@ -253,15 +253,15 @@ class TokenCache:
             raise InputError(f"verify: got {verify!r}; expected one of {list(VERIFY_MODES)}")
         root = Path(directory)
         if not root.is_dir():
-            raise _fail(f"{root}: token cache directory not found; expected a directory with {CACHE_JSON}")
-        meta = _read_meta(root, None if meta_path is None else Path(meta_path))
-        paths = {name: _data_file(root, name, meta["files"][name]["bytes"]) for name in meta["layout"]}
+            raise cache_error(f"{root}: token cache directory not found; expected a directory with {CACHE_JSON}")
+        meta = read_meta(root, None if meta_path is None else Path(meta_path))
+        paths = {name: data_file(root, name, meta["files"][name]["bytes"]) for name in meta["layout"]}
         if verify == "full":
             for name, path in paths.items():
                 recorded = meta["files"][name]
-                digest = _hash_prefix(path, recorded["bytes"]).hexdigest()
+                digest = hash_prefix(path, recorded["bytes"]).hexdigest()
                 if digest != recorded["sha256"]:
-                    raise _fail(f"{path}: sha256 {digest}; expected {recorded['sha256']} (modified file)")
+                    raise cache_error(f"{path}: sha256 {digest}; expected {recorded['sha256']} (modified file)")
         arrays = {}
         for name, (dtype, per, width) in meta["layout"].items():
             rows = meta["total_tokens"] if per == "token" else meta["count"]
@@ -273,7 +273,7 @@ class TokenCache:
                 arrays[name] = np.memmap(paths[name], dtype=dtype, mode="r", shape=shape)
         lengths = np.array(arrays["lengths.i64"], dtype=np.int64)  # (count,), 8 bytes a candidate: read it all
         if (lengths < 0).any() or int(lengths.sum()) != meta["total_tokens"]:
-            raise _fail(f"{paths['lengths.i64']}: lengths sum to {int(lengths.sum())} (min {lengths.min()}); "
+            raise cache_error(f"{paths['lengths.i64']}: lengths sum to {int(lengths.sum())} (min {lengths.min()}); "
                         f"expected non-negative lengths summing to total_tokens {meta['total_tokens']}")
         lengths.flags.writeable = False
         return cls(root, meta, arrays, lengths, None if meta_path is None else Path(meta_path))
@@ -320,7 +320,7 @@ class TokenCache:
         return self._nbytes / self.count if self.count else 0.0
 
     def _check(self, i: Any) -> int:
-        if not _is_int(i) or not 0 <= i < self.count:
+        if not is_int(i) or not 0 <= i < self.count:
             raise InputError(f"candidate index {i!r}: out of range; expected an integer 0 <= i < {self.count}")
         return int(i)
 

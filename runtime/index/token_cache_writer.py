@@ -18,7 +18,7 @@ import numpy as np
 from retrv.runtime.errors import InputError
 from retrv.runtime.fsutil import atomic_dir, atomic_write_json
 from retrv.runtime.index.token_cache import (CACHE_JSON, FORMAT_VERSION, KIND, LOCK_NAME, T_CON_DTYPES, T_CON_MAX_REL_ERROR,
-                                       _data_file, _dtypes_of, _fail, _hash_prefix, _is_int, _layout, _read_meta,
+                                       data_file, dtypes_of, cache_error, hash_prefix, is_int, file_layout, read_meta,
                                        quantize_int8)
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class TokenCacheWriter:
 
     def __init__(self, directory: str | os.PathLike, hidden: int, has_t_con: bool, *,
                  t_con_dtype: str = "float16", overwrite: bool = False):
-        if not _is_int(hidden) or hidden < 1:
+        if not is_int(hidden) or hidden < 1:
             raise InputError(f"hidden: got {hidden!r}; expected an integer >= 1")
         if not isinstance(has_t_con, bool):
             raise InputError(f"has_t_con: got {has_t_con!r}; expected True or False")
@@ -44,7 +44,7 @@ class TokenCacheWriter:
             raise InputError(f"t_con_dtype: got {t_con_dtype!r}; expected one of {sorted(T_CON_DTYPES)}")
         final = Path(directory)
         if final.exists() and not overwrite and (not final.is_dir() or any(final.iterdir())):
-            raise _fail(f"{final}: already exists; expected a new directory (pass overwrite=True to replace it, "
+            raise cache_error(f"{final}: already exists; expected a new directory (pass overwrite=True to replace it, "
                         f"or use TokenCacheWriter.extend to append)")
         self._dir_cm = atomic_dir(final)
         root = self._dir_cm.__enter__()
@@ -62,17 +62,17 @@ class TokenCacheWriter:
         self = cls.__new__(cls)
         root = Path(directory)
         if not root.is_dir():
-            raise _fail(f"{root}: token cache directory not found; expected a directory with {CACHE_JSON}")
+            raise cache_error(f"{root}: token cache directory not found; expected a directory with {CACHE_JSON}")
         self._lock_fd = _lock(root)
         try:
-            meta = _read_meta(root, None if meta_in is None else Path(meta_in))
+            meta = read_meta(root, None if meta_in is None else Path(meta_in))
             hashes = {}
             for name in meta["layout"]:
                 recorded = meta["files"][name]
-                path = _data_file(root, name, recorded["bytes"])
-                h = _hash_prefix(path, recorded["bytes"])
+                path = data_file(root, name, recorded["bytes"])
+                h = hash_prefix(path, recorded["bytes"])
                 if h.hexdigest() != recorded["sha256"]:
-                    raise _fail(f"{path}: sha256 of the first {recorded['bytes']} bytes {h.hexdigest()}; "
+                    raise cache_error(f"{path}: sha256 of the first {recorded['bytes']} bytes {h.hexdigest()}; "
                                 f"expected {recorded['sha256']} (modified file)")
                 if os.path.getsize(path) > recorded["bytes"]:
                     logger.warning("%s: truncating the tail of an interrupted append", path)
@@ -95,7 +95,7 @@ class TokenCacheWriter:
         self._hidden, self._t_con_dtype = hidden, t_con_dtype
         self._count, self._total = count, total
         self._extra = extra or {}
-        self._layout = _layout(hidden, t_con_dtype)
+        self.file_layout = file_layout(hidden, t_con_dtype)
         self._files: dict[str, Any] = {}
         self._hash: dict[str, Any] = {}
         self._size: dict[str, int] = {}
@@ -105,7 +105,7 @@ class TokenCacheWriter:
         if mode == "new":
             self._lock_fd = None
         try:
-            for name in self._layout:
+            for name in self.file_layout:
                 h, size = hashes.get(name, (hashlib.sha256(), 0))
                 self._hash[name], self._size[name], self._start_size[name] = h, size, size
                 self._files[name] = open(root / name, "ab" if mode == "extend" else "xb")
@@ -150,7 +150,7 @@ class TokenCacheWriter:
             self._write("lengths.i64", np.array([n], "<i8").tobytes())
             self._write("grids.i64", g.tobytes())
             if t is not None:
-                self._write(next(k for k in self._layout if k.startswith("t_con.")), t.tobytes())
+                self._write(next(k for k in self.file_layout if k.startswith("t_con.")), t.tobytes())
         except BaseException:
             self._broken = True  # a partial candidate is on disk: only abort() is allowed now
             raise
@@ -206,7 +206,7 @@ class TokenCacheWriter:
             return self._final
         if self._broken:
             self.abort()
-            raise _fail(f"{self._final}: a write failed part-way through a candidate; the additions were discarded")
+            raise cache_error(f"{self._final}: a write failed part-way through a candidate; the additions were discarded")
         try:
             for f in self._files.values():
                 f.flush()
@@ -214,8 +214,8 @@ class TokenCacheWriter:
                 f.close()
             meta = {
                 "kind": KIND, "format_version": FORMAT_VERSION, "hidden": self._hidden, "count": self._count,
-                "total_tokens": self._total, "has_t_con": self.has_t_con, "dtypes": _dtypes_of(self._layout),
-                "files": {n: {"bytes": self._size[n], "sha256": self._hash[n].hexdigest()} for n in self._layout},
+                "total_tokens": self._total, "has_t_con": self.has_t_con, "dtypes": dtypes_of(self.file_layout),
+                "files": {n: {"bytes": self._size[n], "sha256": self._hash[n].hexdigest()} for n in self.file_layout},
                 "extra": self._extra,
             }
             atomic_write_json(self._meta_out, meta)
@@ -276,7 +276,7 @@ def _lock(root: Path) -> int | None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        raise _fail(f"{root / LOCK_NAME}: held by another appender; expected one appender at a time") from None
+        raise cache_error(f"{root / LOCK_NAME}: held by another appender; expected one appender at a time") from None
     return fd
 
 

@@ -60,13 +60,13 @@ class Embedder:
         if item.text is None and item.image_tokens is None:
             raise InputError(f"{role}: got neither text nor image; expected at least one")
         b = self.builder
-        out = [b.text("<|im_start|>user\n")]
+        out = [b.text(b.chat.open_turn("user"))]
         if item.image_tokens is not None:
             out += b.image(item.image_tokens, item.grid)
         if item.text:
             out.append(b.text(item.text))
         instruction = self.t.query_instruction if role == "query" else self.t.candidate_instruction
-        out.append(b.text(f"\n{instruction}<|im_end|>\n<|im_start|>assistant\n"))
+        out.append(b.text(f"\n{instruction}" + b.chat.handover("assistant")))
         return out
 
     def embed(self, items: list[EmbedItem], role: str) -> np.ndarray:

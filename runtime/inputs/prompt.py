@@ -52,6 +52,24 @@ class ChatTemplate:
         """The tokens the template emits itself; each must be one token of the checkpoint's tokenizer."""
         return (self.turn_start, self.turn_end, self.vision_start, self.vision_end, self.image_pad)
 
+    # -- the markup, piece by piece: every prompt of the runtime (generation, embedding, reranking, training) and
+    # every turn a tool result opens is written with these, never by hand --------------------------------------
+    def open_turn(self, role: str) -> str:
+        """'<|im_start|>{role}\\n': the start of a turn whose content follows."""
+        return f"{self.turn_start}{role}\n"
+
+    def close_turn(self) -> str:
+        """'<|im_end|>\\n': the end of the current turn."""
+        return f"{self.turn_end}\n"
+
+    def turn(self, role: str, content: str) -> str:
+        """One whole turn with string content."""
+        return self.open_turn(role) + content + self.close_turn()
+
+    def handover(self, role: str) -> str:
+        """Close the current turn and open one for `role` (a tool result as a user turn, then the assistant)."""
+        return self.close_turn() + self.open_turn(role)
+
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         """The prompt string, one `image_pad` per image (as `processor.apply_chat_template(tokenize=False)`)."""
         return self._render(messages, add_generation_prompt)[0]
@@ -71,8 +89,8 @@ class ChatTemplate:
             if not isinstance(role, str) or not role:
                 raise InputError(f"messages[{i}]['role']: got {role!r}; expected a non-empty string")
             if i == 0 and role != "system" and self.default_system is not None:
-                pieces.append(f"{self.turn_start}system\n{self.default_system}{self.turn_end}\n")
-            pieces.append(f"{self.turn_start}{role}\n")
+                pieces.append(self.turn("system", self.default_system))
+            pieces.append(self.open_turn(role))
             content = message["content"]
             if isinstance(content, str):
                 pieces.append(content)
@@ -90,9 +108,9 @@ class ChatTemplate:
                 raise InputError(
                     f"messages[{i}]['content']: got {type(content).__name__}; expected a string or a list of parts"
                 )
-            pieces.append(f"{self.turn_end}\n")
+            pieces.append(self.close_turn())
         if add_generation_prompt:
-            pieces.append(f"{self.turn_start}assistant\n")
+            pieces.append(self.open_turn("assistant"))
         return "".join(pieces), n_images
 
     @staticmethod

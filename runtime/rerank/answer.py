@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import re
 
-from retrv.runtime.rerank.prompt import Piece
-
 _INDEX = re.compile(r"^\s*\[?\s*(\d{1,6})\s*\]?\s*$")
 
 
@@ -41,8 +39,9 @@ class AnswerTrie:
             self.max_feed = max(self.max_feed, len(ids))
         self.close_id = tokenizer.encode_text(close_tag)[0]
 
-    def decode(self, window) -> int:
-        """Choose a valid index with the window's logits, feeding a digit only when another decision follows it."""
+    def decode(self, session) -> int:
+        """Choose a valid index with the session's logits, feeding a digit only when another decision follows it
+        (the last digit is noted in the session's transcript, not fed)."""
         node = self.root
         while True:
             options = {t: child for t, child in node.children.items()}
@@ -50,14 +49,14 @@ class AnswerTrie:
                 if not options:
                     return node.index
                 options[self.close_id] = None
-            best = max(options, key=lambda t: window.logits[t])
+            best = session.choose_among(options)
             if best == self.close_id and node.index is not None:
                 return node.index
             node = options[best]
             if node.children:
-                window.feed([Piece([best])])
+                session.feed_token(best)
             else:
-                window.text_ids.append(best)
+                session.note([best])
                 return node.index
 
 

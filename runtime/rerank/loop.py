@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from retrv.runtime.rerank.answer import AnswerTrie, parse_index
 from retrv.runtime.backends.base import Backend
+from retrv.runtime.decode import DecodeSession, Picker
+from retrv.runtime.rerank.answer import AnswerTrie
 from retrv.runtime.rerank.budget import Budget, Ledger, Usage, WindowAllowance, fit_budget
 from retrv.runtime.errors import InputError
 from retrv.runtime.limits import Cap, check_text, context_of
-from retrv.runtime.rerank.prompt import CandidateInput, Piece, PromptBuilder, QueryInput, RerankTemplate, pad_batch
-from retrv.runtime.rerank.tool_session import ToolSession
+from retrv.runtime.rerank.methods import Episode, Method, method_for
+from retrv.runtime.rerank.prompt import CandidateInput, PromptBuilder, QueryInput, RerankTemplate, pad_batch
 
 MAX_INDEX_TOKENS = 8  # an inspection index longer than this is not an index: the markup is treated as text
 
@@ -84,58 +85,20 @@ class RerankResult:
         return any(w.forced for w in self.windows)
 
 
-class _Window:
-    """Decoding state of one window: feeds chunks, keeps positions, counts tokens against the allowance."""
-
-    def __init__(self, rr: "Reranker", allowance: WindowAllowance, trace: WindowTrace) -> None:
-        self.rr, self.allow, self.trace = rr, allowance, trace
-        self.state = rr.backend.start(1)
-        self.next_pos = 0
-        self.logits: np.ndarray | None = None
-        self.text_ids: list[int] = []  # generated and appended ids, for the trace and for text matching
-
-    def feed(self, pieces: list[Piece]) -> None:
-        ids, embeds, pos = self.rr.builder.assemble(pieces, self.next_pos)
-        self.allow.feed(len(ids))
-        if self.rr.record:
-            self.trace.chunks.append((ids, embeds, pos))
-        t0 = time.perf_counter()
-        self.logits = self.rr.backend.step(self.state, embeds[None], pos, np.ones((1, len(ids)), np.int64))[0]
-        self.trace.timings_ms["decode"] = self.trace.timings_ms.get("decode", 0.0) + (time.perf_counter() - t0) * 1e3
-        self.next_pos = int(pos.max()) + 1
-        self.text_ids += ids
-
-    def cost(self, pieces: list[Piece]) -> int:
-        return sum(len(p.ids) for p in pieces)
-
-    def choose(self) -> int:
-        """The model's next free token: argmax, or a sample at the reranker's temperature (training rollouts)."""
-        return self.rr.pick(self.logits)
-
-    def taken(self, tok: int) -> None:
-        """Record a chosen token the loop acted on (a token discarded because a budget ran out is not recorded)."""
-        if self.rr.record:
-            self.trace.actions.append((self.allow.spent.token, tok))
-
-
 class Reranker:
     def __init__(self, backend: Backend, tokenizer, cfg, embed_table: np.ndarray,
                  template: RerankTemplate | None = None, use_icm: bool | None = None,
                  temperature: float = 0.0, seed: int | None = None, record: bool = False,
                  method: str | None = None, image_encoder=None) -> None:
         """`method`: "retrv-r1" (one answer, details inspection; the default with an ICM) or "listwise"
-        (V-Retrver: full tokens, tools, a ranked list; the default without). `image_encoder(images) ->
-        [(tokens, grid)]` encodes tool results (crops, selected images) with the backend's vision graph."""
-        if temperature < 0:
-            raise InputError(f"temperature: got {temperature}; expected >= 0 (0 = greedy)")
-        self.backend, self.tok, self.cfg = backend, tokenizer, cfg
-        self.temperature, self.rng, self.record = temperature, np.random.default_rng(seed), record
+        (V-Retrver: full tokens, tools, a ranked list; the default without); the pack manifest's. `image_encoder`
+        (a `VisionEncoder`: images -> [(tokens, grid)]) encodes tool results (crops, selected images)."""
+        self.picker = Picker(temperature, seed)
+        self.backend, self.tok, self.cfg, self.record = backend, tokenizer, cfg, record
         self.builder = PromptBuilder(tokenizer, cfg, embed_table, template)
-        self.t = self.builder.t
-        self.method = method or ("retrv-r1" if cfg.icm is not None else "listwise")
-        if self.method not in ("retrv-r1", "listwise"):
-            raise InputError(f"method: got {self.method!r}; expected 'retrv-r1' or 'listwise'")
-        default_icm = cfg.icm is not None and self.method == "retrv-r1"
+        self.scheme: Method = method_for(method, cfg.icm is not None)
+        self.method = self.scheme.name
+        default_icm = cfg.icm is not None and self.scheme.icm
         self.use_icm = default_icm if use_icm is None else use_icm
         if self.use_icm and cfg.icm is None:
             raise InputError("use_icm: got True for a model without an ICM; expected False")
@@ -143,13 +106,6 @@ class Reranker:
         tk = cfg.tokens
         self.eos = set(tk.eos_token_ids)
         self.insp_start, self.insp_end = tk.inspection_start_token_id, tk.inspection_end_token_id
-
-    def pick(self, logits: np.ndarray) -> int:
-        if self.temperature == 0:
-            return int(np.argmax(logits))
-        z = (logits - logits.max()) / self.temperature
-        p = np.exp(z.astype(np.float64))
-        return int(self.rng.choice(len(p), p=p / p.sum()))
 
     # -- public ------------------------------------------------------------------------------------------------
     def rerank(self, query: QueryInput, cands: list[CandidateInput], budget: Budget | None = None,
@@ -202,53 +158,52 @@ class Reranker:
 
     # -- one window ------------------------------------------------------------------------------------------------
     def _run_window(self, query, cands, icm, allow: WindowAllowance, trace: WindowTrace) -> WindowTrace:
-        n = len(cands)
-        trie = AnswerTrie(self.tok, n, self.t.answer_close)
-        reserve = self._force_cost() + trie.max_feed
-        prompt = (self.builder.listwise_prompt(query, cands) if self.method == "listwise"
-                  else self.builder.window_prompt(query, cands, icm))
-        w = _Window(self, allow, trace)
-        short = allow.blocked(w.cost(prompt), reserve)
+        t = self.builder.t
+        trie = AnswerTrie(self.tok, len(cands), t.answer_close)
+        reserve = len(self.tok.encode_text(f"\n{t.think_close}\n{t.answer_open}[")) + trie.max_feed
+        prompt = self.scheme.prompt(self.builder, query, cands, icm)
+        session = DecodeSession(self.backend, self.builder, self.picker, allow, self.record)
+        trace.chunks, trace.actions = session.chunks, session.actions
+        short = allow.blocked(session.cost(prompt), reserve)
         if short:
             allow.exhausted.add(short)
             trace.fallback = f"{short}_budget"
             return trace
         t0 = time.perf_counter()
-        w.feed(prompt)
-        trace.prefill_tokens = len(w.text_ids)
-        trace.timings_ms["prefill"] = (time.perf_counter() - t0) * 1e3
+        session.feed(prompt)
+        trace.prefill_tokens = len(session.transcript)
         trace.timings_ms["decode"] = 0.0
-        w.text_ids = []
-        tools = ToolSession(self, w, query, cands) if self.method == "listwise" else None
-        self._think(w, cands, trie, reserve, tools)
-        trace.text = self.tok.decode(w.text_ids)
+        trace.timings_ms["prefill"] = (time.perf_counter() - t0) * 1e3
+        prefill_ms = session.step_ms
+        session.clear_transcript()
+        ep = Episode(session, allow, trace, query, cands, trie, reserve, self.builder, self.image_encoder)
+        self.scheme.begin(ep)
+        self._think(ep)
+        trace.timings_ms["decode"] = session.step_ms - prefill_ms
+        trace.text = self.tok.decode(session.transcript)
         return trace
 
-    def _force_cost(self) -> int:
-        return len(self.tok.encode_text(f"\n{self.t.think_close}\n{self.t.answer_open}["))
-
-    def _think(self, w: _Window, cands, trie: AnswerTrie, reserve: int, tools=None) -> None:
-        allow, trace, n = w.allow, w.trace, len(cands)
-        generated: list[int] = []
+    def _think(self, ep: Episode) -> None:
+        s, allow, trace, generated = ep.session, ep.allow, ep.trace, ep.generated
         index_ids: list[int] | None = None  # collecting an inspection index
         while True:
-            tok = w.choose()
+            tok = s.choose()
             if tok in self.eos:
-                w.taken(tok)
+                s.taken(tok)
                 trace.fallback = "no_answer"
                 return
             if allow.spent.think >= allow.think:
                 allow.exhausted.add("think")
-                return self._force(w, trie, generated)
-            short = allow.blocked(1, reserve)  # the model's context runs out like the token budget
+                return self.scheme.force_answer(ep)
+            short = allow.blocked(1, ep.reserve)  # the model's context runs out like the token budget
             if short:
                 allow.exhausted.add(short)
-                return self._force(w, trie, generated)
+                return self.scheme.force_answer(ep)
             allow.spent.think += 1
-            w.taken(tok)
+            s.taken(tok)
             generated.append(tok)
             if index_ids is not None and tok == self.insp_end:
-                self._inspect(w, cands, index_ids, reserve, trie, generated)
+                self.scheme.inspect(ep, index_ids)
                 index_ids = None
                 if trace.forced or trace.fallback or trace.choice is not None:
                     return
@@ -259,78 +214,15 @@ class Reranker:
                 index_ids.append(tok)
                 if len(index_ids) > MAX_INDEX_TOKENS:
                     index_ids = None  # not an index after all; keep reasoning
-            w.feed([Piece([tok])])
+            s.feed_token(tok)
             text = self.tok.decode(generated)
-            if text.rstrip().endswith(self.t.answer_open):
-                if tools is not None:
-                    return tools.free_answer(trie)
-                return self._free_answer(w, trie, n)
-            if tools is not None and text.endswith(tools.close_tag):
-                if not tools.answer_call(text, reserve, trie, generated):
-                    return
+            if text.rstrip().endswith(self.builder.t.answer_open):
+                return self._free_answer(ep)
+            if not self.scheme.react(ep, text):
+                return
 
-    def _inspect(self, w: _Window, cands, index_ids: list[int], reserve: int, trie, generated) -> None:
-        """The model closed an inspection: append the candidate's full tokens, or a short refusal marker."""
-        allow, trace, t = w.allow, w.trace, self.t
-        i = parse_index(self.tok.decode(index_ids))
-        end = Piece([self.insp_end])
-        if i is None or not 1 <= i <= len(cands):
-            chunk = [end, self.builder.text(t.marker_no_candidate.format(i=self.tok.decode(index_ids).strip()))]
-        elif (i - 1) in trace.inspected:
-            chunk = [end, self.builder.text(t.marker_repeat.format(i=i))]
-        elif allow.spent.inspect >= allow.inspect:
-            allow.exhausted.add("inspect")
-            chunk = [end, self.builder.text(t.marker_inspect_budget)]
-        else:
-            chunk = [end, self.builder.text(t.inspected_prefix.format(i=i))] + \
-                self.builder.full_candidate(cands[i - 1]) + [self.builder.text("\n")]
-            short = allow.blocked(w.cost(chunk), reserve)  # the candidate must fit, and the answer after it
-            if short is None:
-                allow.spent.inspect += 1
-                trace.inspected.append(i - 1)
-            else:
-                allow.exhausted.add(short)
-                chunk = [end, self.builder.text(t.marker_token_budget)]
-        short = allow.blocked(w.cost(chunk), reserve)
-        if short:
-            allow.exhausted.add(short)
-            return self._force(w, trie, generated)
-        w.feed(chunk)
-
-    def _free_answer(self, w: _Window, trie: AnswerTrie, n: int) -> None:
+    def _free_answer(self, ep: Episode) -> None:
         """The model opened its answer: read what it writes, as written, until the closing tag."""
-        allow, trace = w.allow, w.trace
-        written: list[int] = []
-        for _ in range(trie.max_feed + 4):  # digits plus a closing tag; anything longer is not an index
-            tok = w.choose()
-            w.taken(tok)
-            written.append(tok)
-            text = self.tok.decode(written)
-            if tok in self.eos or self.t.answer_close in text or not allow.can_feed(1):
-                break
-            w.feed([Piece([tok])])
-        w.text_ids += written[-1:]
-        i = parse_index(self.tok.decode(written).split(self.t.answer_close)[0])
-        if i is None or not 1 <= i <= n:
-            trace.fallback = "invalid_answer"
-        else:
-            trace.choice = i - 1
-
-    def _force(self, w: _Window, trie: AnswerTrie, generated: list[int]) -> None:
-        """Close the reasoning and decode the answer under the trie constraint (always a valid index). A listwise
-        answer is forced the same way for its first entry; the rest follows in window order (tokens are what ran
-        out, so the model is asked for the one decision that matters most)."""
-        trace, t = w.trace, self.t
-        closed = t.think_close in self.tok.decode(generated)
-        opener = t.answer_open + ("[" if self.method == "listwise" else "")
-        w.feed([self.builder.text(("\n" if closed else f"\n{t.think_close}\n") + opener)])
-        trace.forced = True
-        top = trie.decode(w)
-        if self.method == "listwise":
-            trace.ranking = [top] + [j for j in range(len(trace.candidates)) if j != top]
-            trace.repairs.append("forced: first entry constrained, the rest in window order")
-            w.text_ids += self.tok.encode_text("]" + t.answer_close)
-        else:
-            trace.choice = top
-            w.text_ids += self.tok.encode_text(t.answer_close)
-
+        close = self.builder.t.answer_close
+        written = ep.session.read_until(close, self.eos, self.scheme.answer_limit(ep), self.tok.decode)
+        self.scheme.read_answer(ep, self.tok.decode(written).split(close)[0])

@@ -17,6 +17,7 @@ import numpy as np
 
 from retrv.runtime.inputs import positions
 from retrv.runtime.errors import InputError
+from retrv.runtime.inputs.prompt import ChatTemplate
 
 SLOT_TOKEN = "<|vision_pad|>"  # an id Qwen2.5-VL reserves and never emits; carries t_con / t_rel embeddings
 
@@ -62,9 +63,8 @@ class RerankTemplate:
     )
     tool_open: str = "<tool_call>"
     tool_close: str = "</tool_call>"
-    # How a tool result re-enters the conversation: a user turn, then the assistant continues.
-    observation_prefix: str = "<|im_end|>\n<|im_start|>user\n"
-    observation_suffix: str = "<|im_end|>\n<|im_start|>assistant\n"
+    # A tool result re-enters the conversation as a user turn, then the assistant continues: the chat template's
+    # markup (`PromptBuilder.observation`), not this template's wording.
     marker_tool_budget: str = "Tool budget exhausted; answer with what you have."
     think_open: str = "<think>\n"
     think_close: str = "</think>"
@@ -113,6 +113,7 @@ class PromptBuilder:
     def __init__(self, tokenizer, cfg, embed_table: np.ndarray, template: RerankTemplate | None = None) -> None:
         self.tok, self.cfg, self.table = tokenizer, cfg, embed_table
         self.t = template or RerankTemplate()
+        self.chat: ChatTemplate = getattr(tokenizer, "template", None) or ChatTemplate()  # all chat markup
         ids = cfg.tokens
         self.image_id = ids.image_token_id
         self.vision_start, self.vision_end = ids.vision_start_token_id, ids.vision_end_token_id
@@ -150,7 +151,7 @@ class PromptBuilder:
     def window_prompt(self, q: QueryInput, cands: list[CandidateInput], icm: np.ndarray | None) -> list[Piece]:
         """Retrv-R1's window: `icm` (n, 2, H) [t_con, t_rel] per candidate, or None for full tokens."""
         t = self.t
-        pieces = [self.text(f"<|im_start|>system\n{t.system}<|im_end|>\n<|im_start|>user\n")]
+        pieces = [self.text(self.chat.turn("system", t.system) + self.chat.open_turn("user"))]
         pieces += self.query(q)
         pieces.append(self.text(t.candidates_header))
         for i, c in enumerate(cands, 1):
@@ -160,20 +161,28 @@ class PromptBuilder:
             else:
                 pieces += self.full_candidate(c)
             pieces.append(self.text("\n"))
-        pieces.append(self.text(f"{t.instruction}<|im_end|>\n<|im_start|>assistant\n{t.think_open}"))
+        pieces.append(self.text(t.instruction + self.chat.handover("assistant") + t.think_open))
         return pieces
 
     def listwise_prompt(self, q: QueryInput, cands: list[CandidateInput]) -> list[Piece]:
         """V-Retrver's window layout: full candidate tokens, numbered (1)..(n), no pre-opened <think>."""
         t = self.t
-        pieces = [self.text(f"<|im_start|>system\n{t.listwise_system}<|im_end|>\n<|im_start|>user\n")]
+        pieces = [self.text(self.chat.turn("system", t.listwise_system) + self.chat.open_turn("user"))]
         pieces += self.query(q)
         pieces.append(self.text("\nCandidates:"))
         for i, c in enumerate(cands, 1):
             pieces.append(self.text(t.listwise_candidate_label.format(i=i)))
             pieces += self.full_candidate(c)
-        pieces.append(self.text(f"\n\n{t.listwise_guidelines}<|im_end|>\n<|im_start|>assistant\n"))
+        pieces.append(self.text(f"\n\n{t.listwise_guidelines}" + self.chat.handover("assistant")))
         return pieces
+
+    def observation(self, text: str) -> str:
+        """A tool result's text as it re-enters the conversation: a user turn, after which the assistant goes on
+        (`text` may be split where images go: the first part carries the opening, `observation_end` the close)."""
+        return self.chat.handover("user") + text
+
+    def observation_end(self) -> str:
+        return self.chat.handover("assistant")
 
     # -- pieces -> decoder inputs ----------------------------------------------------------------------------------
     def assemble(self, pieces: list[Piece], start_position: int) -> tuple[list[int], np.ndarray, np.ndarray]:
