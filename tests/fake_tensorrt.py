@@ -215,7 +215,8 @@ class FakeTensorRT:
 
 def fingerprint(driver: FakeDriver) -> dict:
     """The fingerprint `TrtBackend(pack, driver=driver)` computes with the fake installed."""
-    return {"tensorrt": FakeTensorRT.__version__, "gpu": driver.name(), "compute_capability": driver.compute_capability()}
+    return {"tensorrt": FakeTensorRT.__version__, "gpu": driver.name(),
+            "compute_capability": driver.compute_capability()}
 
 
 def install(monkeypatch) -> FakeTensorRT:

@@ -16,9 +16,8 @@ import fake_tensorrt
 from scripted_backend import ScriptedBackend
 
 from retrv.export.pack_export import export_pack
-from retrv.export.torch_backend import TorchBackend
+import retrv.export.torch_backend  # noqa: F401  (registers the "torch" backend)
 from retrv.export.trt import EngineShapes, build_engines
-from retrv.model.loading import load_checkpoint
 from retrv.model.tiny import write_tiny_checkpoint
 from retrv.runtime.backends import Backend, open_backend
 from retrv.runtime.backends.base import DecoderState
@@ -26,7 +25,6 @@ from retrv.runtime.backends.runner import Runner
 from retrv.runtime.backends.trt import TrtBackend
 from retrv.runtime.errors import InputError
 from retrv.runtime.inputs.positions import vision_graph_inputs
-from retrv.runtime.pack import Pack
 
 BACKENDS = ["ort", "torch", "trt-fake", "scripted"]
 GRAPH_BACKENDS = ["ort", "torch", "trt-fake"]  # run the pack's real model (the scripted one emits a script)
