@@ -90,7 +90,8 @@ def run_demo(cache_dir: str | None, seed: int, out: TextIO, n_queries: int = DEM
     from retrv.runtime.evaluate import evaluate
     from retrv.runtime.index.store import Index
     from retrv.runtime.pack import Pack
-    from retrv.runtime.retriever import CandidateEncoder, Components, Retriever, open_backend
+    from retrv.runtime.backends import open_backend
+    from retrv.runtime.retriever import CandidateEncoder, Components, Retriever
     from retrv.train.synth import generate_dataset
 
     root = _cache_root(cache_dir) / f"default-{_stamp(ckpt)}"

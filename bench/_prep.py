@@ -146,7 +146,8 @@ def index(workdir: Path, pack: Path, corpus: Path, name: str) -> tuple[Path, dic
     def build(out: Path) -> dict:
         from retrv.runtime.index.store import Index
         from retrv.runtime.pack import Pack
-        from retrv.runtime.retriever import CandidateEncoder, Components, open_backend
+        from retrv.runtime.backends import open_backend
+        from retrv.runtime.retriever import CandidateEncoder, Components
 
         p = Pack.open(pack)
         with open_backend(p, "ort", cache_dir=workdir / "ort-cache") as backend:

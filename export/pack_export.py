@@ -107,7 +107,7 @@ def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
         files, validation = {}, {}
         for sub in sub_models(model):
             _export_sub(sub, oracles[sub.spec.role], cfg, tmp, precision, files, validation)
-        # The PyTorch backend compares the fingerprint with its --checkpoint (runtime.retriever.open_backend).
+        # The PyTorch backend compares the fingerprint with its --checkpoint (runtime.backends.open_backend).
         extra = {"source_checkpoint": ckpt.name, "source_fingerprint": source_fingerprint(ckpt)}
         if embedder is not None:
             extra["embedder"] = _export_embedder(Path(embedder), tmp, precision, files, validation)

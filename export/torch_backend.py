@@ -48,7 +48,10 @@ class TorchBackend(Backend):
     def _np(self, t) -> np.ndarray:
         return t.detach().float().cpu().numpy()
 
-    def vision(self, feeds):
+    def vision(self, feeds, role: str = "vision"):
+        if role != "vision":  # one model: a separate embedder's tower is not loaded here
+            raise InputError(f"torch backend: vision role {role!r} is not served (it runs the reranker's own "
+                             f"model); expected 'vision', or --backend ort/trt for a pack with a separate embedder")
         with self.torch.no_grad():
             order = ("patches", "position_ids", "window_index", "reverse_index", "window_segments", "image_segments")
             return self._np(self.model.visual(*(self._t(feeds[k]) for k in order)))
@@ -79,15 +82,11 @@ class TorchBackend(Backend):
         cache = KVCache.empty(self.model.cfg.text, batch, self.model.dtype, self.model.device)
         return DecoderState(batch=batch, attention_mask=np.zeros((batch, 0), dtype=np.int64), cache=cache)
 
-    def step(self, state, inputs_embeds, position_ids, attention_mask):
+    def extend(self, state, inputs_embeds, position_ids, mask):
+        new = mask[:, state.length:]  # the model's cache keeps its own past mask; it takes the new positions'
         with self.torch.no_grad():
-            logits, cache = self.model.decode(
-                self._t(inputs_embeds), self._t(position_ids), self._t(attention_mask.astype(np.int64)), state.cache
-            )
+            logits, cache = self.model.decode(self._t(inputs_embeds), self._t(position_ids), self._t(new), state.cache)
         state.cache = cache
-        state.attention_mask = np.concatenate([state.attention_mask, attention_mask.astype(np.int64)], axis=1)
-        state.stats["steps"] += 1
-        state.stats["tokens"] += int(inputs_embeds.shape[1])
         return self._np(logits[:, -1])
 
 

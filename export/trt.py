@@ -1,6 +1,7 @@
 """`retrv build-engine PACK [--fp16] [--int8] [--icm-plugin CKPT]`: TensorRT engines beside a pack's ONNX graphs.
 
-For every graph in the pack (vision, decoder, embedder when separate, icm_content, icm_relation) one engine,
+For every graph in the pack (vision, decoder, a separate embedder's two graphs `embedder_vision` and `embedder`
+when the pack has one, icm_content, icm_relation) one engine,
 `<role>.plan`, listed in a new manifest (written atomically, last) as a FileEntry with role `trt_<role>`, plus
 `timing.cache` (role `trt_timing_cache`) so a rebuild on the same device skips tactic timing. The manifest's
 `extra.tensorrt` records the device fingerprint (TensorRT version, GPU name, compute capability), the shape limits
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 TIMING_CACHE = "timing.cache"
 TIMING_ROLE = "trt_timing_cache"
-BUILD_ORDER = ("vision", "decoder", "embedder", "icm_content", "icm_relation")
+BUILD_ORDER = ("vision", "decoder", "embedder_vision", "embedder", "icm_content", "icm_relation")
 Range = tuple[int, int, int]  # (min, opt, max)
 
 
@@ -85,7 +86,7 @@ class EngineShapes:
     def axes(self, role: str, merge: int = 4) -> list[dict[str, Range]]:
         """Named axis -> (min, opt, max), one dict per optimization profile of `role`'s graph."""
         b = (1, 1, self.max_batch)
-        if role == "vision":
+        if role in ("vision", "embedder_vision"):
             p = (merge, max(merge, self.opt_patches), self.max_patches)
             return [{"patches": p, "tokens": tuple(x // merge for x in p)}]
         if role == "embedder":
@@ -260,6 +261,16 @@ def _icm_plugin_graphs(pack: Pack, checkpoint: Path, out_dir: Path) -> dict[str,
     return export_icm_plugin_graphs(model, out_dir)
 
 
+def _merge(pack: Pack, role: str) -> int:
+    """Patches per merged token of the tower `role` belongs to: a separate embedder's may differ from the
+    reranker's (its config is the manifest's `extra.embedder.model`)."""
+    if role.startswith("embedder"):
+        from retrv.runtime.config import ModelConfig
+
+        return ModelConfig.from_dict(pack.manifest.extra["embedder"]["model"]).vision.spatial_merge_size ** 2
+    return pack.model_config.vision.spatial_merge_size ** 2
+
+
 # -------------------------------------------------------------------------------------------------- entry point
 def build_engines(pack_dir: str | Path, fp16: bool = False, int8: bool = False, icm_plugin: str | Path | None = None,
                   shapes: EngineShapes | None = None, *, fingerprint: dict | None = None,
@@ -275,14 +286,13 @@ def build_engines(pack_dir: str | Path, fp16: bool = False, int8: bool = False, 
     same_device = isinstance(old, dict) and fingerprint_mismatch(old.get("fingerprint"), fp) is None
     cache_bytes = cache_path.read_bytes() if cache_path.is_file() and same_device else b""
     builder = (builder_factory or TrtBuilder)(cache_bytes, shapes.workspace_mb)
-    merge = pack.model_config.vision.spatial_merge_size ** 2
     files = {n: e for n, e in pack.manifest.files.items() if not (e.role.startswith("trt_"))}
     engines = {}
     with tempfile.TemporaryDirectory(dir=pack.path, prefix=".icm-plugin-") as tmp:
         plugin_graphs = _icm_plugin_graphs(pack, Path(icm_plugin), Path(tmp)) if icm_plugin else {}
         for role, onnx_name in plan:
             entry = pack.manifest.files[onnx_name]
-            profiles = profiles_for(role, entry.inputs, shapes, merge)
+            profiles = profiles_for(role, entry.inputs, shapes, _merge(pack, role))
             source = plugin_graphs.get(role, pack.path / onnx_name)
             log.info("building %s engine from %s (%d profiles)", role, source.name, len(profiles))
             plan_bytes = builder.build(source, profiles, plugins=role in plugin_graphs)

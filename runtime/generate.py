@@ -138,12 +138,11 @@ class Generator:
 
 
 def load_pack_generator(pack_dir: str | Path, backend: str = "auto", **backend_kwargs) -> Generator:
-    """Open a pack and a backend for it (ort by default; torch needs `checkpoint=`)."""
+    """Open a pack and a backend for it (`open_backend`'s; generation serves 'auto' and 'ort')."""
+    from retrv.runtime.backends import open_backend
     from retrv.runtime.pack import Pack
 
     pack = Pack.open(pack_dir)
-    if backend in ("auto", "ort"):
-        from retrv.runtime.backends.ort import OrtBackend
-
-        return Generator.from_pack(pack, OrtBackend(pack, **backend_kwargs))
-    raise InputError(f"backend: got {backend!r}; expected 'auto' or 'ort' for a pack")
+    if backend not in ("auto", "ort"):
+        raise InputError(f"backend: got {backend!r}; expected 'auto' or 'ort' for a pack")
+    return Generator.from_pack(pack, open_backend(pack, "ort", **backend_kwargs))

@@ -9,15 +9,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from retrv.runtime.backends.base import Backend
+from retrv.runtime.backends import Backend, open_backend
 from retrv.runtime.rerank.budget import Budget
 from retrv.runtime.inputs.corpus import Candidate
 from retrv.runtime.inputs.embedding import EmbedItem, Embedder
-from retrv.runtime.errors import InputError, MissingDependencyError, PackError
+from retrv.runtime.errors import InputError, PackError
 from retrv.runtime.limits import Cap, check_text, context_of
 from retrv.runtime.inputs.prompt import PromptTokenizer
 from retrv.runtime.inputs.vision import VisionEncoder
@@ -25,47 +24,6 @@ from retrv.runtime.rerank.loop import Reranker, RerankResult
 from retrv.runtime.rerank.prompt import CandidateInput, PromptBuilder, QueryInput, pad_batch
 
 logger = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "ort", "trt", "torch")
-
-
-def open_backend(pack, name: str = "auto", checkpoint: str | Path | None = None, provider: str = "auto",
-                 threads: int | None = None, cache_dir="default") -> Backend:
-    """auto: ONNX Runtime when installed, else the PyTorch fallback (which needs the source checkpoint)."""
-    if name not in BACKENDS:
-        raise InputError(f"--backend: got {name!r}; expected one of {list(BACKENDS)}")
-    if name == "trt" or (name == "auto" and _trt_ready(pack)):
-        from retrv.runtime.backends.trt import TrtBackend
-
-        return TrtBackend(pack)  # refuses engines whose fingerprint does not match this device
-    if name == "auto":
-        try:
-            import onnxruntime  # noqa: F401
-
-            name = "ort"
-        except ImportError:
-            name = "torch"
-    if name == "ort":
-        from retrv.runtime.backends.ort import OrtBackend
-
-        return OrtBackend(pack, provider=provider, threads=threads, cache_dir=cache_dir)
-    from retrv.runtime.backends.base import registered_backend
-
-    factory = registered_backend("torch")
-    if factory is None:  # the PyTorch fallback lives above the runtime (it needs the model): the app layer loads it
-        raise MissingDependencyError("--backend torch: the PyTorch fallback is not loaded; expected `import "
-                                     "retrv.export.torch_backend` first (pip install 'retrv-edge[export]')")
-    return factory(pack, checkpoint)
-
-
-def _trt_ready(pack) -> bool:
-    """auto picks TensorRT only where this pack has engines built for this very device (never raises)."""
-    if not any(e.role.startswith("trt_") for e in pack.manifest.files.values()):
-        return False
-    from retrv.runtime.backends.trt import engines_match
-
-    return engines_match(pack)
-
 
 class Components:
     """What every stage needs from a pack and a backend: tokenizer, embedding table, prompt builder, the vision

@@ -35,19 +35,16 @@ class ScriptedBackend(Backend):
     def start(self, batch: int) -> DecoderState:
         return DecoderState(batch=batch, attention_mask=np.zeros((batch, 0), np.int64), cache={"p": 0})
 
-    def step(self, state, inputs_embeds, position_ids, attention_mask):
+    def extend(self, state, inputs_embeds, position_ids, mask):
         p = state.cache["p"]
         first = self._row_to_id.get(np.asarray(inputs_embeds[0, 0], dtype=np.float32).tobytes())
         if p < len(self.script) and first == self.script[p] and state.length > 0:
             p += 1
         state.cache["p"] = p
-        state.attention_mask = np.concatenate([state.attention_mask, attention_mask], axis=1)
-        state.stats["steps"] += 1
-        state.stats["tokens"] += int(inputs_embeds.shape[1])
         self.calls.append(int(inputs_embeds.shape[1]))
         return self._logits(p)
 
-    def vision(self, feeds):
+    def vision(self, feeds, role="vision"):
         n = feeds["window_index"].shape[0]
         return np.zeros((n, self.hidden), np.float32)
 

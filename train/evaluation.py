@@ -25,7 +25,7 @@ THREADS = 1  # as in training: on a shared CPU one thread per session ran faster
 
 def _open(pack_dir: Path, backend: str):
     from retrv.runtime.pack import Pack
-    from retrv.runtime.retriever import open_backend
+    from retrv.runtime.backends import open_backend
 
     pack = Pack.open(pack_dir)
     return pack, open_backend(pack, backend, threads=THREADS, cache_dir=None)

@@ -1,8 +1,10 @@
-"""The runner interface every backend (ONNX Runtime, TensorRT, PyTorch) implements.
+"""The interface every backend (ONNX Runtime, TensorRT, PyTorch) implements.
 
 The runtime's loops (generation, reranking) talk to a `Backend` only, in numpy. A backend owns the decoder's KV
 cache in whatever form is cheapest for it (OrtValues, device buffers, torch tensors); the loop sees a `DecoderState`
-it passes back on every step and never looks inside.
+it passes back on every step and never looks inside. `step` is written once, here: it extends the key mask and
+counts steps and tokens; a backend implements `extend`, the one thing that differs, moving its cache forward.
+Backends built from a pack's graphs share everything else (`graph.GraphBackend`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from retrv.runtime.backends.runner import check_feed  # noqa: F401  (re-exported)
 from retrv.runtime.errors import InputError
 
 
@@ -30,18 +33,6 @@ class DecoderState:
         return int(self.attention_mask.shape[1])
 
 
-def check_feed(owner: str, name: str, array: np.ndarray, dtype: str, shape: tuple) -> None:
-    """Raise a one-line InputError unless `array` has `dtype` and a shape matching `shape` (ints fixed, strings
-    free): `decoder.onnx input 'position_ids': got shape (1, 7); expected (3, batch, seq)`."""
-    if not isinstance(array, np.ndarray):
-        raise InputError(f"{owner} input '{name}': got {type(array).__name__}; expected a numpy array")
-    if array.dtype != np.dtype(dtype):
-        raise InputError(f"{owner} input '{name}': got dtype {array.dtype}; expected {dtype}")
-    want = "(" + ", ".join(str(d) for d in shape) + ")"
-    if array.ndim != len(shape) or any(isinstance(d, int) and a != d for a, d in zip(array.shape, shape)):
-        raise InputError(f"{owner} input '{name}': got shape {tuple(array.shape)}; expected {want}")
-
-
 class Backend(ABC):
     """One model's sub-graphs behind numpy calls. Use as a context manager: `with backend: ...`."""
 
@@ -57,8 +48,9 @@ class Backend(ABC):
         pass
 
     @abstractmethod
-    def vision(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """Vision graph feeds (patches + grid indices) -> merged image tokens (M, H)."""
+    def vision(self, feeds: dict[str, np.ndarray], role: str = "vision") -> np.ndarray:
+        """Vision graph feeds (patches + grid indices) -> merged image tokens (M, H). `role`: "vision" (the
+        reranker's tower) or "embedder_vision" (a separate embedder's, in a pack exported with `--embedder`)."""
 
     @abstractmethod
     def embed(self, inputs_embeds: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -74,11 +66,22 @@ class Backend(ABC):
     def start(self, batch: int) -> DecoderState:
         """An empty cache for `batch` sequences."""
 
-    @abstractmethod
     def step(self, state: DecoderState, inputs_embeds: np.ndarray, position_ids: np.ndarray,
              attention_mask: np.ndarray) -> np.ndarray:
         """Append (B, S, H) embeddings at (3, B, S) positions with a (B, S) key mask for the new positions;
         returns the last position's logits (B, V) and extends `state` in place."""
+        mask = np.concatenate([state.attention_mask, attention_mask.astype(np.int64)], axis=1)  # (B, past + S)
+        logits = self.extend(state, inputs_embeds, position_ids, mask)
+        state.attention_mask = mask
+        state.stats["steps"] += 1
+        state.stats["tokens"] += int(inputs_embeds.shape[1])
+        return logits
+
+    @abstractmethod
+    def extend(self, state: DecoderState, inputs_embeds: np.ndarray, position_ids: np.ndarray,
+               mask: np.ndarray) -> np.ndarray:
+        """Run the decoder over the new positions and move `state.cache` forward; `mask` is the (B, past + S)
+        key mask (`state.attention_mask` still holds the past's). Returns the last position's logits (B, V)."""
 
 
 # Backends that live above the runtime register a factory `(pack, checkpoint) -> Backend` here when imported (the

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from retrv.runtime.backends.base import Backend, DecoderState, check_feed
+from retrv.runtime.backends.base import DecoderState
+from retrv.runtime.backends.graph import GraphBackend
+from retrv.runtime.backends.runner import Runner
 from retrv.runtime.errors import InputError, require
 
 log = logging.getLogger(__name__)
@@ -48,13 +50,15 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("RETRV_CACHE", Path.home() / ".cache" / "retrv"))
 
 
-class OrtRunner:
-    """One sub-model: `runner.infer(feed)` checks the feed against the manifest spec, then runs."""
+class OrtRunner(Runner):
+    """One sub-model in an ONNX Runtime session: `runner.infer(feed)` checks the feed against the manifest spec,
+    then runs."""
 
     def __init__(self, path: Path, spec: dict, sha256: str, providers: list[str], threads: int | None,
                  cache_dir: Path | None) -> None:
+        super().__init__(path.name, spec)
         ort = require("onnxruntime", "runtime")
-        self.path, self.spec, self.providers = path, spec, providers
+        self.path, self.providers = path, providers
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or physical_cores()
         opts.log_severity_level = 3
@@ -92,87 +96,29 @@ class OrtRunner:
         if tmp.exists():
             os.replace(tmp, cached)
 
-    def conform(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Float arrays converted to the float type the graph declares (fp16 packs take fp16); nothing else is
-        converted, so a wrong integer or shape still fails `check` with a message."""
-        out = {}
-        for name, value in feed.items():
-            ts = self.spec["inputs"].get(name)
-            if ts is not None and isinstance(value, np.ndarray) and value.dtype.kind == "f":
-                value = value.astype(ts["dtype"], copy=False)
-            out[name] = value
-        return out
+    def close(self) -> None:
+        self.session = None
 
-    def check(self, feed: dict[str, np.ndarray]) -> None:
-        owner = self.path.name
-        for name, ts in self.spec["inputs"].items():
-            if name not in feed:
-                raise InputError(f"{owner}: input '{name}' is missing; expected inputs {list(self.spec['inputs'])}")
-            check_feed(owner, name, feed[name], ts["dtype"], tuple(ts["shape"]))
-
-    def infer(self, feed: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        feed = self.conform(feed)
-        self.check(feed)
-        names = outputs or list(self.spec["outputs"])
-        return dict(zip(names, self.session.run(names, feed)))
+    def infer_impl(self, feed: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        return dict(zip(outputs, self.session.run(outputs, feed)))
 
 
-class OrtBackend(Backend):
+class OrtBackend(GraphBackend):
     name = "ort"
 
     def __init__(self, pack, provider: str = "auto", threads: int | None = None,
                  cache_dir: Path | None | str = "default") -> None:
-        self.pack = pack
+        super().__init__(pack)
         self.providers = choose_providers(provider)
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self.threads = threads
         self.cache_dir = default_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None)
-        self._runners: dict[str, OrtRunner] = {}
-        cfg = pack.model_config.text
-        self.num_layers, self.kv_heads, self.head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
 
-    def runner(self, role: str) -> OrtRunner:
-        """Sessions open on first use: a text-only query never loads the vision graph."""
-        if role not in self._runners:
-            path = self.pack.file(role)
-            entry = self.pack.manifest.files[path.name]
-            self._runners[role] = OrtRunner(
-                path, {"inputs": entry.inputs, "outputs": entry.outputs}, entry.sha256,
-                self.providers, self.threads, self.cache_dir,
-            )
-        return self._runners[role]
-
-    def close(self) -> None:
-        self._runners.clear()
-
-    def vision(self, feeds, role: str = "vision"):
-        """`role`: "vision" (the reranker's tower) or "embedder_vision" (a separate embedder's)."""
-        return self.runner(role).infer(feeds)["image_tokens"].astype(np.float32, copy=False)
-
-    def embed(self, inputs_embeds, position_ids, attention_mask):
-        feed = {"inputs_embeds": inputs_embeds, "position_ids": position_ids, "attention_mask": attention_mask}
-        if self.pack.has("embedder"):  # a separate embedder model
-            return self.runner("embedder").infer(feed)["embedding"]
-        # The default embedder is the decoder's own `embedding` output, run with an empty cache.
-        runner = self.runner("decoder")
-        b = inputs_embeds.shape[0]
-        for name, ts in runner.spec["inputs"].items():
-            if name.startswith("past_"):
-                feed[name] = np.zeros((b, self.kv_heads, 0, self.head_dim), dtype=ts["dtype"])
-        return runner.infer(feed, outputs=["embedding"])["embedding"]
-
-    def icm_content(self, cand_tokens, cand_mask):
-        if not self.pack.has("icm_content"):
-            return super().icm_content(cand_tokens, cand_mask)
-        out = self.runner("icm_content").infer({"cand_tokens": cand_tokens, "cand_mask": cand_mask})["t_con"]
-        return out.astype(np.float32, copy=False)
-
-    def icm_relation(self, cand_tokens, cand_mask, query_tokens, query_mask):
-        if not self.pack.has("icm_relation"):
-            return super().icm_relation(cand_tokens, cand_mask, query_tokens, query_mask)
-        feed = {"cand_tokens": cand_tokens, "cand_mask": cand_mask, "query_tokens": query_tokens,
-                "query_mask": query_mask}
-        return self.runner("icm_relation").infer(feed)["t_rel"].astype(np.float32, copy=False)
+    def open_runner(self, role: str) -> OrtRunner:
+        path = self.pack.file(role)
+        entry = self.pack.manifest.files[path.name]
+        return OrtRunner(path, {"inputs": entry.inputs, "outputs": entry.outputs}, entry.sha256,
+                         self.providers, self.threads, self.cache_dir)
 
     # -- decoder with the cache kept in OrtValues ---------------------------------------------------------------
     def start(self, batch: int) -> DecoderState:
@@ -182,17 +128,14 @@ class OrtBackend(Backend):
         past = [ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0) for _ in range(2 * self.num_layers)]
         return DecoderState(batch=batch, attention_mask=np.zeros((batch, 0), dtype=np.int64), cache=past)
 
-    def step(self, state, inputs_embeds, position_ids, attention_mask):
+    def extend(self, state, inputs_embeds, position_ids, mask):
         runner = self.runner("decoder")
-        mask = np.concatenate([state.attention_mask, attention_mask.astype(np.int64)], axis=1)
+        past_names = [n for n in runner.spec["inputs"] if n.startswith("past_")]
         feed = runner.conform({"inputs_embeds": inputs_embeds, "position_ids": position_ids, "attention_mask": mask})
-        for name in ("inputs_embeds", "position_ids", "attention_mask"):
-            ts = runner.spec["inputs"][name]
-            check_feed(runner.path.name, name, feed[name], ts["dtype"], tuple(ts["shape"]))
+        runner.check(feed, on_device=past_names)  # the past is bound as OrtValues below
         io = runner.session.io_binding()
         for name, value in feed.items():
             io.bind_cpu_input(name, np.ascontiguousarray(value))
-        past_names = [n for n in runner.spec["inputs"] if n.startswith("past_")]
         for name, value in zip(past_names, state.cache):
             io.bind_ortvalue_input(name, value)
         io.bind_output("logits", "cpu")
@@ -202,7 +145,4 @@ class OrtBackend(Backend):
         runner.session.run_with_iobinding(io)
         outputs = io.get_outputs()
         state.cache = list(outputs[1:])
-        state.attention_mask = mask
-        state.stats["steps"] += 1
-        state.stats["tokens"] += int(inputs_embeds.shape[1])
         return outputs[0].numpy()

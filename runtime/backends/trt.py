@@ -27,14 +27,17 @@ import weakref
 
 import numpy as np
 
-from retrv.runtime.backends.base import Backend, DecoderState, check_feed
+from retrv.runtime.backends.base import DecoderState
+from retrv.runtime.backends.graph import GraphBackend
+from retrv.runtime.backends.runner import Runner
 from retrv.runtime.errors import InputError, RetrvError, require
 
 log = logging.getLogger(__name__)
 
 FINGERPRINT_KEYS = ("tensorrt", "gpu", "compute_capability")
-ENGINE_ROLES = {"vision": "trt_vision", "decoder": "trt_decoder", "embedder": "trt_embedder",
-                "icm_content": "trt_icm_content", "icm_relation": "trt_icm_relation"}
+# graph role -> its engine's role in the manifest (`retrv build-engine` builds one engine per graph of the pack)
+ENGINE_ROLES = {"vision": "trt_vision", "decoder": "trt_decoder", "embedder_vision": "trt_embedder_vision",
+                "embedder": "trt_embedder", "icm_content": "trt_icm_content", "icm_relation": "trt_icm_relation"}
 PREFILL, DECODE = 0, 1  # the decoder engine's optimization profiles
 MIN_ALLOC = 256  # an empty tensor (past of length 0) still needs a valid, aligned address
 
@@ -209,10 +212,12 @@ class _Buffer:
             self.ptr, self.nbytes = 0, 0
 
 
-class EngineRunner:
-    """One deserialized engine, one execution context per optimization profile, device buffers reused per tensor."""
+class EngineRunner(Runner):
+    """One deserialized engine, one execution context per optimization profile, device buffers reused per tensor.
+    `spec` is the engine's manifest I/O record (its source graph's): feeds are checked against it first."""
 
-    def __init__(self, trt, runtime, path, driver: CudaDriver) -> None:
+    def __init__(self, trt, runtime, path, driver: CudaDriver, spec: dict) -> None:
+        super().__init__(path.name, spec)
         self.trt, self.path, self.driver = trt, path, driver
         self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
@@ -236,10 +241,10 @@ class EngineRunner:
                              f"{tuple(lo)} and {tuple(hi)} (the engine's profile {profile}; rebuild with larger "
                              f"limits, see `retrv build-engine --help`)")
 
-    def run(self, feed: dict[str, np.ndarray], profile: int = 0, device: dict | None = None,
-            fetch: list[str] | None = None) -> dict[str, np.ndarray]:
+    def infer_impl(self, feed: dict[str, np.ndarray], outputs: list[str], profile: int = 0,
+                   device: dict | None = None) -> dict[str, np.ndarray]:
         """Upload `feed` (numpy), bind `device` ({name: (ptr, shape)}, tensors already on the GPU, in or out),
-        run, and download the outputs named in `fetch` (default: every output not in `device`)."""
+        run on `profile`'s context, and download the `outputs` not bound in `device`."""
         self.driver.activate()
         ctx, device = self.contexts[profile], device or {}
         staged = []  # host arrays stay alive until the stream is synchronised
@@ -257,7 +262,7 @@ class EngineRunner:
             ctx.set_input_shape(name, tuple(int(s) for s in shape))
             ctx.set_tensor_address(name, ptr)
         host = {}
-        wanted = fetch if fetch is not None else [n for n in self.outputs if n not in device]
+        wanted = [n for n in outputs if n not in device]
         for name in self.outputs:
             shape = tuple(ctx.get_tensor_shape(name))
             if name in device:
@@ -301,67 +306,35 @@ def _free_all(driver: CudaDriver, ptrs: list[int]) -> None:
         driver.free(p)
 
 
-class TrtBackend(Backend):
+class TrtBackend(GraphBackend):
     name = "trt"
 
     def __init__(self, pack, driver: CudaDriver | None = None) -> None:
-        self.pack = pack
         self.driver = driver or CudaDriver()
         self.record = check_engines(pack, device_fingerprint(self.driver))  # refuse before reading any engine
+        super().__init__(pack)
         self.trt = require("tensorrt", "gpu")
         self._logger = self.trt.Logger(self.trt.Logger.WARNING)
         self._runtime = None
-        self._runners: dict[str, EngineRunner] = {}
-        t = pack.model_config.text
-        self.num_layers, self.kv_heads, self.head_dim = t.num_hidden_layers, t.num_key_value_heads, t.head_dim
 
-    def runner(self, role: str) -> EngineRunner:
-        if role not in self._runners:
-            if not self.pack.has(ENGINE_ROLES[role]):
-                raise InputError(f"{self.pack.path}: no TensorRT engine for '{role}'; expected `retrv build-engine` "
-                                 f"to have built one (the pack has {role}: {self.pack.has(role)})")
-            if self.record.get("engines", {}).get(role, {}).get("icm_plugin"):
-                from retrv.kernels.trt_plugin import register_plugins
+    def open_runner(self, role: str) -> EngineRunner:
+        if role not in ENGINE_ROLES:
+            raise InputError(f"{self.pack.path}: no graph role {role!r}; expected one of {list(ENGINE_ROLES)}")
+        engine_role = ENGINE_ROLES[role]
+        if not self.pack.has(engine_role):
+            raise InputError(f"{self.pack.path}: no TensorRT engine for '{role}'; expected `retrv build-engine` "
+                             f"to have built one (the pack has {role}: {self.pack.has(role)})")
+        if self.record.get("engines", {}).get(role, {}).get("icm_plugin"):
+            from retrv.kernels.trt_plugin import register_plugins
 
-                register_plugins()
-            if self._runtime is None:
-                self.driver.activate()
-                self._runtime = self.trt.Runtime(self._logger)
-            self._runners[role] = EngineRunner(self.trt, self._runtime, self.pack.file(ENGINE_ROLES[role]),
-                                               self.driver)
-        return self._runners[role]
-
-    def close(self) -> None:
-        for r in self._runners.values():
-            r.close()
-        self._runners.clear()
-
-    def vision(self, feeds):
-        return self.runner("vision").run(feeds)["image_tokens"].astype(np.float32, copy=False)
-
-    def icm_content(self, cand_tokens, cand_mask):
-        if not self.pack.has("icm_content"):
-            return super().icm_content(cand_tokens, cand_mask)
-        out = self.runner("icm_content").run({"cand_tokens": cand_tokens, "cand_mask": cand_mask})
-        return out["t_con"].astype(np.float32, copy=False)
-
-    def icm_relation(self, cand_tokens, cand_mask, query_tokens, query_mask):
-        if not self.pack.has("icm_relation"):
-            return super().icm_relation(cand_tokens, cand_mask, query_tokens, query_mask)
-        feed = {"cand_tokens": cand_tokens, "cand_mask": cand_mask, "query_tokens": query_tokens,
-                "query_mask": query_mask}
-        return self.runner("icm_relation").run(feed)["t_rel"].astype(np.float32, copy=False)
-
-    def embed(self, inputs_embeds, position_ids, attention_mask):
-        feed = {"inputs_embeds": inputs_embeds, "position_ids": position_ids, "attention_mask": attention_mask}
-        if self.pack.has(ENGINE_ROLES["embedder"]):
-            return self.runner("embedder").run(feed)["embedding"]
-        runner = self.runner("decoder")  # the default embedder is the decoder's own output, empty past
-        b = inputs_embeds.shape[0]
-        for name in runner.inputs:
-            if name.startswith("past_"):
-                feed[name] = np.zeros((b, self.kv_heads, 0, self.head_dim), dtype=runner.dtypes[name])
-        return runner.run(feed, PREFILL, fetch=["embedding"])["embedding"]
+            register_plugins()
+        if self._runtime is None:
+            self.driver.activate()
+            self._runtime = self.trt.Runtime(self._logger)
+        path = self.pack.file(engine_role)
+        entry = self.pack.manifest.files[path.name]
+        return EngineRunner(self.trt, self._runtime, path, self.driver,
+                            {"inputs": entry.inputs, "outputs": entry.outputs})
 
     # -- decoder, KV cache in device buffers --------------------------------------------------------------------
     def max_length(self) -> int:
@@ -376,18 +349,13 @@ class TrtBackend(Backend):
         cache = _KvCache(self.driver, 2 * self.num_layers, nbytes)
         return DecoderState(batch=batch, attention_mask=np.zeros((batch, 0), dtype=np.int64), cache=cache)
 
-    def step(self, state, inputs_embeds, position_ids, attention_mask):
+    def extend(self, state, inputs_embeds, position_ids, mask):
         runner = self.runner("decoder")
         b, s = inputs_embeds.shape[0], inputs_embeds.shape[1]
-        mask = np.concatenate([state.attention_mask, attention_mask.astype(np.int64)], axis=1)
         past, total = state.length, mask.shape[1]
         if total > self.max_length():
             raise InputError(f"decoder.plan: got {total} cached + new positions; expected <= {self.max_length()} "
                              f"(the engine's profile; rebuild with a larger --max-total)")
-        specs = self.pack.manifest.files[self.pack.file("decoder").name].inputs
-        for name, arr in (("inputs_embeds", inputs_embeds), ("position_ids", position_ids)):
-            dtype = specs[name]["dtype"]  # floats are converted to the engine's type; shapes must match
-            check_feed("decoder.plan", name, np.asarray(arr).astype(dtype, copy=False), dtype, tuple(specs[name]["shape"]))
         cache: _KvCache = state.cache
         src, dst = cache.slots[cache.current], cache.slots[1 - cache.current]
         kv_shape = (b, self.kv_heads, past, self.head_dim)
@@ -399,9 +367,6 @@ class TrtBackend(Backend):
             device[o_name] = (dst[i], out_shape)
         profile = DECODE if s == 1 and len(runner.contexts) > DECODE else PREFILL
         feed = {"inputs_embeds": inputs_embeds, "position_ids": position_ids, "attention_mask": mask}
-        logits = runner.run(feed, profile, device=device, fetch=["logits"])["logits"]
+        logits = runner.infer(feed, ["logits"], profile=profile, device=device)["logits"]
         cache.current = 1 - cache.current
-        state.attention_mask = mask
-        state.stats["steps"] += 1
-        state.stats["tokens"] += int(s)
         return logits

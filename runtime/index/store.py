@@ -540,7 +540,8 @@ class Index:
 
 
 def _encoder_for(pack, backend: str, backend_kwargs: dict):
-    from retrv.runtime.retriever import CandidateEncoder, Components, open_backend
+    from retrv.runtime.backends import open_backend
+    from retrv.runtime.retriever import CandidateEncoder, Components
 
     return CandidateEncoder(Components(pack, open_backend(pack, backend, **backend_kwargs)))
 

@@ -22,7 +22,8 @@ from retrv.runtime.errors import IndexFileError, RetrvError
 from retrv.runtime.index.store import Index
 from retrv.runtime.pack import Pack
 import retrv.export.torch_backend  # noqa: F401  (registers the PyTorch fallback with the runtime)
-from retrv.runtime.retriever import CandidateEncoder, Components, Retriever, open_backend
+from retrv.runtime.backends import open_backend
+from retrv.runtime.retriever import CandidateEncoder, Components, Retriever
 
 
 @pytest.fixture(scope="module")
