@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
-from dataclasses import MISSING, asdict, dataclass, fields, replace
-from pathlib import Path
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 from retrv.runtime.errors import CheckpointError
