@@ -170,14 +170,16 @@ def _backend_flags(p) -> None:
 
 
 def _query_flags(p) -> None:
+    from retrv.runtime.rerank.budget import DEFAULT_K, DEFAULT_STRIDE, DEFAULT_WINDOW, Budget
+
     p.add_argument("--pack", required=True)
-    p.add_argument("--k", type=int_in(1, MAX_K), default=50, help="coarse candidates to rerank")
-    p.add_argument("--window", type=positive_int, default=20)
-    p.add_argument("--stride", type=positive_int, default=10)
+    p.add_argument("--k", type=int_in(1, MAX_K), default=DEFAULT_K, help="coarse candidates to rerank")
+    p.add_argument("--window", type=positive_int, default=DEFAULT_WINDOW)
+    p.add_argument("--stride", type=positive_int, default=DEFAULT_STRIDE)
     # Budgets are ceilings: one larger than the windows' contexts can hold is capped, and --json reports it.
-    p.add_argument("--think-budget", type=non_negative_int, default=128)
-    p.add_argument("--inspect-budget", type=non_negative_int, default=3)
-    p.add_argument("--tool-budget", type=non_negative_int, default=3)
+    p.add_argument("--think-budget", type=non_negative_int, default=Budget.think)
+    p.add_argument("--inspect-budget", type=non_negative_int, default=Budget.inspect)
+    p.add_argument("--tool-budget", type=non_negative_int, default=Budget.tool)
     p.add_argument("--token-budget", type=positive_int, default=None,
                    help="tokens the decoder may process per query (default: as many as the windows' contexts hold)")
     p.add_argument("--no-rerank", action="store_true", help="coarse stage only")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from retrv.runtime.rerank.budget import Budget
+from retrv.runtime.rerank.budget import DEFAULT_K, DEFAULT_STRIDE, DEFAULT_WINDOW, Budget
 from retrv.runtime.inputs.corpus import Query
 from retrv.runtime.errors import InputError
 from retrv.runtime.metrics import LatencyLog, hard_negative_wins, recall_at_k
@@ -17,8 +17,8 @@ from retrv.runtime.metrics import LatencyLog, hard_negative_wins, recall_at_k
 KS = (1, 5, 10)
 
 
-def evaluate(retriever, queries: list[Query], k: int = 50, budget: Budget | None = None, window: int = 20,
-             stride: int = 10, rerank: bool = True, progress=None) -> dict:
+def evaluate(retriever, queries: list[Query], k: int = DEFAULT_K, budget: Budget | None = None, window: int = DEFAULT_WINDOW,
+             stride: int = DEFAULT_STRIDE, rerank: bool = True, progress=None) -> dict:
     coarse, final, positives = [], [], []
     log = LatencyLog()
     tokens = {"prefill_tokens": [], "think_tokens": [], "inspected": [], "total_tokens": []}

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from retrv.runtime.backends import Backend, open_backend
-from retrv.runtime.rerank.budget import Budget
+from retrv.runtime.rerank.budget import DEFAULT_K, DEFAULT_STRIDE, DEFAULT_WINDOW, Budget
 from retrv.runtime.inputs.corpus import Candidate
 from retrv.runtime.inputs.embedding import EmbedItem, Embedder
 from retrv.runtime.errors import InputError, PackError
@@ -146,8 +146,8 @@ class Retriever:
         self.reranker = Reranker(self.backend, self.c.tokenizer, self.c.cfg, self.c.table,
                                  method=pack.manifest.method, image_encoder=self.c.vision)
 
-    def search(self, text: str | None = None, image=None, k: int = 50, budget: Budget | None = None,
-               window: int = 20, stride: int = 10, rerank: bool = True) -> SearchResult:
+    def search(self, text: str | None = None, image=None, k: int = DEFAULT_K, budget: Budget | None = None,
+               window: int = DEFAULT_WINDOW, stride: int = DEFAULT_STRIDE, rerank: bool = True) -> SearchResult:
         if text is None and image is None:
             raise InputError("search: got neither --text nor --image; expected at least one")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:

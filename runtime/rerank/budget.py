@@ -22,11 +22,17 @@ from retrv.runtime.errors import InputError
 from retrv.runtime.limits import Cap, cap
 
 
+# How many coarse candidates are reranked, and how (V-Retrver's sliding windows: 20 wide, stride 10, back to front).
+DEFAULT_K = 50
+DEFAULT_WINDOW = 20
+DEFAULT_STRIDE = 10
+
+
 @dataclass(frozen=True)
 class Budget:
-    think: int = 128
-    inspect: int = 3
-    tool: int = 3
+    think: int = 128  # Retrv-R1's reasoning length at evaluation; the card and the demo evaluate with it
+    inspect: int = 3  # details inspections per query: each appends a candidate's full tokens
+    tool: int = 3  # V-Retrver tool calls per query
     token: int | None = None
 
     def __post_init__(self) -> None:

@@ -20,7 +20,8 @@ import numpy as np
 from retrv.runtime.backends.base import Backend
 from retrv.runtime.decode import DecodeSession, Picker
 from retrv.runtime.rerank.answer import AnswerTrie
-from retrv.runtime.rerank.budget import Budget, Ledger, Usage, WindowAllowance, fit_budget
+from retrv.runtime.rerank.budget import (DEFAULT_STRIDE, DEFAULT_WINDOW, Budget, Ledger, Usage, WindowAllowance,
+                                        fit_budget)
 from retrv.runtime.errors import InputError
 from retrv.runtime.limits import Cap, check_text, context_of
 from retrv.runtime.rerank.methods import Episode, Method, method_for
@@ -109,7 +110,7 @@ class Reranker:
 
     # -- public ------------------------------------------------------------------------------------------------
     def rerank(self, query: QueryInput, cands: list[CandidateInput], budget: Budget | None = None,
-               window: int = 20, stride: int = 10) -> RerankResult:
+               window: int = DEFAULT_WINDOW, stride: int = DEFAULT_STRIDE) -> RerankResult:
         if not cands:
             raise InputError("candidates: got none; expected at least one to rerank")
         context = context_of(self.cfg)
