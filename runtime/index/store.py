@@ -45,7 +45,7 @@ import numpy as np
 from retrv.runtime.index.ann import DEFAULT_EF_CONSTRUCTION, DEFAULT_EF_SEARCH, DEFAULT_M, HnswIndex, HnswParams
 from retrv.runtime.index.ann_files import HNSW_BIN
 from retrv.runtime.inputs.corpus import Candidate, candidates_from_rows, read_candidates
-from retrv.runtime.errors import IndexFileError, InputError
+from retrv.runtime.errors import IndexFileError, InputError, RetrvError
 from retrv.runtime.folder import (WriterLock, check_table, check_version, describe, is_int, member,
                                   one_line, read_manifest, verify_files)
 from retrv.runtime.fsutil import atomic_dir, atomic_write_json, atomic_write_text, fsync_dir
@@ -61,7 +61,7 @@ ROWS = "candidates.jsonl"
 ANN_DIR = "ann"
 MAX_INDEX_JSON_BYTES = 1 << 20  # a real index.json is about 2 KB
 _GEN_RE = re.compile(r"g(\d{6,})")
-_OPEN_RETRIES = 5  # a reader opening generation N while writers commit N+1 and N+2 (which deletes N) starts over
+_OPEN_RETRIES = 20  # a reader opening generation N while writers commit N+1 and N+2 (which deletes N) starts over
 
 
 
@@ -248,9 +248,14 @@ def _load(root: Path, verify: str) -> tuple[_Head, IndexSnapshot]:
         head = _read_head(root)
         try:
             return head, _load_generation(root, head, verify)
-        except IndexFileError:
+        except (RetrvError, OSError) as e:
+            # A file of this generation vanished or changed under us (the token cache's description, the graph:
+            # any of them): if a writer committed meanwhile, that is why; read the new head and start over.
             if attempt + 1 < _OPEN_RETRIES and _stamp(root / INDEX_JSON) != head.stamp:
                 continue
+            if isinstance(e, OSError):
+                raise IndexFileError(f"{root}: {e.strerror or e} ({e.filename}); expected the files of generation "
+                                     f"{head.meta.generation}") from None
             raise
     raise AssertionError("unreachable")
 
@@ -381,11 +386,13 @@ class Index:
         if self._auto_refresh and stamp != self._head.stamp and stamp != self._refused_stamp:
             try:
                 self.refresh()
-            except IndexFileError as e:
-                # Keep serving the last good generation; `refresh()` raises for whoever asks explicitly.
+            except RetrvError as e:
+                # Keep serving the last good generation; `refresh()` raises for whoever asks explicitly. Remember
+                # the refusal only if nobody has committed since (then it is the generation, not a race).
                 log.warning("%s: keeping generation %d; the committed one is refused: %s", self.path,
                             self._snap.generation, e)
-                self._refused_stamp = stamp
+                if _stamp(self.path / INDEX_JSON) == stamp:
+                    self._refused_stamp = stamp
         return self._snap
 
     def refresh(self) -> bool:

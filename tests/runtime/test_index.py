@@ -191,3 +191,29 @@ def test_a_refused_update_leaves_no_generation_behind(ix):
     with pytest.raises(InputError):
         Index.open(ix).add(rows("b", 0, 1), encoder=FakeEncoder())
     assert sorted(p.name for p in ix.iterdir() if p.name.startswith("g")) == ["g000001"]
+
+
+def test_an_open_overtaken_by_a_commit_starts_over_whatever_failed(ix, monkeypatch):
+    """A reader opening generation N while writers commit and delete N sees a file vanish: the token cache's
+    description (CacheFileError), the graph (OSError) ... It reads the new head and starts over."""
+    from retrv.runtime.errors import CacheFileError
+    from retrv.runtime.index import store
+
+    real_open, calls = store.TokenCache.open, []
+
+    def racing_open(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # a writer commits right now, then the file this reader wanted is gone
+            monkeypatch.setattr(store.TokenCache, "open", real_open)
+            Index.open(ix).add(rows("a", 0, 1), encoder=FakeEncoder())
+            monkeypatch.setattr(store.TokenCache, "open", racing_open)
+            raise CacheFileError("g000001/cache.json: file not found")
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(store.TokenCache, "open", racing_open)
+    index = Index.open(ix)
+    assert index.generation == 2 and "a0" in index.snapshot().live_dids() and len(calls) >= 2
+    # and the same failure without a commit in between is reported, not retried forever
+    monkeypatch.setattr(store.TokenCache, "open", lambda *a, **k: (_ for _ in ()).throw(CacheFileError("broken")))
+    with pytest.raises(CacheFileError, match="broken"):
+        Index.open(ix)
