@@ -55,16 +55,23 @@ def _searcher(index: Index, stop: threading.Event, seen: list, errors: list, see
         errors.append(e)
 
 
-def _check(seen: list, live_at: dict[int, set[str]], final: Index) -> None:
+def _check(seen: list, live_at: dict[int, set[str]], final: Index, errors: list, name: str) -> None:
     assert seen, "the searchers never ran"
     bad = [(g, d) for g, dids in seen for d in dids if d not in live_at[g]]
-    assert not bad, f"{len(bad)} results were not live in the generation searched, e.g. {bad[:3]}"
     snap = final.snapshot()
     want = live_at[max(live_at)]
-    assert snap.live_dids() == want  # 0 lost, 0 resurrected
+    lost, resurrected = want - snap.live_dids(), snap.live_dids() - want
     vecs = np.stack([vector(d) for d in sorted(want)])
     labels, _ = snap.search(vecs, 1)
     missed = [d for d, lab in zip(sorted(want), labels[:, 0].tolist()) if snap.row(lab)["did"] != d]
+    added = len({d for live in live_at.values() for d in live} - live_at[1])
+    print(f"\n{name}: {len(seen)} searches over {len({g for g, _ in seen})} generations while {added} candidates "
+          f"were added and {added - len(want - live_at[1])} deleted; exceptions {len(errors)}, results not live in "
+          f"their generation {len(bad)}, lost {len(lost)}, resurrected {len(resurrected)}, not found by their own "
+          f"vector {len(missed)}")
+    assert not errors, errors[:3]
+    assert not bad, f"{len(bad)} results were not live in the generation searched, e.g. {bad[:3]}"
+    assert not lost and not resurrected
     assert not missed, f"{len(missed)} live candidates are not found by their own vector: {missed[:5]}"
 
 
@@ -83,8 +90,7 @@ def test_four_searching_threads_and_a_writer_in_one_process(tmp_path):
         stop.set()
         for t in threads:
             t.join()
-    assert not errors, errors[:3]
-    _check(seen, live_at, Index.open(tmp_path / "ix"))
+    _check(seen, live_at, Index.open(tmp_path / "ix"), errors, "4 threads searching, 1 writer, one process")
     assert sorted(p.name for p in (tmp_path / "ix").iterdir() if p.name.startswith("g")) == \
         [f"g{max(live_at) - 1:06d}", f"g{max(live_at):06d}"]  # old generations are removed as it goes
 
@@ -105,10 +111,9 @@ def test_searching_threads_pick_up_another_process_commits(tmp_path):
         for t in threads:
             t.join()
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert not errors, errors[:3]
     assert index.snapshot().generation == max(live_at)  # this process's Index picked up the last commit
     assert len({g for g, _ in seen}) > 1  # and searched more than one generation while the writer ran
-    _check(seen, live_at, index)
+    _check(seen, live_at, index, errors, "4 threads searching here, 1 writer process")
 
 
 def test_two_threads_adding_the_same_did_one_wins(tmp_path):

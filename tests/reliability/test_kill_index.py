@@ -107,6 +107,7 @@ def kill_campaign(tmp: Path, cmd: str, moments: int, n: int = 24, batch: int = 4
 @pytest.mark.parametrize("cmd", ["add", "delete", "build"])
 def test_kill_during_index_writes_leaves_old_or_new(tmp_path, cmd):
     counts = kill_campaign(tmp_path, cmd, moments=20 if cmd != "build" else 12)
+    print(f"\nIndex.{cmd} (CI): {counts}")
     assert counts["neither"] == 0
     assert counts["killed"] >= counts["moments"] // 2  # the moments really fell inside the run
 
@@ -115,7 +116,7 @@ def test_kill_during_index_writes_leaves_old_or_new(tmp_path, cmd):
 @pytest.mark.parametrize("cmd", ["add", "delete", "build"])
 def test_kill_during_index_writes_many_moments(tmp_path, cmd):
     counts = kill_campaign(tmp_path, cmd, moments=100, n=60, batch=5)
-    print(cmd, counts)
+    print(f"\nIndex.{cmd} (slow): {counts}")
     assert counts["neither"] == 0
 
 
