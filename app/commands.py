@@ -40,7 +40,7 @@ def _load_backend(name: str) -> None:
         import retrv.export.torch_backend  # noqa: F401
 
 
-def _bar(total: int, unit: str, desc: str):
+def progress_bar(total: int, unit: str, desc: str):
     """A tqdm progress bar on stderr, off when stderr is not a terminal (logs, pipes, tests)."""
     from tqdm import tqdm
 
@@ -89,7 +89,7 @@ def cmd_index_build(args) -> int:
     pack = Pack.open(args.pack)
     cands = read_candidate_files(args.corpus, image_root=args.image_root)  # paths absolute from here on
     _log_image_base(args.corpus, args.image_root)
-    with _bar(len(cands), "candidate", "index build") as bar:
+    with progress_bar(len(cands), "candidate", "index build") as bar:
         index = Index.build(_CountingEncoder(_encoder(pack, args), bar), cands, args.index, m=args.m,
                             ef_construction=args.ef_construction, ef_search=args.ef_search, backend=args.backend,
                             **_backend_kwargs(args))
@@ -108,7 +108,7 @@ def cmd_index_add(args) -> int:
     index = Index.open(args.index, pack=pack, backend=args.backend, **_backend_kwargs(args))
     cands = read_candidate_files(args.corpus, image_root=args.image_root)
     _log_image_base(args.corpus, args.image_root)
-    with _bar(len(cands), "candidate", "index add") as bar:
+    with progress_bar(len(cands), "candidate", "index add") as bar:
         gen = index.add(cands, encoder=_CountingEncoder(_encoder(pack, args), bar))
     print(f"added {len(cands)} candidates to {index.path}: generation {gen}, {index.meta.count} live")
     return 0
@@ -227,7 +227,7 @@ def cmd_eval(args) -> int:
 
     queries, owner, settings = _eval_queries(args)
     retrievers = _PoolRetrievers(args, owner)
-    with _bar(len(queries), "query", "eval") as bar:
+    with progress_bar(len(queries), "query", "eval") as bar:
         out = evaluate(retrievers, queries, k=args.k, budget=_budget(args), window=args.window, stride=args.stride,
                        rerank=not args.no_rerank, progress=lambda done, total: bar.update(1))
     out["settings"].update(settings)

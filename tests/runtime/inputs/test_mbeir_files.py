@@ -170,3 +170,20 @@ def test_grouped_recall_and_mbeir_metric_per_task_and_dataset():
     assert m["tasks"]["cirr_task7"]["coarse"] is None and m["average"] == {"tasks": 0, "coarse": None}
     assert grouped_recall([["a"], ["b"]], [{"a"}, {"a"}], ["g", "h"], (1,)) == {
         "g": {"recall@1": 1.0, "queries": 1, "skipped": 0}, "h": {"recall@1": 0.0, "queries": 1, "skipped": 0}}
+
+
+def test_progress_bars_draw_on_a_terminal_only(monkeypatch):
+    import io
+    import sys
+
+    from retrv.app.commands import progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, drawn in ((io.StringIO(), False), (Terminal(), True)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        with progress_bar(3, "query", "eval") as bar:
+            bar.update(3)
+        assert ("eval:   0%" in stream.getvalue()) is drawn  # (later updates are throttled to 10 a second)
