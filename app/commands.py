@@ -40,17 +40,59 @@ def _load_backend(name: str) -> None:
         import retrv.export.torch_backend  # noqa: F401
 
 
+def progress_bar(total: int, unit: str, desc: str):
+    """A tqdm progress bar on stderr, off when stderr is not a terminal (logs, pipes, tests)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
+
+
+class _CountingEncoder:
+    """A candidate encoder that advances a progress bar by each batch it encodes; everything else is the
+    encoder's own (dim, pack_sha256, ...). Index.build/add encode in batches and take any such encoder."""
+
+    def __init__(self, encoder, bar) -> None:
+        self.encoder, self.bar = encoder, bar
+
+    def __getattr__(self, name: str):
+        return getattr(self.encoder, name)
+
+    def encode(self, cands):
+        out = self.encoder.encode(cands)
+        self.bar.update(len(cands))
+        return out
+
+
+def _encoder(pack, args):
+    from retrv.runtime.backends import open_backend
+    from retrv.runtime.retriever import CandidateEncoder, Components
+
+    return CandidateEncoder(Components(pack, open_backend(pack, args.backend, **_backend_kwargs(args))))
+
+
+def _log_image_base(paths, image_root) -> None:
+    from retrv.runtime.inputs.corpus import image_base
+
+    for path in paths:
+        log.info("%s: image paths resolved against %s", path, image_base(path, image_root))
+
+
 def cmd_index_build(args) -> int:
     from retrv.runtime.outputs import check_output
 
-    check_output(args.index, "index", {"the pack": args.pack, "the corpus": args.corpus})
+    check_output(args.index, "index", {"the pack": args.pack,
+                                       **{f"the corpus {c}": c for c in args.corpus}})
+    from retrv.runtime.inputs.corpus import read_candidate_files
     from retrv.runtime.index.store import Index
     from retrv.runtime.pack import Pack
 
     pack = Pack.open(args.pack)
-    index = Index.build(pack, args.corpus, args.index, m=args.m, ef_construction=args.ef_construction,
-                        ef_search=args.ef_search, image_root=args.image_root, backend=args.backend,
-                        **_backend_kwargs(args))
+    cands = read_candidate_files(args.corpus, image_root=args.image_root)  # paths absolute from here on
+    _log_image_base(args.corpus, args.image_root)
+    with progress_bar(len(cands), "candidate", "index build") as bar:
+        index = Index.build(_CountingEncoder(_encoder(pack, args), bar), cands, args.index, m=args.m,
+                            ef_construction=args.ef_construction, ef_search=args.ef_search, backend=args.backend,
+                            **_backend_kwargs(args))
     sizes = index.bytes_per_item()
     print(f"indexed {index.meta.count} candidates into {index.path} "
           f"({sizes['token_cache']:.0f} B/candidate of cached tokens, {sizes['ann']:.0f} B/candidate of HNSW)")
@@ -58,14 +100,16 @@ def cmd_index_build(args) -> int:
 
 
 def cmd_index_add(args) -> int:
-    from retrv.runtime.inputs.corpus import read_candidates
+    from retrv.runtime.inputs.corpus import read_candidate_files
     from retrv.runtime.index.store import Index
     from retrv.runtime.pack import Pack
 
     pack = Pack.open(args.pack)
     index = Index.open(args.index, pack=pack, backend=args.backend, **_backend_kwargs(args))
-    cands = read_candidates(args.corpus, image_root=args.image_root)
-    gen = index.add(cands)
+    cands = read_candidate_files(args.corpus, image_root=args.image_root)
+    _log_image_base(args.corpus, args.image_root)
+    with progress_bar(len(cands), "candidate", "index add") as bar:
+        gen = index.add(cands, encoder=_CountingEncoder(_encoder(pack, args), bar))
     print(f"added {len(cands)} candidates to {index.path}: generation {gen}, {index.meta.count} live")
     return 0
 
@@ -110,13 +154,83 @@ def cmd_search(args) -> int:
     return 0
 
 
+def _eval_queries(args) -> tuple[list, list[int], dict]:
+    """The queries of every --queries file (instructions prepended, qrels applied), the index each one is searched
+    in (a position in args.index), and what was applied, for the report."""
+    from pathlib import Path
+
+    from retrv.runtime.errors import InputError
+    from retrv.runtime.inputs.corpus import INSTRUCTIONS_TSV, Instructions, find_mbeir_root, read_qrels, \
+        read_queries, with_qrels
+
+    if len(args.index) not in (1, len(args.queries)):
+        raise InputError(f"got {len(args.index)} indexes for {len(args.queries)} query files; expected one index "
+                         "(a global pool) or one per query file, in the same order (local pools)")
+    qrels = read_qrels(args.qrels) if args.qrels else None
+    queries, owner, applied = [], [], []
+    for i, path in enumerate(args.queries):
+        qs = read_queries(path, image_root=args.image_root)
+        root = Path(args.image_root) if args.image_root else find_mbeir_root(path)
+        tsv = root / INSTRUCTIONS_TSV if root is not None else None
+        if args.no_instructions:
+            inst = None
+        elif tsv is not None and tsv.is_file():
+            inst = Instructions.read(tsv)
+            qs = inst.apply(qs, args.instruction or 1)
+        elif args.instruction is not None:
+            raise InputError(f"--instruction {args.instruction}: no {INSTRUCTIONS_TSV} under the M-BEIR root of "
+                             f"{path} ({root or 'none found'}); expected M-BEIR's instructions file there")
+        else:
+            inst = None
+        applied.append({"queries": str(path), "index": str(args.index[i if len(args.index) > 1 else 0]),
+                        "instructions": inst and inst.path})
+        if qrels is not None:
+            qs = with_qrels(qs, qrels)
+        queries += qs
+        owner += [i if len(args.index) > 1 else 0] * len(qs)
+    settings = {"pool": "local" if len(args.index) > 1 else "one index", "files": applied,
+                "instruction_variant": None if args.no_instructions else (args.instruction or 1),
+                "qrels": [str(p) for p in args.qrels] if args.qrels else None}
+    return queries, owner, settings
+
+
+class _PoolRetrievers:
+    """One Retriever per query, over one backend; an index is opened when its first query comes and the previous
+    one let go, so local pools (queries grouped by file) hold one index in memory at a time."""
+
+    def __init__(self, args, owner: list[int]) -> None:
+        from retrv.runtime.backends import open_backend
+        from retrv.runtime.pack import Pack
+
+        self.args, self.owner = args, owner
+        self.pack = Pack.open(args.pack)
+        self.backend = open_backend(self.pack, args.backend, **_backend_kwargs(args))
+        self.current: tuple[int, object] | None = None
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+    def __getitem__(self, q: int):
+        from retrv.runtime.index.store import Index
+        from retrv.runtime.retriever import Retriever
+
+        i = self.owner[q]
+        if self.current is None or self.current[0] != i:
+            self.current = None
+            index = Index.open(self.args.index[i], pack=self.pack)
+            self.current = (i, Retriever(self.pack, index, backend=self.backend))
+        return self.current[1]
+
+
 def cmd_eval(args) -> int:
-    from retrv.runtime.inputs.corpus import read_queries
     from retrv.runtime.evaluate import evaluate
 
-    queries = read_queries(args.queries, image_root=args.image_root)
-    out = evaluate(_retriever(args), queries, k=args.k, budget=_budget(args), window=args.window,
-                   stride=args.stride, rerank=not args.no_rerank)
+    queries, owner, settings = _eval_queries(args)
+    retrievers = _PoolRetrievers(args, owner)
+    with progress_bar(len(queries), "query", "eval") as bar:
+        out = evaluate(retrievers, queries, k=args.k, budget=_budget(args), window=args.window, stride=args.stride,
+                       rerank=not args.no_rerank, progress=lambda done, total: bar.update(1))
+    out["settings"].update(settings)
     if args.json:
         print(json.dumps(out))
         return 0
@@ -132,7 +246,28 @@ def cmd_eval(args) -> int:
         print("tokens/query " + ", ".join(f"{k} {v:.1f}" for k, v in out["tokens_per_query"].items()))
     for stage, s in out["latency_ms"].items():
         print(f"  {stage:<8} p50 {s['p50']:8.1f} ms  p95 {s['p95']:8.1f} ms")
+    _print_mbeir(out["mbeir"], settings["pool"])
     return 0
+
+
+def _print_mbeir(m: dict, pool: str) -> None:
+    """M-BEIR's table: per task, then per dataset, R@1/5/10 and the benchmark's own metric (M-BEIR column) for each
+    ranking; then the paper-style average over tasks."""
+    names = [n for n in ("coarse", "reranked") if n in m["average"]]
+    head = "".join(f" | {n:<8}  R@1   R@5  R@10 M-BEIR" for n in names)
+    for kind in ("tasks", "datasets"):
+        print(f"\n{'M-BEIR ' + kind[:-1] + ' (' + pool + ')':<28} queries  metric   {head}")
+        for group, row in m[kind].items():
+            cells = ""
+            for n in names:
+                r = row.get(n)
+                cells += f" | {'':<8}" + (" ".join(f"{r[k]:5.3f}" for k in ("recall@1", "recall@5", "recall@10"))
+                                          + f" {r['mbeir']:6.3f}" if r else f"{'(no positives)':>24}")
+            skipped = f" ({row['skipped']} skipped)" if row["skipped"] else ""
+            print(f"{group:<28} {row['queries']:>7}  {row['metric']:<9}{cells}{skipped}")
+    avg = m["average"]
+    print(f"\naverage over {avg['tasks']} tasks (paper-style: each task's own metric) " + ", ".join(
+        f"{n} {avg[n]:.3f}" for n in names if avg[n] is not None))
 
 
 # The most candidates a query may ask for (--k): hnswlib searches with a beam ef >= k, the same bound as
@@ -187,6 +322,11 @@ def _query_flags(p) -> None:
     _backend_flags(p)
 
 
+_IMAGE_ROOT = ("resolve relative image paths (and find instructions/) against this folder (default: the M-BEIR root "
+               "above the JSONL, the first folder holding mbeir_images/ or cand_pool/ + query/; else the JSONL's "
+               "folder)")
+
+
 def register(sub) -> None:
     from retrv.runtime.index.ann import MAX_EF, MAX_M
     from retrv.runtime.index.store import DEFAULT_EF_CONSTRUCTION, DEFAULT_EF_SEARCH, DEFAULT_M
@@ -195,24 +335,23 @@ def register(sub) -> None:
     idx_sub = idx.add_subparsers(dest="index_command", required=True, metavar="ACTION")
     build = idx_sub.add_parser("build", help="PACK CORPUS.jsonl INDEX: a new index over a corpus")
     build.add_argument("pack")
-    build.add_argument("corpus", help="M-BEIR candidate JSONL")
+    build.add_argument("corpus", nargs="+", help="M-BEIR candidate JSONL; several make one pool (a global pool is the "
+                                                 "union of the local ones: cand_pool/local/*.jsonl)")
     build.add_argument("index", help="output index directory: new, empty, or an index (replaced atomically)")
     build.add_argument("--m", type=int_in(2, MAX_M), default=DEFAULT_M)
     build.add_argument("--ef-construction", type=int_in(1, MAX_EF), default=DEFAULT_EF_CONSTRUCTION)
     build.add_argument("--ef-search", type=int_in(1, MAX_EF), default=DEFAULT_EF_SEARCH,
                        help="HNSW search breadth; 200 gives recall@10 0.92 on 10k random 128-d vectors, the worst "
                             "case (bench/index.py)")
-    build.add_argument("--image-root", default=None,
-                       help="resolve relative image paths against this folder (default: the JSONL's folder)")
+    build.add_argument("--image-root", default=None, help=_IMAGE_ROOT)
     _backend_flags(build)
     build.set_defaults(func=cmd_index_build)
 
     add = idx_sub.add_parser("add", help="INDEX CORPUS.jsonl --pack PACK: add candidates (crash-safe)")
     add.add_argument("index")
-    add.add_argument("corpus", help="M-BEIR candidate JSONL of new candidates")
+    add.add_argument("corpus", nargs="+", help="M-BEIR candidate JSONL of new candidates (several: their union)")
     add.add_argument("--pack", required=True, help="the pack the index was built with")
-    add.add_argument("--image-root", default=None,
-                     help="resolve relative image paths against this folder (default: the JSONL's folder)")
+    add.add_argument("--image-root", default=None, help=_IMAGE_ROOT)
     _backend_flags(add)
     add.set_defaults(func=cmd_index_add)
 
@@ -234,10 +373,17 @@ def register(sub) -> None:
     _query_flags(search)
     search.set_defaults(func=cmd_search)
 
-    ev = sub.add_parser("eval", help="Recall@1/5/10, tokens and latency over an M-BEIR query file")
-    ev.add_argument("index")
-    ev.add_argument("--queries", required=True)
-    ev.add_argument("--image-root", default=None,
-                    help="resolve the queries' relative image paths against this folder (default: the JSONL's folder)")
+    ev = sub.add_parser("eval", help="Recall@1/5/10 per M-BEIR task and dataset, tokens and latency over query files")
+    ev.add_argument("index", nargs="+", help="one index (a global pool) for every query file, or one per query file "
+                                             "in the same order (local pools)")
+    ev.add_argument("--queries", nargs="+", required=True, metavar="JSONL", help="M-BEIR query files")
+    ev.add_argument("--qrels", nargs="+", default=None, metavar="TXT",
+                    help="TREC qrels ('qid 0 did relevance'); their positives replace the files' pos_cand_list")
+    which = ev.add_mutually_exclusive_group()
+    which.add_argument("--instruction", type=positive_int, default=None, metavar="N",
+                       help="prompt_N of instructions/query_instructions.tsv under the M-BEIR root (default 1)")
+    which.add_argument("--no-instructions", action="store_true",
+                       help="do not prepend M-BEIR's task instructions to the query text")
+    ev.add_argument("--image-root", default=None, help=_IMAGE_ROOT)
     _query_flags(ev)
     ev.set_defaults(func=cmd_eval)
