@@ -88,12 +88,16 @@ def _entry(s: str) -> int | None:
         return None
 
 
-def answer_span(text: str, open_tag: str, close_tag: str, think_close: str | None) -> str | None:
+def answer_span(text: str, open_tag: str, close_tag: str, think_close: str | None,
+                think_open: str = "<think>") -> str | None:
     """The answer in a model's text: the last complete `<answer>...</answer>` after the last `</think>` (the whole
-    text when `think_close` is None or absent); None when there is none. One inside the reasoning is not the answer
-    (the released merger takes the first anywhere, which can be one the model was only thinking about)."""
+    text when there is none); None when there is no such answer or a `<think>` is still open. One inside the
+    reasoning is not the answer (the released merger takes the first anywhere, which can be one the model was only
+    thinking about)."""
     if think_close is not None and think_close in text:
         text = text[text.rindex(think_close) + len(think_close):]
+    if think_open and think_open in text:
+        return None
     end = text.rfind(close_tag)
     if end < 0:
         return None

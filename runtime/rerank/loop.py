@@ -237,7 +237,7 @@ class Reranker:
         answer = None
         if self.scheme.answer_after_think:  # the last complete answer after </think>
             answer = answer_span(self.tok.decode(ep.generated + written), t.answer_open, t.answer_close,
-                                 t.think_close)
+                                 t.think_close, t.think_open.strip())
         if answer is None:  # no closing tag (the cap, a stop token): what was written
             answer = self.tok.decode(written).split(t.answer_close)[0]
         self.scheme.read_answer(ep, answer)
