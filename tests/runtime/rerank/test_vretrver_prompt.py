@@ -103,7 +103,9 @@ def test_manifest_format_is_validated_and_defaulted():
 # -- the tool numbering: prompt and tool agree -------------------------------------------------------------------
 def test_crop_target_image_follows_the_chosen_base():
     images = [Image.new("RGB", (300, 200)), Image.new("RGB", (100, 100)), None, Image.new("RGB", (640, 480))]
-    crop = lambda t: json.dumps({"name": "crop_image", "arguments": {"bbox_2d": [0, 0, 1, 1], "target_image": t}})  # noqa: E731
+    def crop(t):
+        return json.dumps({"name": "crop_image", "arguments": {"bbox_2d": [0, 0, 1, 1], "target_image": t}})
+
     one, zero = ToolServer(images, 1), ToolServer(images, 0)
     # base 1 (the released prompt): 1 = the original (query) image, then the images in the order shown
     assert "300x200" in one.run(crop(1)).text and "100x100" in one.run(crop(2)).text
