@@ -28,6 +28,7 @@ from retrv.runtime.outputs import check_output
 from retrv.runtime.pack import PACK_FORMAT_VERSION, Manifest, describe_file, write_manifest
 from retrv.runtime.inputs.preprocess import ImageProcessorConfig
 from retrv.runtime.inputs.prompt import ChatTemplate
+from retrv.runtime.rerank.formats import ListwiseFormat
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,8 @@ def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
         extra = {"source_checkpoint": ckpt.name, "source_fingerprint": source_fingerprint(ckpt)}
         if embedder is not None:
             extra["embedder"] = _export_embedder(Path(embedder), tmp, precision, files, validation)
+        if cfg.icm is None:  # listwise (V-Retrver): which released prompt, answer format and target_image numbering
+            extra["rerank"] = ListwiseFormat().to_dict()
         table = model.language_model.embed_tokens.weight.detach().numpy()  # fp16 in an fp16 pack: half the bytes
         np.save(tmp / "embed_tokens.npy", np.ascontiguousarray(table), allow_pickle=False)
         files["embed_tokens.npy"] = describe_file(tmp, "embed_tokens.npy", "embed_tokens", precision=precision)

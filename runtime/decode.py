@@ -97,14 +97,18 @@ class DecodeSession:
         """Free decoding of a short answer: choose and feed until `close` appears in the text, a stop id, the
         allowance runs out or `limit` tokens. -> the ids written (the last one is noted, not fed)."""
         written: list[int] = []
+        fed_last = False  # at the limit the last token was fed (it is in the transcript): note it only otherwise
         for _ in range(limit):
             tok = self.choose()
             self.taken(tok)
             written.append(tok)
             if tok in stop_ids or close in decode(written) or not self.can_feed(1):
+                fed_last = False
                 break
             self.feed_token(tok)
-        self.note(written[-1:])
+            fed_last = True
+        if not fed_last:
+            self.note(written[-1:])
         return written
 
     # -- the transcript -----------------------------------------------------------------------------------------

@@ -142,9 +142,11 @@ class Retriever:
         self.pack, self.index = pack, index
         self.backend = backend if isinstance(backend, Backend) else open_backend(pack, backend, **backend_kwargs)
         self.c = Components(pack, self.backend)
-        # The method comes from the manifest: "retrv-r1" (ICM, inspection) or "listwise" (V-Retrver tools).
+        # The method comes from the manifest: "retrv-r1" (ICM, inspection) or "listwise" (V-Retrver tools), and
+        # for listwise its prompt and answer format (`extra["rerank"]`; a pack without it gets the defaults).
         self.reranker = Reranker(self.backend, self.c.tokenizer, self.c.cfg, self.c.table,
-                                 method=pack.manifest.method, image_encoder=self.c.vision)
+                                 method=pack.manifest.method, image_encoder=self.c.vision,
+                                 fmt=pack.manifest.extra.get("rerank"))
 
     def search(self, text: str | None = None, image=None, k: int = DEFAULT_K, budget: Budget | None = None,
                window: int = DEFAULT_WINDOW, stride: int = DEFAULT_STRIDE, rerank: bool = True) -> SearchResult:

@@ -7,6 +7,7 @@ tag once the digits so far already form one, so "1" can still become "12"). The 
 
 from __future__ import annotations
 
+import math
 import re
 
 _INDEX = re.compile(r"^\s*\[?\s*(\d{1,6})\s*\]?\s*$")
@@ -60,27 +61,73 @@ class AnswerTrie:
                 return node.index
 
 
-_LIST = re.compile(r"^\s*\[([^\[\]]*)\]\s*$")
+def whole_number(value) -> int | None:
+    """A JSON value that names an index: 3, 3.0, "3", " 3 " -> 3; 3.5, True, "three", inf, None -> None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())  # as the released tool server reads a string index
+        except ValueError:
+            try:
+                value = float(value)
+            except ValueError:
+                return None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _entry(s: str) -> int | None:
+    """One list entry as the released merger reads it (`int(s.strip())`), never raising: '²' or '4.0' -> None."""
+    try:
+        return int(s.strip())
+    except (ValueError, OverflowError):
+        return None
+
+
+def answer_span(text: str, open_tag: str, close_tag: str, think_close: str | None,
+                think_open: str = "<think>") -> str | None:
+    """The answer in a model's text: the last complete `<answer>...</answer>` after the last `</think>` (the whole
+    text when there is none); None when there is no such answer or a `<think>` is still open. One inside the
+    reasoning is not the answer (the released merger takes the first anywhere, which can be one the model was only
+    thinking about)."""
+    if think_close is not None and think_close in text:
+        text = text[text.rindex(think_close) + len(think_close):]
+    if think_open and think_open in text:
+        return None
+    end = text.rfind(close_tag)
+    if end < 0:
+        return None
+    start = text.rfind(open_tag, 0, end)
+    return None if start < 0 else text[start + len(open_tag):end]
 
 
 def parse_ranking(text: str, n: int) -> tuple[list[int] | None, list[str]]:
     """'[4, 1, 3]' for n candidates -> (a 0-based permutation of range(n), repairs made), or (None, [why]).
 
-    Repaired where unambiguous: out-of-range and repeated indices are dropped (first occurrence wins), missing
-    candidates are appended in window (coarse) order. A list with no valid index, or text that is not a list of
-    integers, is not repaired: the caller falls back to the coarse order and flags it.
+    Read as the released V-Retrver merger reads it, entry by entry, and never raising: one pair of brackets around
+    the list is optional (a single number, as the released training guideline asks for, is a one-entry list);
+    each comma-separated entry that `int()` cannot read ('²', '4.0', 'two') is dropped, as are out-of-range
+    and repeated ones (first occurrence wins); missing candidates are appended in window (coarse) order. Every
+    repair is one string in the list returned. With no valid entry at all the caller keeps the coarse order and
+    flags the window.
     """
-    m = _LIST.match(text)
-    if not m:
-        return None, ["not a list"]
-    items = [s.strip() for s in m.group(1).split(",") if s.strip()]
-    if not items or not all(s.isdigit() for s in items):
-        return None, ["not a list of integers"]
+    body = text.strip()
+    body = body[1:] if body.startswith("[") else body
+    body = body[:-1] if body.endswith("]") else body  # each on its own: a list cut off by the cap lacks the "]"
+    items = [s for s in body.split(",") if s.strip()]
+    if not items:
+        return None, ["empty answer"]
     repairs, seen, order = [], set(), []
     for s in items:
-        i = int(s)
-        if not 1 <= i <= n:
-            repairs.append(f"dropped out-of-range {i}")
+        i = _entry(s)
+        if i is None:
+            repairs.append(f"dropped unreadable {s.strip()[:20]!r}")
+        elif not 1 <= i <= n:
+            repairs.append(f"dropped out-of-range {i}" if abs(i) < 10**6 else "dropped out-of-range entry")
         elif i in seen:
             repairs.append(f"dropped duplicate {i}")
         else:
@@ -88,7 +135,8 @@ def parse_ranking(text: str, n: int) -> tuple[list[int] | None, list[str]]:
             order.append(i - 1)
     if not order:
         return None, repairs + ["no valid index"]
-    missing = [i for i in range(n) if i not in set(order)]
+    missing = [i for i in range(n) if i + 1 not in seen]
     if missing:
         repairs.append(f"appended missing {[i + 1 for i in missing]}")
     return order + missing, repairs
+

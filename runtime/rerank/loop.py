@@ -19,7 +19,7 @@ import numpy as np
 
 from retrv.runtime.backends.base import Backend
 from retrv.runtime.decode import DecodeSession, Picker
-from retrv.runtime.rerank.answer import AnswerTrie
+from retrv.runtime.rerank.answer import AnswerTrie, answer_span
 from retrv.runtime.rerank.budget import (DEFAULT_STRIDE, DEFAULT_WINDOW, Budget, Ledger, Usage, WindowAllowance,
                                         fit_budget)
 from retrv.runtime.errors import InputError
@@ -90,14 +90,15 @@ class Reranker:
     def __init__(self, backend: Backend, tokenizer, cfg, embed_table: np.ndarray,
                  template: RerankTemplate | None = None, use_icm: bool | None = None,
                  temperature: float = 0.0, seed: int | None = None, record: bool = False,
-                 method: str | None = None, image_encoder=None) -> None:
+                 method: str | None = None, image_encoder=None, fmt=None) -> None:
         """`method`: "retrv-r1" (one answer, details inspection; the default with an ICM) or "listwise"
         (V-Retrver: full tokens, tools, a ranked list; the default without); the pack manifest's. `image_encoder`
-        (a `VisionEncoder`: images -> [(tokens, grid)]) encodes tool results (crops, selected images)."""
+        (a `VisionEncoder`: images -> [(tokens, grid)]) encodes tool results (crops, selected images). `fmt`: the
+        listwise prompt and answer format (a `ListwiseFormat` or the manifest's `extra["rerank"]`; None: defaults)."""
         self.picker = Picker(temperature, seed)
         self.backend, self.tok, self.cfg, self.record = backend, tokenizer, cfg, record
         self.builder = PromptBuilder(tokenizer, cfg, embed_table, template)
-        self.scheme: Method = method_for(method, cfg.icm is not None)
+        self.scheme: Method = method_for(method, cfg.icm is not None, fmt)
         self.method = self.scheme.name
         default_icm = cfg.icm is not None and self.scheme.icm
         self.use_icm = default_icm if use_icm is None else use_icm
@@ -217,13 +218,27 @@ class Reranker:
                     index_ids = None  # not an index after all; keep reasoning
             s.feed_token(tok)
             text = self.tok.decode(generated)
-            if text.rstrip().endswith(self.builder.t.answer_open):
+            if text.rstrip().endswith(self.builder.t.answer_open) and not self._thinking(text):
                 return self._free_answer(ep)
             if not self.scheme.react(ep, text):
                 return
 
+    def _thinking(self, text: str) -> bool:
+        """Is the model's <think> still open at the end of `text` (only for methods whose answer must follow it)?"""
+        if not self.scheme.answer_after_think:
+            return False
+        t = self.builder.t
+        return text.rfind(t.think_open.strip()) > text.rfind(t.think_close)
+
     def _free_answer(self, ep: Episode) -> None:
-        """The model opened its answer: read what it writes, as written, until the closing tag."""
-        close = self.builder.t.answer_close
-        written = ep.session.read_until(close, self.eos, self.scheme.answer_limit(ep), self.tok.decode)
-        self.scheme.read_answer(ep, self.tok.decode(written).split(close)[0])
+        """The model opened its answer: read what it writes, as written, until the closing tag (or the cap sized
+        for the widest well-formed answer)."""
+        t = self.builder.t
+        written = ep.session.read_until(t.answer_close, self.eos, self.scheme.answer_limit(ep), self.tok.decode)
+        answer = None
+        if self.scheme.answer_after_think:  # the last complete answer after </think>
+            answer = answer_span(self.tok.decode(ep.generated + written), t.answer_open, t.answer_close,
+                                 t.think_close, t.think_open.strip())
+        if answer is None:  # no closing tag (the cap, a stop token): what was written
+            answer = self.tok.decode(written).split(t.answer_close)[0]
+        self.scheme.read_answer(ep, answer)

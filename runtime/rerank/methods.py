@@ -20,10 +20,11 @@ from retrv.runtime.decode import DecodeSession
 from retrv.runtime.errors import InputError
 from retrv.runtime.rerank.answer import AnswerTrie, parse_index, parse_ranking
 from retrv.runtime.rerank.budget import WindowAllowance
+from retrv.runtime.rerank.formats import ListwiseFormat
 from retrv.runtime.rerank.prompt import Piece, PromptBuilder
 from retrv.runtime.rerank.tool_session import ToolSession
 
-LIST_TOKENS_PER_ITEM = 4  # "12, " is at most 4 tokens in Qwen's digit-by-digit tokenizer
+ANSWER_MARGIN = 8  # tokens beyond the widest well-formed list: a newline or two, a stray space, a doubled comma
 
 
 @dataclass
@@ -47,6 +48,10 @@ class Method:
     name = ""
     icm = False  # reads ICM tokens by default (when the model has an ICM)
     forced_opener = ""  # written after <answer> when the answer is forced
+    # An <answer> the model writes while its <think> is still open is part of its reasoning, not the answer. Only
+    # for a prompt that does not open <think> itself: Retrv-R1's does, and reads the first <answer> as it always has.
+    answer_after_think = False
+    fmt: ListwiseFormat = ListwiseFormat()
 
     def prompt(self, builder: PromptBuilder, query, cands, icm) -> list[Piece]:
         raise NotImplementedError
@@ -130,16 +135,20 @@ class RetrvR1(Method):
 
 
 class Listwise(Method):
-    """V-Retrver: full tokens, tool calls, a ranked list (repaired where unambiguous)."""
+    """V-Retrver: full tokens, tool calls, a ranked list (repaired entry by entry, as the released merger does)."""
 
     name, icm = "listwise", False
     forced_opener = "["
+    answer_after_think = True
+
+    def __init__(self, fmt: ListwiseFormat | None = None) -> None:
+        self.fmt = fmt or ListwiseFormat()
 
     def prompt(self, builder, query, cands, icm):
-        return builder.listwise_prompt(query, cands)
+        return builder.listwise_prompt(query, cands, self.fmt)
 
     def begin(self, ep):
-        ep.tools = ToolSession(ep.builder, ep.image_encoder, ep.query, ep.cands)
+        ep.tools = ToolSession(ep.builder, ep.image_encoder, ep.query, ep.cands, self.fmt.target_image_base)
 
     def react(self, ep, text):
         if text.endswith(ep.tools.close_tag) and not ep.tools.answer_call(ep, text):
@@ -148,7 +157,11 @@ class Listwise(Method):
         return True
 
     def answer_limit(self, ep):
-        return LIST_TOKENS_PER_ITEM * len(ep.cands) + 8
+        """What the widest well-formed answer really takes in this tokenizer: ` [ n , n-1 , ... , 1 ] </answer>`
+        (spaces around every entry: a tokenizer may give each its own token), plus a margin."""
+        n, tok = len(ep.cands), ep.builder.tok
+        widest = " [ " + " , ".join(str(i) for i in range(n, 0, -1)) + " ] " + ep.builder.t.answer_close
+        return len(tok.encode_text(widest)) + ANSWER_MARGIN
 
     def read_answer(self, ep, text):
         ranking, repairs = parse_ranking(text, len(ep.cands))
@@ -169,9 +182,10 @@ class Listwise(Method):
 METHODS = {m.name: m for m in (RetrvR1, Listwise)}
 
 
-def method_for(name: str | None, has_icm: bool) -> Method:
-    """The method object for a pack manifest's `method` (None: retrv-r1 for a model with an ICM, else listwise)."""
+def method_for(name: str | None, has_icm: bool, fmt: ListwiseFormat | dict | None = None) -> Method:
+    """The method object for a pack manifest's `method` (None: retrv-r1 for a model with an ICM, else listwise)
+    and, for listwise, its `extra["rerank"]` format (None: the defaults)."""
     name = name or ("retrv-r1" if has_icm else "listwise")
     if name not in METHODS:
         raise InputError(f"method: got {name!r}; expected 'retrv-r1' or 'listwise'")
-    return METHODS[name]()
+    return Listwise(ListwiseFormat.from_dict(fmt)) if name == "listwise" else METHODS[name]()

@@ -32,10 +32,11 @@ class RerankTemplate:
         "Which candidate matches the query best? Think step by step. To look closely at candidate i, write "
         "<inspection-index-start>i<inspection-index-end>. Give the final answer as <answer>i</answer>."
     )
-    # V-Retrver (listwise with tools), laid out as the released code lays out a window: a system prompt declaring
-    # the tools in Qwen's <tools> JSON, "Query:", candidates as "(n) <image>text" back to back, "Guidelines:".
-    # The eval-time guideline wording is not in the released repository; this one asks for the ranked list the
-    # released parser reads (<answer>[...]</answer>). Override the template to match a checkpoint's exact prompt.
+    # V-Retrver (listwise with tools). The system prompt is the released one word for word: `system_prompt` of
+    # verl-tool/examples/data_preprocess/pixel_reasoner/prepare_lamra_train.py, the variant `process_lamra_data`
+    # writes into the data and the one the evaluation path (sliding_window_processor.py) keeps, rewriting only the
+    # candidates of the user turn. (The crop_image line is one "}" short of valid JSON in the release; kept as is:
+    # it is what the model was trained on.) `ListwiseFormat` picks the guideline and the target_image wording.
     listwise_system: str = (
         "You are a helpful assistant for multimodal retrieval tasks.\n\n# Tools\n\nYou may call one or more "
         "functions to assist with the user query.\n\nYou are provided with function signatures within "
@@ -44,23 +45,51 @@ class RerankTemplate:
         'bounding box coordinates.", "parameters": {"type": "object", "properties": {"bbox_2d": {"type": "array", '
         '"description": "coordinates for bounding box of the area you want to zoom in. minimum value is 0 and maximum '
         'value is the width/height of the image.", "items": {"type": "number"}}, "target_image": {"type": "number", '
-        '"description": "The index of the image to crop. 0 is the query image, 1 to N the candidates."}}, '
-        '"required": ["bbox_2d", "target_image"]}}}\n'
-        '{"type": "function", "function": {"name": "select_images", "description": "Select one candidate image for '
-        'detailed analysis.", "parameters": {"type": "object", "properties": {"target_images": {"type": "array", '
-        '"items": {"type": "integer"}, "minItems": 1, "maxItems": 1}}, "required": ["target_images"]}}}\n'
+        '"description": "The index of the image to crop. Index from 1 to the number of images. Choose 1 to operate '
+        'on original image."}}, "required": ["bbox_2d", "target_image"]}}\n'
+        '{"type": "function", "function": {"name": "select_images", "description": "Select exactly one candidate '
+        'image for detailed analysis from the provided candidate list.", "parameters": {"type": "object", '
+        '"properties": {"target_images": {"type": "array", "description": "List containing exactly one candidate '
+        'image index to select for detailed analysis (e.g., [3] to select candidate 3).", "items": {"type": '
+        '"integer", "description": "Candidate image index from 1 to the number of candidates."}, "minItems": 1, '
+        '"maxItems": 1}}, "required": ["target_images"]}}}\n'
         "</tools>\n\nFor each function call, return a json object with function name and arguments within "
         "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
         "<args-json-object>}\n</tool_call>"
     )
-    listwise_candidate_label: str = "({i}) "
-    listwise_guidelines: str = (
-        "Guidelines: You are given a query (which can be text, image, or both) and multiple candidate items "
-        "(which can be text, image, or both). Evaluate each candidate against the query and rank them from the "
-        "best match to the worst. Use the tools only when additional visual inspection helps. Give your "
-        "reasoning and the final ranking in the format:\n<think>Your reasoning process here</think>"
-        "<answer>[best, second, ...]</answer>"
+    # target_image as the released prompt describes it (1-based over the images shown), and as the released tool
+    # server serves it (0 = the query image): `ListwiseFormat.target_image_base` 1 keeps the first, 0 swaps in the
+    # second so that prompt and tool agree either way.
+    target_image_base1: str = "Index from 1 to the number of images. Choose 1 to operate on original image."
+    target_image_base0: str = ("Choose 0 to operate on the query image, or 1 to the number of candidates to operate "
+                                "on that candidate's image.")
+    listwise_candidate_label: str = "({i}) "  # then "<image>{text}", back to back, as the release lays them out
+    # The released guideline (`guideline` in prepare_lamra_train.py) asks for one number; the released evaluation
+    # merger reads a ranked list. answer_format "index" renders the first verbatim, "list" (the default) the same
+    # guideline asking for the list.
+    listwise_guidelines_index: str = (
+        "Guidelines: You are given a query (which can be text, image, or both) and multiple candidate items (which "
+        "can be text, image, or both). Your task is to evaluate each candidate against the query and select the "
+        "best match. Determine if it is beneficial to employ the given visual operations (tools). You can use the "
+        "following tools:\n1. `crop_image`: Zoom in on specific areas of the query image or selected candidate "
+        "images for detailed analysis\n2. `select_images`: Select specific candidate images from the provided list "
+        "for detailed comparison\n\nAnalyze the visual and textual features step by step and provide your final "
+        "answer in the format:\n<think>Your reasoning process here</think><answer>Directly answer with the most "
+        "matching number</answer>"
     )
+    listwise_guidelines: str = (
+        "Guidelines: You are given a query (which can be text, image, or both) and multiple candidate items (which "
+        "can be text, image, or both). Your task is to evaluate each candidate against the query and rank them from "
+        "the best match to the worst. Determine if it is beneficial to employ the given visual operations (tools). "
+        "You can use the following tools:\n1. `crop_image`: Zoom in on specific areas of the query image or "
+        "selected candidate images for detailed analysis\n2. `select_images`: Select specific candidate images from "
+        "the provided list for detailed comparison\n\nAnalyze the visual and textual features step by step and "
+        "provide your final answer in the format:\n<think>Your reasoning process here</think><answer>[the candidate "
+        "numbers from the best match to the worst, separated by commas]</answer>"
+    )
+    # Prepended to the observation of a call the tool server refused, as the released agent loop does
+    # (llm_agent/manager.py).
+    invalid_action: str = "Your action is not valid, please check the format and try again."
     tool_open: str = "<tool_call>"
     tool_close: str = "</tool_call>"
     # A tool result re-enters the conversation as a user turn, then the assistant continues: the chat template's
@@ -164,16 +193,48 @@ class PromptBuilder:
         pieces.append(self.text(t.instruction + self.chat.handover("assistant") + t.think_open))
         return pieces
 
-    def listwise_prompt(self, q: QueryInput, cands: list[CandidateInput]) -> list[Piece]:
-        """V-Retrver's window layout: full candidate tokens, numbered (1)..(n), no pre-opened <think>."""
+    def listwise_system(self, target_image_base: int = 1) -> str:
         t = self.t
-        pieces = [self.text(self.chat.turn("system", t.listwise_system) + self.chat.open_turn("user"))]
-        pieces += self.query(q)
-        pieces.append(self.text("\nCandidates:"))
+        return t.listwise_system if target_image_base == 1 else t.listwise_system.replace(t.target_image_base1,
+                                                                                          t.target_image_base0)
+
+    def listwise_prompt(self, q: QueryInput, cands: list[CandidateInput], fmt=None) -> list[Piece]:
+        """V-Retrver's window as the released code lays it out: the system prompt, then "Query: ...", then
+        "Candidates:(1) <image>{text}(2) <image>{text}..." back to back, "\n\n" and the guideline; no pre-opened
+        <think>. Text between images is encoded as one run (a tokenizer splits it exactly as the release's does).
+        `fmt`: a `ListwiseFormat` (None: the defaults)."""
+        t = self.t
+        base = 1 if fmt is None else fmt.target_image_base
+        guideline = t.listwise_guidelines_index if fmt is not None and fmt.answer_format == "index" \
+            else t.listwise_guidelines
+        parts: list = [self.chat.turn("system", self.listwise_system(base)) + self.chat.open_turn("user")
+                       + t.query_prefix]
+        if q.image_tokens is not None:
+            parts += self.image(q.image_tokens, q.grid)
+        if q.text:
+            parts.append((" " if q.image_tokens is not None else "") + q.text)
+        parts.append("\nCandidates:")
         for i, c in enumerate(cands, 1):
-            pieces.append(self.text(t.listwise_candidate_label.format(i=i)))
-            pieces += self.full_candidate(c)
-        pieces.append(self.text(f"\n\n{t.listwise_guidelines}" + self.chat.handover("assistant")))
+            parts.append(t.listwise_candidate_label.format(i=i))
+            if c.image_tokens is not None and len(c.image_tokens):
+                parts += self.image(c.image_tokens, c.grid)
+            parts.append(c.text or "")
+        parts.append(f"\n\n{guideline}" + self.chat.handover("assistant"))
+        return self.runs(parts)
+
+    def runs(self, parts: list) -> list[Piece]:
+        """Strings and pieces -> pieces, adjacent strings joined and encoded as one."""
+        pieces, text = [], ""
+        for part in parts:
+            if isinstance(part, str):
+                text += part
+                continue
+            if text:
+                pieces.append(self.text(text))
+                text = ""
+            pieces.append(part)
+        if text:
+            pieces.append(self.text(text))
         return pieces
 
     def observation(self, text: str) -> str:

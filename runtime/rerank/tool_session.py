@@ -12,10 +12,11 @@ from retrv.runtime.rerank.tools import ToolResult, ToolServer
 
 
 class ToolSession:
-    def __init__(self, builder: PromptBuilder, image_encoder, query, cands) -> None:
-        """`image_encoder(images) -> [(tokens, grid)]` (a `VisionEncoder`), or None where tools cannot run."""
+    def __init__(self, builder: PromptBuilder, image_encoder, query, cands, target_image_base: int = 0) -> None:
+        """`image_encoder(images) -> [(tokens, grid)]` (a `VisionEncoder`), or None where tools cannot run.
+        `target_image_base`: how crop_image numbers images (`ToolServer`; the pack's `ListwiseFormat`)."""
         self.builder, self.image_encoder = builder, image_encoder
-        self.server = ToolServer([query.image] + [c.image for c in cands])
+        self.server = ToolServer([query.image] + [c.image for c in cands], target_image_base)
         self.close_tag = builder.t.tool_close
 
     def observation(self, result: ToolResult) -> list[Piece]:
@@ -36,8 +37,9 @@ class ToolSession:
         allow, trace, t, b = ep.allow, ep.trace, self.builder.t, self.builder
         body = text[: -len(self.close_tag)]
         start = body.rfind(t.tool_open)
+        refused = False  # the call itself was not valid (as opposed to a budget or a runtime without tools)
         if start < 0:
-            result = ToolResult(False, f"Invalid tool call: {t.tool_close} without {t.tool_open}.")
+            result, refused = ToolResult(False, f"Invalid tool call: {t.tool_close} without {t.tool_open}."), True
         elif allow.spent.tool >= allow.tool:
             allow.exhausted.add("tool")
             result = ToolResult(False, t.marker_tool_budget)
@@ -46,6 +48,9 @@ class ToolSession:
         else:
             allow.spent.tool += 1
             result = self.server.run(body[start + len(t.tool_open):])
+            refused = not result.ok
+        if refused:  # prefixed as the released agent loop prefixes every observation of an invalid action
+            result.text = t.invalid_action + result.text
         pieces = self.observation(result)
         short = allow.blocked(ep.session.cost(pieces), ep.reserve)
         if short:

@@ -1,7 +1,10 @@
 """V-Retrver's visual tools, served in-process: `select_images` and `crop_image` (alias `zoom_in`).
 
 A call is JSON inside `<tool_call>…</tool_call>`: `{"name": "crop_image", "arguments": {"bbox_2d": [x1, y1, x2, y2],
-"target_image": 2}}`. Image 0 is the query image, 1..N the window's candidates. Boxes are normalised when every
+"target_image": 2}}`, read tolerantly (a fence, a trailing comma, text around the object; `target_image` 3.0 is
+3). Image 0 is the query image, 1..N the window's candidates, as the released tool server numbers them; with
+`target_image_base=1` crop targets are numbered as the released prompt says (from 1, in the order the prompt shows
+the images, 1 being the query image). Boxes are normalised when every
 coordinate is <= 1, pixels otherwise; the crop is padded by 0.1 of the image on each side (at most 600 px) and
 clamped to the image, as the released tool server does. Whatever goes wrong (malformed JSON, an unknown tool, a
 missing argument, an index out of range, a box outside the image, an exhausted budget) becomes a short text
@@ -11,12 +14,15 @@ observation, as the model would see from a tool server: never an exception.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 
 from PIL import Image
 
 from retrv.runtime.errors import InputError
 from retrv.runtime.inputs.preprocess import load_image
+from retrv.runtime.rerank.answer import whole_number
 
 CROP_NAMES = ("crop_image", "zoom_in", "crop_image_normalized")
 TOOL_NAMES = ("select_images", *CROP_NAMES)
@@ -33,16 +39,34 @@ class ToolResult:
     name: str | None = None
 
 
+INVALID_CALL = 'Invalid tool call: expected JSON {"name": ..., "arguments": {...}}.'
+_FENCE = re.compile(r"^\s*```(?:json)?\s*|\s*```\s*$")
+_TRAILING_COMMA = re.compile(r",\s*([}\]])")
+
+
+def _loads(body: str):
+    """JSON as models write it: surrounding whitespace or a ``` fence, text around the object, a trailing comma,
+    raw newlines inside strings. -> the value, or None when no reading parses."""
+    body = _FENCE.sub("", body.strip())
+    tries = [body]
+    if "{" in body and "}" in body:
+        tries.append(body[body.index("{"): body.rindex("}") + 1])
+    tries += [_TRAILING_COMMA.sub(r"\1", b) for b in tries]
+    for b in tries:
+        try:
+            return json.loads(b, strict=False)
+        except (ValueError, RecursionError):  # JSONDecodeError is a ValueError; "[[[[..." nests too deep
+            continue
+    return None
+
+
 def parse_call(body: str) -> tuple[dict | None, str | None]:
     """The text between <tool_call> and </tool_call> -> (call, None) or (None, error observation)."""
-    try:
-        call = json.loads(body)
-    except json.JSONDecodeError:
-        return None, 'Invalid tool call: expected JSON {"name": ..., "arguments": {...}}.'
+    call = _loads(body)
     if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-        return None, 'Invalid tool call: expected JSON {"name": ..., "arguments": {...}}.'
+        return None, INVALID_CALL
     if call["name"] not in TOOL_NAMES:
-        return None, f"Unknown action name {call['name']!r}; available: {', '.join(TOOL_NAMES)}."
+        return None, f"Unknown action name {call['name'][:40]!r}; available: {', '.join(TOOL_NAMES)}."
     if "arguments" not in call:
         return None, "Missing 'arguments' in the tool call."
     if not isinstance(call["arguments"], dict):
@@ -70,8 +94,12 @@ def crop_box(size: tuple[int, int], bbox) -> tuple[int, int, int, int] | None:
 class ToolServer:
     """Tools over one window: `images[0]` is the query image (or None), `images[i]` candidate i's (or None)."""
 
-    def __init__(self, images: list) -> None:
-        self.images = images
+    def __init__(self, images: list, target_image_base: int = 0) -> None:
+        """`target_image_base` (crop_image's `target_image`): 0, the released server's numbering (0 = the query,
+        i = candidate i); 1, the released prompt's (images numbered from 1 in the order the prompt shows them,
+        the query image first when there is one). `select_images` numbers candidates from 1 either way."""
+        self.images, self.base = images, target_image_base
+        self.shown = [i for i, im in enumerate(images) if im is not None]  # server indices, in prompt order
         self._loaded: dict[int, Image.Image] = {}
 
     def _image(self, i: int) -> Image.Image:
@@ -82,7 +110,7 @@ class ToolServer:
     def _check_index(self, i) -> str | None:
         n = len(self.images) - 1
         if isinstance(i, bool) or not isinstance(i, int):
-            return f"Index {i!r} is not an integer."
+            return f"Index {str(i)[:40]!r} is not an integer."
         if i == 0 and self.images[0] is None:
             return "Query image does not exist. Please analyze based on the query text."
         if not 0 <= i <= n:
@@ -101,8 +129,8 @@ class ToolServer:
             if name == "select_images":
                 return self._select(args)
             return self._crop(args, name)
-        except (OSError, ValueError, InputError) as e:  # an unreadable image file: tell the model, keep serving
-            return ToolResult(False, f"Error processing {name}: {e}.", name=name)
+        except (OSError, ValueError, ArithmeticError, InputError) as e:  # an unreadable image file: tell the
+            return ToolResult(False, f"Error processing {name}: {e}.", name=name)  # model, keep serving
 
     def _select(self, args: dict) -> ToolResult:
         targets = args.get("target_images")
@@ -111,6 +139,7 @@ class ToolServer:
         if not isinstance(targets, list) or not targets:
             return ToolResult(False, "Invalid target_images format. It should be a non-empty list of integers.",
                               name="select_images")
+        targets = [i if whole_number(i) is None else whole_number(i) for i in targets]  # 3.0 -> 3
         errors = [e for e in (self._check_index(i) for i in targets) if e]
         if errors:
             return ToolResult(False, "Invalid indices found: " + " ".join(errors), name="select_images")
@@ -124,12 +153,19 @@ class ToolServer:
         missing = [k for k in ("bbox_2d", "target_image") if k not in args]
         if missing:
             return ToolResult(False, f"Missing parameters: {', '.join(missing)}.", name=name)
-        bbox, target = args["bbox_2d"], args["target_image"]
-        if isinstance(target, str) and target.strip().isdigit():
-            target = int(target)
+        bbox, given = args["bbox_2d"], args["target_image"]
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox):
             return ToolResult(False, "Invalid bbox_2d format. It should be a list of four numbers.", name=name)
+        target = whole_number(given)  # the schema says "number": 3.0 is image 3, 3.5 is no image
+        if target is None:
+            return ToolResult(False, f"Invalid target_image {str(given)[:40]!r}: it should be a whole number.",
+                              name=name)
+        if self.base == 1:
+            if not 1 <= target <= len(self.shown):
+                return ToolResult(False, f"Index {target}: invalid image index; expected 1 to {len(self.shown)} "
+                                         f"(the images in the order shown, 1 being the original image).", name=name)
+            target = self.shown[target - 1]
         error = self._check_index(target)
         if error:
             return ToolResult(False, error, name=name)

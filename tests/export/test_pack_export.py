@@ -49,6 +49,10 @@ def test_pack_lists_every_sub_model_with_validation(exported):
     has_icm = (ckpt / "icm.safetensors").exists()
     assert pack.has("icm_content") == has_icm and pack.has("icm_relation") == has_icm
     assert pack.manifest.method == ("retrv-r1" if has_icm else "listwise")
+    # a listwise pack records its prompt, answer format and target_image numbering (runtime.rerank.formats)
+    assert pack.manifest.extra.get("rerank") == (None if has_icm else
+                                                 {"prompt": "v-retrver-released", "answer_format": "list",
+                                                  "target_image_base": 1})
     for role in ("vision", "decoder", "embed_tokens", "tokenizer"):
         assert pack.has(role)
     assert not pack.has("embedder"), "the default embedder is the decoder's output, not a second backbone copy"

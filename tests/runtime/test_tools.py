@@ -95,7 +95,8 @@ def test_listwise_repair():
     order, repairs = parse_ranking(" [2, 2, 7, 1] ", 4)
     assert order == [1, 0, 2, 3] and "dropped duplicate 2" in repairs and "dropped out-of-range 7" in repairs
     assert parse_ranking("[9, 8]", 3)[0] is None
-    assert parse_ranking("2, 1", 3)[0] is None
+    assert parse_ranking("2, 1", 3)[0] == [1, 0, 2]  # brackets optional: the released guideline asks for "2"
+    assert parse_ranking("two", 3)[0] is None
 
 
 # -- the loop, scripted ----------------------------------------------------------------------------------------------
