@@ -251,9 +251,10 @@ def read_queries(path: str | Path, image_root: str | Path | None = None) -> list
 # -- M-BEIR's ids, qrels and instructions ---------------------------------------------------------------------------
 MBEIR_IMAGES = "mbeir_images"
 INSTRUCTIONS_TSV = "instructions/query_instructions.tsv"
-# M-BEIR's dataset ids, the number before the colon of every qid and did ("9:123" is a CIRR id).
-MBEIR_DATASETS = {0: "VisualNews", 1: "MSCOCO", 2: "Fashion200K", 3: "WebQA", 4: "EDIS", 5: "NIGHTS", 6: "OVEN",
-                  7: "INFOSEEK", 8: "FashionIQ", 9: "CIRR"}
+# M-BEIR's dataset ids, the number before the colon of every qid and did ("8:123" is a CIRR id), as UniIR's
+# released preprocessing numbers them (src/data/preprocessing/utils.py, DATASET_IDS).
+MBEIR_DATASETS = {0: "VisualNews", 1: "Fashion200K", 2: "WebQA", 3: "EDIS", 4: "NIGHTS", 5: "OVEN", 6: "INFOSEEK",
+                  7: "FashionIQ", 8: "CIRR", 9: "MSCOCO"}
 # M-BEIR's task ids -> (query modality, candidate modality); task 5 (i -> (i,t)) is not part of the benchmark.
 MBEIR_TASKS = {0: ("text", "image"), 1: ("text", "text"), 2: ("text", "image,text"), 3: ("image", "text"),
                4: ("image", "image"), 6: ("image,text", "text"), 7: ("image,text", "image"),

@@ -20,8 +20,8 @@ POOL_SIZE = 10  # k = 10 covers a local pool: R@10 (Fashion200K's metric) and R@
 INSTRUCTION = {"fashion200k": "Find a product photo matching the caption.",
                "cirr": "Retrieve a picture like this one, changed as described."}
 TSV = ("query_modality\tcand_modality\tdataset_name\tdataset_id\tprompt_1\tprompt_2\tprompt_3\tprompt_4\n"
-       "text\timage\tFashion200K\t2\tfind a product photo matching the caption\tshow me this item\t\t\n"
-       "image,text\timage\tCIRR\t9\tretrieve a picture like this one, changed as described\t\t\t\n")
+       "text\timage\tFashion200K\t1\tfind a product photo matching the caption\tshow me this item\t\t\n"
+       "image,text\timage\tCIRR\t8\tretrieve a picture like this one, changed as described\t\t\t\n")
 
 
 def _jsonl(path, rows):
@@ -34,31 +34,31 @@ def tree(tmp_path_factory):
     """root/: two tasks, Fashion200K task 0 (text -> image) and CIRR task 7 ((image, text) -> image), three queries
     each. Fashion200K's qrels differ from its query file's pos_cand_list on purpose: the qrels must win."""
     root = tmp_path_factory.mktemp("mbeir") / "M-BEIR"
-    for ds, n, seed in (("fashion200k", 2, 300), ("cirr", 9, 400)):
+    for ds, n, seed in (("fashion200k", 1, 300), ("cirr", 8, 400)):
         (root / "mbeir_images" / ds).mkdir(parents=True)
         for i in range(POOL_SIZE):
             synthetic_image(seed + i, (96, 112)).save(root / "mbeir_images" / ds / f"{i}.png")
     for i in range(3):
         synthetic_image(500 + i, (104, 96)).save(root / "mbeir_images" / "cirr" / f"q{i}.png")
     _jsonl(root / "cand_pool/local/mbeir_fashion200k_task0_cand_pool.jsonl",
-           [{"did": f"2:{i}", "txt": "", "img_path": f"mbeir_images/fashion200k/{i}.png", "modality": "image"}
+           [{"did": f"1:{i}", "txt": "", "img_path": f"mbeir_images/fashion200k/{i}.png", "modality": "image"}
             for i in range(POOL_SIZE)])
     _jsonl(root / "cand_pool/local/mbeir_cirr_task7_cand_pool.jsonl",
-           [{"did": f"9:{i}", "txt": None, "img_path": f"mbeir_images/cirr/{i}.png", "modality": "image"}
+           [{"did": f"8:{i}", "txt": None, "img_path": f"mbeir_images/cirr/{i}.png", "modality": "image"}
             for i in range(POOL_SIZE)])
     _jsonl(root / "query/test/mbeir_fashion200k_task0_test.jsonl",
-           [{"qid": f"2:{i}", "query_txt": f"a dress in shade {i}", "query_img_path": None, "query_modality": "text",
-             "query_src_content": None, "pos_cand_list": [f"2:{i}"], "neg_cand_list": [], "task_id": 0}
+           [{"qid": f"1:{i}", "query_txt": f"a dress in shade {i}", "query_img_path": None, "query_modality": "text",
+             "query_src_content": None, "pos_cand_list": [f"1:{i}"], "neg_cand_list": [], "task_id": 0}
             for i in range(3)])
     _jsonl(root / "query/test/mbeir_cirr_task7_test.jsonl",
-           [{"qid": f"9:{i}", "query_txt": f"make it look like picture {i}",
+           [{"qid": f"8:{i}", "query_txt": f"make it look like picture {i}",
              "query_img_path": f"mbeir_images/cirr/q{i}.png", "query_modality": "image,text",
-             "query_src_content": "", "pos_cand_list": [f"9:{i}"], "neg_cand_list": [f"9:{i + 1}"], "task_id": 7}
+             "query_src_content": "", "pos_cand_list": [f"8:{i}"], "neg_cand_list": [f"8:{i + 1}"], "task_id": 7}
             for i in range(3)])
     (root / "qrels/test").mkdir(parents=True)
     (root / "qrels/test/mbeir_fashion200k_task0_test_qrels.txt").write_text(
-        "2:0 0 2:7 1\n2:0 0 2:0 0\n2:1 0 2:1 1\n2:2 0 2:2 1\n2:2 0 2:9 1\n")
-    (root / "qrels/test/mbeir_cirr_task7_test_qrels.txt").write_text("".join(f"9:{i} 0 9:{i} 1\n" for i in range(3)))
+        "1:0 0 1:7 1\n1:0 0 1:0 0\n1:1 0 1:1 1\n1:2 0 1:2 1\n1:2 0 1:9 1\n")
+    (root / "qrels/test/mbeir_cirr_task7_test_qrels.txt").write_text("".join(f"8:{i} 0 8:{i} 1\n" for i in range(3)))
     (root / "instructions").mkdir()
     (root / "instructions/query_instructions.tsv").write_text(TSV)
     return root
