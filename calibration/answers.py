@@ -37,7 +37,7 @@ def reranker_answers(items: list[CalibItem], think: int = THINK) -> AnswerFn | N
         cands = [CandidateInput(f"c{i}", None, tokens, grid, image=img)
                  for i, ((tokens, grid), img) in enumerate(zip(encoded, images))]
         rr = Reranker(comps.backend, comps.tokenizer, comps.cfg, comps.table, method=pack.manifest.method,
-                      image_encoder=comps.vision)
+                      image_encoder=comps.vision, fmt=pack.manifest.extra.get("rerank"))
         budget = Budget(think=think, inspect=1, tool=1)
         return [rr.rerank(QueryInput(q), cands, budget, window=len(cands), stride=len(cands)).order[0]
                 for q in queries]

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from retrv.runtime.config import ModelConfig
+from retrv.runtime.rerank.formats import ListwiseFormat
 from retrv.runtime.errors import InputError, PackError, RetrvError
 from retrv.runtime.folder import check_name, check_version, member, read_manifest, verify_files
 from retrv.runtime.fsutil import atomic_write_json, sha256_file
@@ -316,6 +317,8 @@ class Pack:
 
         model_config = _parse_config(manifest_path, "model", manifest.model, ModelConfig)
         preprocessor = _parse_config(manifest_path, "preprocessor", manifest.preprocessor, ImageProcessorConfig)
+        if "rerank" in manifest.extra:  # the listwise prompt / answer format the pack was exported with
+            _parse_config(manifest_path, "extra.rerank", manifest.extra["rerank"], ListwiseFormat)
         if "embedder" in manifest.extra:  # a separate coarse-stage embedder's configs (export.pack_export)
             spec = manifest.extra["embedder"]
             if not isinstance(spec, dict):

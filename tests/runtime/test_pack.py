@@ -371,3 +371,19 @@ def test_pack_import_and_open_pull_no_heavy_package(pack_dir):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[] []", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("rerank, fragment", [
+    ({"answer_format": "essay"}, "answer_format: got 'essay'"),
+    ({"target_image_base": True}, "target_image_base: got True"),
+    ({"surprise": 1}, "unknown keys ['surprise']"),
+    ("list", "got str"),
+])
+def test_a_bad_rerank_format_is_refused_on_open(pack_dir, rerank, fragment):
+    d = read_manifest(pack_dir)
+    d["extra"]["rerank"] = rerank
+    write_raw_manifest(pack_dir, d)
+    refused(pack_dir, "extra.rerank", fragment)
+    d["extra"]["rerank"] = {"answer_format": "index", "target_image_base": 0}
+    write_raw_manifest(pack_dir, d)
+    assert Pack.open(pack_dir).manifest.extra["rerank"]["answer_format"] == "index"
