@@ -53,6 +53,25 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from retrv.runtime.errors import InputError, require
+
+    if args.index is None and args.pack is None:
+        raise InputError("serve: got no --pack; expected `retrv serve [INDEX] --pack PACK`")
+    for module in ("fastapi", "uvicorn", "prometheus_client"):
+        require(module, "serve")
+    from retrv.app.serve import serve
+
+    api_key = args.api_key or os.environ.get("RETRV_API_KEY") or None
+    print(f"retrv serve: http://{args.host}:{args.port} ({'index ' + args.index if args.index else 'rerank only'}"
+          f"{', API key required' if api_key else ''})", file=sys.stderr)
+    serve(args.pack, args.index, host=args.host, port=args.port, model_name=args.model_name, api_key=api_key,
+          workers=args.workers, max_queue=args.max_queue, threads=args.threads, backend=args.backend)
+    return 0
+
+
 def _register_optional(sub, module: str) -> None:
     """Subcommands whose modules live outside the runtime register themselves; their heavy imports happen when
     they run, so a missing optional dependency fails that subcommand alone, with an install hint."""
@@ -92,6 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
     commands.register(sub)
     _register_optional(sub, "retrv.calibration.cli")  # retrv quantize
     _register_optional(sub, "retrv.export.trt")  # retrv build-engine
+
+    srv = sub.add_parser("serve", help="[INDEX] --pack PACK: a Cohere-compatible rerank (and search) HTTP service")
+    srv.add_argument("index", nargs="?", default=None, help="an index for /v1/search (omit: rerank only)")
+    srv.add_argument("--pack", required=True)
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    srv.add_argument("--port", type=int_in(0, 65535), default=8080)
+    srv.add_argument("--workers", type=int_in(1, 64), default=1,
+                     help="threads running model work at once (default 1: one query at a time, all cores each)")
+    srv.add_argument("--max-queue", type=int_in(0, 10_000), default=8,
+                     help="requests waiting beyond the running ones; the next gets 429 with Retry-After")
+    srv.add_argument("--threads", type=int_in(1, 1024), default=None,
+                     help="ONNX Runtime intra-op threads per session (default: physical cores)")
+    srv.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on every endpoint but /health (or RETRV_API_KEY)")
+    srv.add_argument("--model-name", default=None, help="requests' `model` must equal this (default: ignored)")
+    srv.add_argument("--backend", default="auto", choices=["auto", "ort", "trt"])
+    srv.set_defaults(func=_cmd_serve)
 
     demo = sub.add_parser("demo", help="run the pipeline end to end on the embedded default")
     demo.add_argument("--cache-dir", default=None,
