@@ -266,3 +266,25 @@ def test_search_without_index_is_404_and_openapi_lists_endpoints(tiny_pack):
         assert {"/v1/rerank", "/v2/rerank", "/v1/search", "/health", "/metrics"} <= set(paths)
         r = httpx.post(f"{url}/v1/rerank", json={"query": "picture 1", "documents": ["picture 1", "x"]}, timeout=60)
         assert r.status_code == 200
+
+
+def test_cli_serve_flags_env_key_and_demo(monkeypatch, capsys):
+    import retrv.app.demo
+    import retrv.app.serve
+    from retrv.app.cli import main
+
+    calls = []
+    monkeypatch.setattr(retrv.app.serve, "serve", lambda pack, index, **kw: calls.append((pack, index, kw)))
+    assert main(["serve"]) == 2
+    assert main(["serve", "--demo", "--pack", "p"]) == 2
+    assert "expected `retrv serve [INDEX] --pack PACK` or `retrv serve --demo`" in capsys.readouterr().err
+    monkeypatch.setenv("RETRV_API_KEY", "from-env")
+    assert main(["serve", "idx", "--pack", "p", "--port", "0", "--max-queue", "3"]) == 0
+    pack, index, kw = calls[-1]
+    assert (pack, index, kw["api_key"], kw["host"], kw["max_queue"], kw["workers"]) == \
+        ("p", "idx", "from-env", "127.0.0.1", 3, 1)
+    assert main(["serve", "--pack", "p", "--api-key", "flag"]) == 0 and calls[-1][2]["api_key"] == "flag"
+    monkeypatch.setattr(retrv.app.demo, "build_demo", lambda cache_dir, *a: ("root", "data", "PACK", "be", "INDEX", {}))
+    assert main(["serve", "--demo"]) == 0 and calls[-1][:2] == ("PACK", "INDEX")
+    monkeypatch.setattr(retrv.app.demo, "build_demo", lambda cache_dir, *a: None)
+    assert main(["serve", "--demo"]) == 2
