@@ -53,6 +53,36 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from retrv.runtime.errors import InputError, require
+
+    if args.demo == (args.pack is not None) or (args.demo and args.index is not None):
+        raise InputError("serve: got " + ("--demo with --pack/INDEX" if args.demo else "no --pack") +
+                         "; expected `retrv serve [INDEX] --pack PACK` or `retrv serve --demo`")
+    for module in ("fastapi", "uvicorn", "prometheus_client"):
+        require(module, "serve")
+    from retrv.app.serve import serve
+
+    pack, index = args.pack, args.index
+    if args.demo:  # the embedded default's INT8 pack and index, built (once, cached) as `retrv demo` builds them
+        from retrv.app.demo import build_demo
+
+        built = build_demo(args.cache_dir)
+        if built is None:
+            raise InputError("serve --demo: this install ships no default checkpoint (model/default/); expected "
+                             "`retrv serve INDEX --pack PACK`")
+        pack, index = built[2], built[4]
+    api_key = args.api_key or os.environ.get("RETRV_API_KEY") or None
+    where = "rerank only" if index is None else f"index {getattr(index, 'path', index)}"
+    print(f"retrv serve: http://{args.host}:{args.port} ({where}{', API key required' if api_key else ''})",
+          file=sys.stderr)
+    serve(pack, index, host=args.host, port=args.port, model_name=args.model_name, api_key=api_key,
+          workers=args.workers, max_queue=args.max_queue, threads=args.threads, backend=args.backend)
+    return 0
+
+
 def _register_optional(sub, module: str) -> None:
     """Subcommands whose modules live outside the runtime register themselves; their heavy imports happen when
     they run, so a missing optional dependency fails that subcommand alone, with an install hint."""
@@ -92,6 +122,25 @@ def build_parser() -> argparse.ArgumentParser:
     commands.register(sub)
     _register_optional(sub, "retrv.calibration.cli")  # retrv quantize
     _register_optional(sub, "retrv.export.trt")  # retrv build-engine
+
+    srv = sub.add_parser("serve", help="[INDEX] --pack PACK: a Cohere-compatible rerank (and search) HTTP service")
+    srv.add_argument("index", nargs="?", default=None, help="an index for /v1/search (omit: rerank only)")
+    srv.add_argument("--pack", default=None)
+    srv.add_argument("--demo", action="store_true", help="serve the embedded default (built as `retrv demo` builds it)")
+    srv.add_argument("--cache-dir", default=None, help="with --demo: where the demo keeps its pack and index")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    srv.add_argument("--port", type=int_in(0, 65535), default=8080)
+    srv.add_argument("--workers", type=int_in(1, 64), default=1,
+                     help="threads running model work at once (default 1: one query at a time, all cores each)")
+    srv.add_argument("--max-queue", type=int_in(0, 10_000), default=8,
+                     help="requests waiting beyond the running ones; the next gets 429 with Retry-After")
+    srv.add_argument("--threads", type=int_in(1, 1024), default=None,
+                     help="ONNX Runtime intra-op threads per session (default: physical cores)")
+    srv.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on every endpoint but /health (or RETRV_API_KEY)")
+    srv.add_argument("--model-name", default=None, help="requests' `model` must equal this (default: ignored)")
+    srv.add_argument("--backend", default="auto", choices=["auto", "ort", "trt"])
+    srv.set_defaults(func=_cmd_serve)
 
     demo = sub.add_parser("demo", help="run the pipeline end to end on the embedded default")
     demo.add_argument("--cache-dir", default=None,

@@ -77,21 +77,21 @@ def _stamp(path: Path) -> str:
     return sha256_file(path / "model.safetensors")[:16]
 
 
-def run_demo(cache_dir: str | None, seed: int, out: TextIO, n_queries: int = DEMO_QUERIES) -> int:
+def build_demo(cache_dir: str | None, seed: int = 0, n_queries: int = DEMO_QUERIES):
+    """The demo's data, INT8 pack and index over the embedded default, built once under the cache and reused
+    (`retrv demo`, `retrv serve --demo`). -> (root, data folder, Pack, its backend, Index, setup seconds by step);
+    None when the package ships no default checkpoint."""
     require("torch", "export")
     ckpt = default_checkpoint()
     if not (ckpt / "config.json").is_file():
-        return _random_pipeline_demo(_cache_root(cache_dir), seed, out)
+        return None
     from retrv.calibration.config import Int8DynamicConfig
     from retrv.calibration.quantize import quantize_pack
     from retrv.export.pack_export import export_pack
-    from retrv.runtime.rerank.budget import Budget
-    from retrv.runtime.inputs.corpus import read_queries
-    from retrv.runtime.evaluate import evaluate
-    from retrv.runtime.index.store import Index
+    from retrv.runtime.index.store import INDEX_FORMAT_VERSION, Index
     from retrv.runtime.pack import Pack
     from retrv.runtime.backends import open_backend
-    from retrv.runtime.retriever import CandidateEncoder, Components, Retriever
+    from retrv.runtime.retriever import CandidateEncoder, Components
     from retrv.train.synth import generate_dataset
 
     root = _cache_root(cache_dir) / f"default-{_stamp(ckpt)}"
@@ -115,13 +115,23 @@ def run_demo(cache_dir: str | None, seed: int, out: TextIO, n_queries: int = DEM
     pack = Pack.open(root / "pack-int8")
     backend = open_backend(pack, "ort", cache_dir=root / "ort-cache")
     t0 = clock()
-    from retrv.runtime.index.store import INDEX_FORMAT_VERSION
-
     index_dir = root / f"index-v{INDEX_FORMAT_VERSION}-seed{seed}-{scenes}"  # an older layout is rebuilt, not refused
     if not (index_dir / "index.json").is_file():
         Index.build(CandidateEncoder(Components(pack, backend)), data / "corpus_test.jsonl", index_dir)
     setup["index"] = clock() - t0
-    index = Index.open(index_dir, pack=pack)
+    return root, data, pack, backend, Index.open(index_dir, pack=pack), setup
+
+
+def run_demo(cache_dir: str | None, seed: int, out: TextIO, n_queries: int = DEMO_QUERIES) -> int:
+    built = build_demo(cache_dir, seed, n_queries)
+    if built is None:
+        return _random_pipeline_demo(_cache_root(cache_dir), seed, out)
+    from retrv.runtime.rerank.budget import Budget
+    from retrv.runtime.inputs.corpus import read_queries
+    from retrv.runtime.evaluate import evaluate
+    from retrv.runtime.retriever import Retriever
+
+    root, data, pack, backend, index, setup = built
     retriever = Retriever(pack, index, backend=backend)
     queries = read_queries(data / "queries_test.jsonl")[:n_queries]
 
