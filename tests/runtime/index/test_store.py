@@ -15,7 +15,7 @@ from retrv.app.cli import main as cli
 from retrv.runtime.errors import IndexFileError, InputError, RetrvError
 from retrv.runtime.index.store import INDEX_JSON, Index
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "reliability"))
+sys.path.insert(0, str(Path(__file__).parents[2] / "reliability"))
 from index_worker import FakeEncoder, rows, vector  # noqa: E402
 
 
