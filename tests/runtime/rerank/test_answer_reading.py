@@ -14,10 +14,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from retrv.model.config import parse_hf_config
-from retrv.model.tiny import VOCAB_SIZE, tiny_config
-from retrv.model.tiny_tokenizer import build_tiny_tokenizer
-from retrv.runtime.inputs.prompt import PromptTokenizer
 from retrv.runtime.rerank.answer import answer_span, parse_ranking
 from retrv.runtime.rerank.budget import Budget
 from retrv.runtime.rerank.loop import Reranker
@@ -79,15 +75,6 @@ def test_answer_after_think_is_the_last_complete_one():
     assert span("<think>x</think><answer>[1]</answer><answer>[2]</answer>") == "[2]"
     assert span("<think>only <answer>[2]</answer> thinking") is None
     assert span("<answer>[1]</answer>") == "[1]"
-
-
-@pytest.fixture(scope="module")
-def env():
-    tok_raw, ids = build_tiny_tokenizer(VOCAB_SIZE)
-    tok = PromptTokenizer.from_tokenizer(tok_raw)
-    cfg = parse_hf_config(tiny_config("tiny", icm=False)[0])
-    table = np.random.default_rng(0).standard_normal((VOCAB_SIZE, H)).astype(np.float32)
-    return tok, ids, cfg, table
 
 
 def encoder(images):

@@ -8,13 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrv.model.config import parse_hf_config
-from retrv.model.tiny import VOCAB_SIZE, tiny_config
-from retrv.model.tiny_tokenizer import build_tiny_tokenizer
 from retrv.runtime.rerank.answer import parse_ranking
 from scripted_backend import ScriptedBackend
 from retrv.runtime.rerank.budget import Budget
-from retrv.runtime.inputs.prompt import PromptTokenizer
 from retrv.runtime.rerank.loop import Reranker
 from retrv.runtime.rerank.prompt import CandidateInput, QueryInput
 from retrv.runtime.rerank.tools import ToolServer, crop_box
@@ -100,15 +96,6 @@ def test_listwise_repair():
 
 
 # -- the loop, scripted ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def env():
-    tok_raw, ids = build_tiny_tokenizer(VOCAB_SIZE)
-    tok = PromptTokenizer.from_tokenizer(tok_raw)
-    cfg = parse_hf_config(tiny_config("tiny", icm=False)[0])
-    table = np.random.default_rng(0).standard_normal((VOCAB_SIZE, H)).astype(np.float32)
-    return tok, ids, cfg, table
-
-
 def fake_encoder(images):
     """Stand-in for the vision graph: a 4x4-patch grid per image (one merged token per 2x2)."""
     return [(np.full((4, H), float(i.size[0]), np.float32), (1, 4, 4)) for i in images]

@@ -10,11 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrv.model.config import parse_hf_config
-from retrv.model.tiny import VOCAB_SIZE, tiny_config
-from retrv.model.tiny_tokenizer import build_tiny_tokenizer
 from retrv.runtime.errors import InputError
-from retrv.runtime.inputs.prompt import PromptTokenizer
 from retrv.runtime.rerank.formats import ListwiseFormat
 from retrv.runtime.rerank.loop import Reranker
 from retrv.runtime.rerank.prompt import CandidateInput, PromptBuilder, QueryInput, RerankTemplate
@@ -24,15 +20,6 @@ from scripted_backend import ScriptedBackend
 H = 64
 RELEASED = json.loads((Path(__file__).parent / "fixtures" / "v_retrver_released.json").read_text())
 IMAGE = "<|vision_start|>" + "<|image_pad|>" * 4 + "<|vision_end|>"  # a (1, 4, 4) grid: 4 merged tokens
-
-
-@pytest.fixture(scope="module")
-def env():
-    tok_raw, ids = build_tiny_tokenizer(VOCAB_SIZE)
-    tok = PromptTokenizer.from_tokenizer(tok_raw)
-    cfg = parse_hf_config(tiny_config("tiny", icm=False)[0])
-    table = np.random.default_rng(0).standard_normal((VOCAB_SIZE, H)).astype(np.float32)
-    return tok, ids, cfg, table
 
 
 def cands(n, images=True):
