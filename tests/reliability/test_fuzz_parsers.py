@@ -297,7 +297,7 @@ def test_fuzz_token_cache_json(index_dir, data):
 @FUZZ
 @given(_rows(["did", "txt", "img_path", "modality", "deleted"]) | st.binary(max_size=300))
 def test_fuzz_index_rows(scratch, rows_or_bytes):
-    from retrv.runtime.index.store import _read_rows
+    from retrv.runtime.index.generations import read_rows as _read_rows
 
     path = scratch / "rows.jsonl"
     if isinstance(rows_or_bytes, bytes):

@@ -1,0 +1,278 @@
+"""One index generation on disk: the commit record (`index.json`), the rows, and how a generation is read,
+checked, written, committed and cleaned up. `store.Index` composes these into add/delete/search; the layout and the
+crash-safety argument are in its module docstring and in docs/ARCHITECTURE.md ("Index generations").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from retrv.runtime.errors import IndexFileError, RetrvError
+from retrv.runtime.folder import (check_table, check_version, describe, is_int, member, one_line, read_manifest,
+                                  verify_files)
+from retrv.runtime.fsutil import atomic_write_json, atomic_write_text, fsync_dir
+from retrv.runtime.index.ann import HnswIndex, HnswParams
+from retrv.runtime.index.ann_files import HNSW_BIN
+from retrv.runtime.index.token_cache import CACHE_JSON, TokenCache
+
+log = logging.getLogger(__name__)
+
+INDEX_KIND = "retrv-index"
+INDEX_FORMAT_VERSION = 2  # 2: generations (g00000N/) and a file table; 1 (a flat folder) is refused: rebuild
+INDEX_JSON = "index.json"
+CACHE_DIR = "cache"
+ROWS = "candidates.jsonl"
+ANN_DIR = "ann"
+MAX_INDEX_JSON_BYTES = 1 << 20  # a real index.json is about 2 KB
+GEN_RE = re.compile(r"g(\d{6,})")
+OPEN_RETRIES = 20  # a reader opening generation N while writers commit N+1 and N+2 (which deletes N) starts over
+
+
+
+def gen_dir(generation: int) -> str:
+    return f"g{generation:06d}"
+
+
+def gen_files(generation: int) -> list[str]:
+    g = gen_dir(generation)
+    return [f"{g}/{ROWS}", f"{g}/{CACHE_JSON}", f"{g}/{ANN_DIR}/{HNSW_BIN}", f"{g}/{ANN_DIR}/ann.json"]
+
+
+@dataclass(frozen=True)
+class IndexMeta:
+    """The index's parameters, as recorded in index.json."""
+
+    pack_sha256: str
+    metric: str
+    m: int
+    ef_construction: int
+    ef_search: int
+    count: int  # live candidates
+    dim: int
+    has_t_con: bool
+    generation: int = 1
+    format_version: int = INDEX_FORMAT_VERSION
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "IndexMeta":
+        ints = {"m": 2, "ef_construction": 1, "ef_search": 1, "count": 0, "dim": 1, "generation": 1}
+        for name, lo in ints.items():
+            if not is_int(d.get(name)) or d[name] < lo:
+                raise IndexFileError(one_line(f"{where}: {name} is {d.get(name)!r}; expected an integer >= {lo}"))
+        if not isinstance(d.get("pack_sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", d["pack_sha256"]):
+            raise IndexFileError(one_line(f"{where}: pack_sha256 is {d.get('pack_sha256')!r}; expected 64 hex digits"))
+        if d.get("metric") not in ("cosine", "ip", "l2"):
+            raise IndexFileError(one_line(f"{where}: metric is {d.get('metric')!r}; expected 'cosine', 'ip' or 'l2'"))
+        if not isinstance(d.get("has_t_con"), bool):
+            raise IndexFileError(one_line(f"{where}: has_t_con is {d.get('has_t_con')!r}; expected true or false"))
+        if not isinstance(d.get("extra", {}), dict):
+            raise IndexFileError(one_line(f"{where}: extra is {d.get('extra')!r}; expected an object"))
+        names = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(frozen=True)
+class Head:
+    """index.json, checked: the committed generation, its parameters and its file table."""
+
+    meta: IndexMeta
+    files: dict  # name -> {"bytes", "sha256"}: every file of the generation
+    cache_files: dict  # cache/<name> -> {"bytes", "sha256"}: the prefix of each append-only data file
+    stamp: tuple  # (inode, mtime_ns, size) of index.json when read: a cheap "did it change?"
+
+
+def stamp_of(path: Path) -> tuple:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ()
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def read_head(root: Path) -> Head:
+    path = root / INDEX_JSON
+    if not root.is_dir():
+        raise IndexFileError(f"{root}: index directory not found; expected a directory built by `retrv index build`")
+    stamp = stamp_of(path)
+    d = read_manifest(path, IndexFileError, MAX_INDEX_JSON_BYTES, "an index.json written by `retrv index build`")
+    if d.get("kind", INDEX_KIND) != INDEX_KIND:
+        raise IndexFileError(one_line(f"{path}: kind {d.get('kind')!r}; expected {INDEX_KIND!r}"))
+    check_version(path, d.get("format_version"), INDEX_FORMAT_VERSION, IndexFileError, oldest=2,
+                  older_hint="rebuild it with `retrv index build` (generations replaced the flat layout)")
+    meta = IndexMeta.from_dict(d, str(path))
+    files = check_table(path, d.get("files"), IndexFileError)
+    cache_files = check_table(path, d.get("cache_files"), IndexFileError)
+    if sorted(files) != sorted(gen_files(meta.generation)):
+        raise IndexFileError(one_line(f"{path}: files {sorted(files)}; expected {sorted(gen_files(meta.generation))}"))
+    if not all(n.startswith(f"{CACHE_DIR}/") and n.count("/") == 1 for n in cache_files):
+        raise IndexFileError(one_line(f"{path}: cache_files {sorted(cache_files)}; expected files in {CACHE_DIR}/"))
+    return Head(meta, files, cache_files, stamp)
+
+
+# ---------------------------------------------------------------------------------------------- rows
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_rows(path: Path) -> list[dict]:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise IndexFileError(f"{path}: not UTF-8 text; expected the index's candidate rows") from None
+    except OSError as e:
+        raise IndexFileError(f"{path}: cannot be read ({e.strerror or e})") from None
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            raise IndexFileError(f"{path}:{n}: not valid JSON; expected one candidate row per line") from None
+        if not isinstance(row, dict) or not isinstance(row.get("did"), str) or not isinstance(row.get("deleted"), bool) \
+                or not all(isinstance(row.get(k, ""), str) for k in ("txt", "img_path", "modality")):
+            raise IndexFileError(f"{path}:{n}: expected an object with 'did' (string), 'deleted' (bool) and string "
+                                 f"'txt', 'img_path', 'modality'")
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- one generation
+
+
+class IndexSnapshot:
+    """One committed generation, immutable: its rows, ANN and token cache always agree. Every search and every
+    row/token lookup of one query goes through the same snapshot."""
+
+    def __init__(self, root: Path, meta: IndexMeta, ann: HnswIndex, rows: list[dict], cache: TokenCache) -> None:
+        self.path, self.meta, self.ann, self.cache = root, meta, ann, cache
+        self.rows = tuple(rows)
+        self.generation = meta.generation
+        self._by_did = {r["did"]: i for i, r in enumerate(self.rows) if not r["deleted"]}
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(q, dim) vectors -> (labels (q, k'), cosine similarities (q, k'))."""
+        return self.ann.search(np.asarray(vectors, dtype=np.float32), k)
+
+    def row(self, label: int) -> dict:
+        return self.rows[int(label)]
+
+    def label(self, did: str) -> int | None:
+        """The live candidate's label, or None."""
+        return self._by_did.get(did)
+
+    def live_dids(self) -> set[str]:
+        return set(self._by_did)
+
+
+def load_generation(root: Path, head: Head, verify: str) -> IndexSnapshot:
+    meta = head.meta
+    verify_files(root, head.files, IndexFileError, verify)
+    for name in head.cache_files:
+        member(root, name, IndexFileError)  # no symlink among the shared data files; TokenCache checks the rest
+    g = root / gen_dir(meta.generation)
+    params = HnswParams(metric=meta.metric, dim=meta.dim, M=meta.m, ef_construction=meta.ef_construction,
+                        ef_search=meta.ef_search)
+    ann = HnswIndex.load(g / ANN_DIR, expected_params=params)
+    cache = TokenCache.open(root / CACHE_DIR, verify=verify, meta_path=g / CACHE_JSON)
+    recorded = {f"{CACHE_DIR}/{n}": e for n, e in cache.files.items()}
+    if recorded != head.cache_files:
+        raise IndexFileError(f"{g / CACHE_JSON}: describes {sorted(recorded)} unlike {INDEX_JSON}'s cache_files; "
+                             f"expected the same prefixes")
+    rows = read_rows(g / ROWS)
+    check_consistent(root, meta, ann, rows, cache)
+    return IndexSnapshot(root, meta, ann, rows, cache)
+
+
+def check_consistent(root: Path, meta: IndexMeta, ann: HnswIndex, rows: list[dict], cache: TokenCache) -> None:
+    where = root / gen_dir(meta.generation)
+    if len(rows) != cache.count:
+        raise IndexFileError(f"{where / ROWS}: {len(rows)} rows; expected {cache.count} (the token cache's candidates)")
+    live = [i for i, r in enumerate(rows) if not r["deleted"]]
+    if len(live) != meta.count or ann.count != len(live):
+        raise IndexFileError(f"{root / INDEX_JSON}: count {meta.count}; the rows have {len(live)} live candidates and "
+                             f"the ANN {ann.count}; expected all three equal")
+    if not np.array_equal(ann.labels(), np.asarray(live, dtype=np.int64)):
+        raise IndexFileError(f"{where / ANN_DIR}: its live labels differ from the live rows; expected the same set")
+    dids = [rows[i]["did"] for i in live]
+    if len(set(dids)) != len(dids):
+        raise IndexFileError(f"{where / ROWS}: a live did appears twice; expected unique candidate ids")
+    if cache.has_t_con != meta.has_t_con:
+        raise IndexFileError(f"{where / CACHE_JSON}: has_t_con {cache.has_t_con}; expected {meta.has_t_con}")
+
+
+def load(root: Path, verify: str) -> tuple[Head, IndexSnapshot]:
+    """Open the committed generation; start over if a writer moved past it (and deleted it) meanwhile."""
+    for attempt in range(OPEN_RETRIES):
+        head = read_head(root)
+        try:
+            return head, load_generation(root, head, verify)
+        except (RetrvError, OSError) as e:
+            # A file of this generation vanished or changed under us (the token cache's description, the graph:
+            # any of them): if a writer committed meanwhile, that is why; read the new head and start over.
+            if attempt + 1 < OPEN_RETRIES and stamp_of(root / INDEX_JSON) != head.stamp:
+                continue
+            if isinstance(e, OSError):
+                raise IndexFileError(f"{root}: {e.strerror or e} ({e.filename}); expected the files of generation "
+                                     f"{head.meta.generation}") from None
+            raise
+    raise AssertionError("unreachable")
+
+
+def commit(root: Path, meta: IndexMeta) -> Head:
+    """Describe generation `meta.generation` (already written and fsynced) in a new index.json: the commit point."""
+    g = meta.generation
+    files = {name: describe(root, name) for name in gen_files(g)}
+    cache = TokenCache.open(root / CACHE_DIR, verify="size", meta_path=root / gen_dir(g) / CACHE_JSON)
+    cache_files = {f"{CACHE_DIR}/{n}": e for n, e in cache.files.items()}
+    record = {"kind": INDEX_KIND, **asdict(meta), "files": files, "cache_files": cache_files}
+    atomic_write_json(root / INDEX_JSON, record)
+    return Head(meta, files, cache_files, stamp_of(root / INDEX_JSON))
+
+
+def fsync_generation(gdir: Path) -> None:
+    for dirpath, _, names in os.walk(gdir):
+        for name in names:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(dirpath)
+    fsync_dir(gdir.parent)
+
+
+def clean(root: Path, generation: int) -> list[str]:
+    """Remove what killed writers left: generations other than `generation` and the one before it, and temporary
+    files (`.<name>.<random>.tmp`). Called under the writer lock, so none of it belongs to a live writer."""
+    removed = []
+    for entry in os.scandir(root):
+        m = GEN_RE.fullmatch(entry.name)
+        stale_gen = m is not None and int(m.group(1)) not in (generation, generation - 1)
+        stale_tmp = entry.name.startswith(".") and entry.name.endswith((".tmp", ".tmpdir"))
+        if stale_gen or stale_tmp:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+            removed.append(entry.name)
+    for sub in (root / CACHE_DIR,):
+        for entry in os.scandir(sub):
+            if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                os.unlink(entry.path)
+                removed.append(f"{CACHE_DIR}/{entry.name}")
+    if removed:
+        log.info("%s: removed leftovers of interrupted writes: %s", root, ", ".join(sorted(removed)))
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------- the index
