@@ -74,6 +74,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise InputError("serve --demo: this install ships no default checkpoint (model/default/); expected "
                              "`retrv serve INDEX --pack PACK`")
         pack, index = built[2], built[4]
+    from retrv.runtime.index.store import Index
+    from retrv.runtime.pack import Pack
+
+    # Open (and verify) both before saying where it serves: a bad path is one line, not an address then an error.
+    pack = pack if isinstance(pack, Pack) else Pack.open(pack)
+    if index is not None and not isinstance(index, Index):
+        index = Index.open(index, pack=pack)
     api_key = args.api_key or os.environ.get("RETRV_API_KEY") or None
     where = "rerank only" if index is None else f"index {getattr(index, 'path', index)}"
     print(f"retrv serve: http://{args.host}:{args.port} ({where}{', API key required' if api_key else ''})",

@@ -268,10 +268,12 @@ def test_search_without_index_is_404_and_openapi_lists_endpoints(tiny_pack):
         assert r.status_code == 200
 
 
-def test_cli_serve_flags_env_key_and_demo(monkeypatch, capsys):
+def test_cli_serve_flags_env_key_and_demo(monkeypatch, capsys, tiny_pack, tiny_index):
     import retrv.app.demo
     import retrv.app.serve
     from retrv.app.cli import main
+    from retrv.runtime.index.store import Index
+    from retrv.runtime.pack import Pack
 
     calls = []
     monkeypatch.setattr(retrv.app.serve, "serve", lambda pack, index, **kw: calls.append((pack, index, kw)))
@@ -279,12 +281,17 @@ def test_cli_serve_flags_env_key_and_demo(monkeypatch, capsys):
     assert main(["serve", "--demo", "--pack", "p"]) == 2
     assert "expected `retrv serve [INDEX] --pack PACK` or `retrv serve --demo`" in capsys.readouterr().err
     monkeypatch.setenv("RETRV_API_KEY", "from-env")
-    assert main(["serve", "idx", "--pack", "p", "--port", "0", "--max-queue", "3"]) == 0
+    assert main(["serve", str(tiny_index), "--pack", str(tiny_pack), "--port", "0", "--max-queue", "3"]) == 0
     pack, index, kw = calls[-1]
-    assert (pack, index, kw["api_key"], kw["host"], kw["max_queue"], kw["workers"]) == \
-        ("p", "idx", "from-env", "127.0.0.1", 3, 1)
-    assert main(["serve", "--pack", "p", "--api-key", "flag"]) == 0 and calls[-1][2]["api_key"] == "flag"
-    monkeypatch.setattr(retrv.app.demo, "build_demo", lambda cache_dir, *a: ("root", "data", "PACK", "be", "INDEX", {}))
-    assert main(["serve", "--demo"]) == 0 and calls[-1][:2] == ("PACK", "INDEX")
+    assert (pack.path, index.path, kw["api_key"], kw["host"], kw["max_queue"], kw["workers"]) == \
+        (Pack.open(tiny_pack).path, tiny_index, "from-env", "127.0.0.1", 3, 1)  # opened and verified first
+    assert main(["serve", "--pack", str(tiny_pack), "--api-key", "flag"]) == 0 and calls[-1][2]["api_key"] == "flag"
+    n = len(calls)
+    assert main(["serve", "nowhere", "--pack", str(tiny_pack)]) == 2 and len(calls) == n  # refused before serving
+    assert "nowhere: index directory not found" in capsys.readouterr().err
+    demo_pack, demo_index = Pack.open(tiny_pack), Index.open(tiny_index)
+    monkeypatch.setattr(retrv.app.demo, "build_demo",
+                        lambda cache_dir, *a: ("root", "data", demo_pack, "be", demo_index, {}))
+    assert main(["serve", "--demo"]) == 0 and calls[-1][:2] == (demo_pack, demo_index)
     monkeypatch.setattr(retrv.app.demo, "build_demo", lambda cache_dir, *a: None)
     assert main(["serve", "--demo"]) == 2
