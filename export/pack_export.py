@@ -20,6 +20,7 @@ import torch
 
 from retrv.export.graphs import embedder_sub_models, sub_models
 from retrv.export.onnx_export import OPSET, export_onnx, validate_onnx
+from retrv.export.optimum_embedder import export_optimum_embedder, is_optimum_folder
 from retrv.model.files import checkpoint_file, source_fingerprint
 from retrv.model.loading import load_checkpoint
 from retrv.runtime.errors import CheckpointError, InputError
@@ -59,8 +60,8 @@ def _export_sub(sub, oracle, cfg, tmp: Path, precision: str, files: dict, valida
 
 def _export_embedder(ckpt: Path, tmp: Path, precision: str, files: dict, validation: dict) -> dict:
     """A separate coarse-stage embedder (a LamRA-style Qwen2.5-VL checkpoint): its vision tower, pooled-embedding
-    graph, embedding table and tokenizer, beside the reranker's. Other families (Qwen2-VL, CLIP/SigLIP) are
-    refused by the checkpoint reader with the model_type it found."""
+    graph, embedding table and tokenizer, beside the reranker's. Other families (Qwen2-VL) are refused by the
+    checkpoint reader with the model_type it found; CLIP/SigLIP come as optimum exports (optimum_embedder.py)."""
     tokenizer, processor = _tokenizer_and_processor(ckpt, "--embedder ")
     oracle = load_checkpoint(ckpt, dtype=torch.float32)
     model = copy.deepcopy(oracle).half() if precision == "fp16" else oracle
@@ -110,7 +111,9 @@ def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
             _export_sub(sub, oracles[sub.spec.role], cfg, tmp, precision, files, validation)
         # The PyTorch backend compares the fingerprint with its --checkpoint (runtime.backends.open_backend).
         extra = {"source_checkpoint": ckpt.name, "source_fingerprint": source_fingerprint(ckpt)}
-        if embedder is not None:
+        if embedder is not None and is_optimum_folder(embedder):  # CLIP / SigLIP / a text encoder from optimum
+            extra["embedder"] = export_optimum_embedder(Path(embedder), tmp, files, validation)
+        elif embedder is not None:
             extra["embedder"] = _export_embedder(Path(embedder), tmp, precision, files, validation)
         if cfg.icm is None:  # listwise (V-Retrver): which released prompt, answer format and target_image numbering
             extra["rerank"] = ListwiseFormat().to_dict()

@@ -5,6 +5,7 @@
                           validation results, and every other file with its role, size and sha256
       tokenizer.json
       vision.onnx  icm_content.onnx  icm_relation.onnx  decoder.onnx  embedder.onnx  (+ *.onnx.data)
+      embedder_image.onnx  embedder_text.onnx  embedder_tokenizer.json   (an embedder from optimum: CLIP, SigLIP)
       embed_tokens.npy
 
 `Pack.open` treats the manifest as untrusted input and refuses, with a one-line `PackError` naming the file, a
@@ -50,7 +51,8 @@ MAX_MANIFEST_BYTES = 16 << 20
 
 # The roles the runtime knows. Other lower-case roles are accepted (a newer writer's additive files, TensorRT
 # engines) and may appear on several files; the roles here name exactly one file each, except external_data.
-SINGLE_ROLES = ("vision", "icm_content", "icm_relation", "decoder", "embedder", "embed_tokens", "tokenizer")
+SINGLE_ROLES = ("vision", "icm_content", "icm_relation", "decoder", "embedder", "embed_tokens", "tokenizer",
+                "embedder_image", "embedder_text")
 EXTERNAL_DATA = "external_data"
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 METHODS = ("retrv-r1", "listwise")  # retrv-r1: the model has an ICM; listwise: every candidate in the prompt
@@ -324,9 +326,19 @@ class Pack:
             if not isinstance(spec, dict):
                 raise _fail(f"{manifest_path} 'extra.embedder': got {type(spec).__name__}; expected the embedder's "
                             f"model and preprocessor configs")
-            _parse_config(manifest_path, "extra.embedder.model", spec.get("model"), ModelConfig)
-            _parse_config(manifest_path, "extra.embedder.preprocessor", spec.get("preprocessor"),
-                          ImageProcessorConfig)
+            from retrv.runtime.inputs.dual_encoder import OptimumEmbedderConfig, is_optimum_spec
+
+            if is_optimum_spec(spec):  # an optimum export: CLIP / SigLIP / a text encoder
+                parsed = _parse_config(manifest_path, "extra.embedder", spec, OptimumEmbedderConfig)
+                roles = {e.role for e in manifest.files.values()}
+                need = ["embedder_text", "embedder_tokenizer"] + (["embedder_image"] if parsed.image else [])
+                if missing := [r for r in need if r not in roles]:
+                    raise _fail(f"{manifest_path} 'extra.embedder': a {parsed.family} embedder without files of "
+                                f"roles {missing}; expected {need}")
+            else:
+                _parse_config(manifest_path, "extra.embedder.model", spec.get("model"), ModelConfig)
+                _parse_config(manifest_path, "extra.embedder.preprocessor", spec.get("preprocessor"),
+                              ImageProcessorConfig)
         fingerprint = hashlib.sha256(manifest.canonical_json()).hexdigest()
         return cls(root, manifest, model_config, preprocessor, fingerprint)
 

@@ -15,6 +15,7 @@ import numpy as np
 from retrv.runtime.backends import Backend, open_backend
 from retrv.runtime.rerank.budget import DEFAULT_K, DEFAULT_STRIDE, DEFAULT_WINDOW, Budget
 from retrv.runtime.inputs.corpus import Candidate
+from retrv.runtime.inputs.dual_encoder import OptimumEmbedder, OptimumEmbedderConfig, is_optimum_spec
 from retrv.runtime.inputs.embedding import EmbedItem, Embedder
 from retrv.runtime.errors import InputError, PackError
 from retrv.runtime.limits import Cap, check_text, context_of
@@ -39,16 +40,19 @@ class Components:
         self.vision = VisionEncoder(backend, self.cfg, self.processor)
         self.embedder = self._embedder(pack, backend)
 
-    def _embedder(self, pack, backend: Backend) -> Embedder:
-        if not pack.has("embedder"):
+    def _embedder(self, pack, backend: Backend):
+        spec = pack.manifest.extra.get("embedder")  # checked by Pack.open when present
+        optimum = is_optimum_spec(spec)
+        if not pack.has("embedder") and not optimum:
             return Embedder(backend, self.builder)
         if not hasattr(backend, "runner"):
             raise InputError(f"{backend.name} backend: this pack has a separate embedder, which runs on ONNX Runtime; "
                              f"expected --backend ort (or auto)")
+        if optimum:  # CLIP / SigLIP / a text encoder exported by optimum: its own graphs, tokenizer, preprocessing
+            return OptimumEmbedder(backend, OptimumEmbedderConfig.from_dict(spec), pack.file("embedder_tokenizer"))
         from retrv.runtime.config import ModelConfig
         from retrv.runtime.inputs.preprocess import ImageProcessorConfig
 
-        spec = pack.manifest.extra.get("embedder")  # checked by Pack.open when present
         if spec is None:
             raise PackError(f"{pack.path}: lists an 'embedder' graph but no extra.embedder configs; expected both "
                             f"(written by `retrv export --embedder`)")
@@ -77,11 +81,10 @@ class CandidateEncoder:
     def __init__(self, components: Components) -> None:
         self.c = components
         self.hidden = components.cfg.text.hidden_size
-        embed_cfg = components.embedder.builder.cfg
-        self.dim = embed_cfg.text.hidden_size  # the coarse vectors' width: the embedder's, which may differ
+        self.dim = components.embedder.dim  # the coarse vectors' width: the embedder's, which may differ
         self.has_t_con = components.cfg.icm is not None
         self.pack_sha256 = components.pack.sha256
-        self.template = components.embedder.t.to_dict()
+        self.template = components.embedder.describe()
 
     def encode(self, cands: list[Candidate]) -> EncodedBatch:
         context = context_of(self.c.cfg)

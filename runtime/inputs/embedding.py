@@ -43,6 +43,15 @@ class Embedder:
         self.t = template or EmbedTemplate()
         self.image_encoder = image_encoder
 
+    @property
+    def dim(self) -> int:
+        """The vectors' width: the embedding model's hidden size."""
+        return self.builder.cfg.text.hidden_size
+
+    def describe(self) -> dict:
+        """What the index records about how its vectors were made: the role instructions."""
+        return self.t.to_dict()
+
     def _own_tokens(self, items: list[EmbedItem]) -> list[EmbedItem]:
         if self.image_encoder is None:
             return items

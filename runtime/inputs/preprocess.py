@@ -283,7 +283,7 @@ def load_image(image: ImageLike) -> Image.Image:
     raise InputError(f"image: got {type(image).__name__}; expected a file path, a PIL image or a uint8 numpy array")
 
 
-def _rgb_array(image: ImageLike, do_convert_rgb: bool) -> np.ndarray:
+def rgb_array(image: ImageLike, do_convert_rgb: bool = True) -> np.ndarray:
     """(H, W, 3) uint8 of any accepted input. With do_convert_rgb off transformers feeds the pixels through as
     they are, so only 3-channel input can be normalized with 3 means."""
     if do_convert_rgb or isinstance(image, (str, os.PathLike)):
@@ -320,7 +320,7 @@ def _patchify(pixels: np.ndarray, cfg: ImageProcessorConfig) -> np.ndarray:
 def preprocess_image(image: ImageLike, cfg: ImageProcessorConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One image -> (patches float32 (gh*gw, C*T*P*P), grid_thw int64 (3,) = [1, gh, gw])."""
     cfg = ImageProcessorConfig() if cfg is None else cfg
-    rgb = _rgb_array(image, cfg.do_convert_rgb)  # (H, W, 3) uint8
+    rgb = rgb_array(image, cfg.do_convert_rgb)  # (H, W, 3) uint8
     height, width = rgb.shape[:2]
     if cfg.do_resize:
         new_h, new_w = smart_resize(height, width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
