@@ -34,6 +34,9 @@ from retrv.runtime.inputs.preprocess import (
     rgb_array,
 )
 
+# A shortest-edge resize of a very elongated image is huge before the crop (1x10000 at 224: 224x2,240,000, 1.5 GB
+# of RGB): transformers allocates it; we refuse past this (400 MB of RGB), which no photo comes near.
+MAX_RESIZED_PIXELS = 1 << 27
 IMAGENET_STANDARD = (0.5, 0.5, 0.5)  # SigLIP's mean and std (transformers' IMAGENET_STANDARD_MEAN/STD)
 # transformers 5.23's class defaults, per model_type: what a preprocessor_config.json that omits a key gets.
 DEFAULTS = {
@@ -157,6 +160,9 @@ class ClipImageConfig:
                               "image_std": base["std"]}
         own = {f.name for f in fields(cls)} - {"processor", "shortest_edge", "size_hw", "crop"}
         kw.update({k: v for k, v in d.items() if k in own and v is not None})
+        # A `null` flag is not the class default: transformers sets the attribute to None and tests it for truth,
+        # so `"do_convert_rgb": null` (what 4.57's SiglipImageProcessor saves) means no conversion.
+        kw.update({k: False for k, v in d.items() if k.startswith("do_") and k in own and v is None})
         return cls(**kw)
 
     def to_dict(self) -> dict[str, Any]:
@@ -200,6 +206,9 @@ def preprocess_clip_image(image: ImageLike, cfg: ClipImageConfig) -> np.ndarray:
     h, w = rgb.shape[:2]
     if cfg.do_resize:
         nh, nw = _shortest_edge_size(h, w, cfg.shortest_edge) if cfg.shortest_edge else cfg.size_hw
+        if nh * nw > MAX_RESIZED_PIXELS:
+            raise InputError(f"image of {h}x{w} (HxW) pixels: a shortest-edge resize makes it {nh}x{nw}; expected "
+                             f"at most {MAX_RESIZED_PIXELS:,} pixels before the crop (aspect ratio too extreme)")
         rgb = np.asarray(Image.fromarray(rgb).resize((nw, nh), resample=cfg.resample))  # (nh, nw, 3) uint8
     pixels = np.ascontiguousarray(rgb.transpose(2, 0, 1))  # (3, H, W) uint8
     if cfg.crop is not None:
