@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("pack", help="output pack directory: new, empty or a pack (replaced atomically)")
     exp.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     exp.add_argument("--embedder", default=None,
-                     help="a separate Qwen2.5-VL-family embedder checkpoint for the coarse stage (default: the reranker's own backbone)")
+                     help="the coarse stage's embedder: a Qwen2.5-VL-family checkpoint, or a CLIP / SigLIP / text encoder folder written by `optimum-cli export onnx` (default: the reranker's own backbone)")
     exp.add_argument("--verify", action="store_true",
                      help="also require identical greedy tokens from the pack, PyTorch and transformers")
     exp.set_defaults(func=_cmd_export)

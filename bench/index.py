@@ -3,6 +3,16 @@ brute-force numpy (`exact_search`), in one run, on a seeded random Gaussian data
 
     python bench/index.py [--n 10000] [--dim 128] [--queries 1000] [--k 10] [--metric cosine]
                           [--m 16] [--ef-construction 200] [--ef-search 200] [--build-threads N] [--json OUT]
+    python bench/index.py --embedders --clip-dir DIR [--images 48] [--rounds 2] [--workdir W] [--json OUT]
+
+`--embedders`: index-build throughput (images/s) and peak memory of the coarse stage's embedder, in one run: the
+mid preset's own Qwen2.5-VL embedder (the decoder's pooled output; the baseline) against the same reranker with a
+CLIP ViT-B/32-sized embedder that optimum exported (`--clip-dir`: tests/fixtures/optimum/make.py OUT --clip-b, then
+OUT/clip-b/onnx). Each index build runs in its own process (peak RSS is per process, VmHWM), the configurations
+take turns within a round, a first warm-up round is not counted (it writes ONNX Runtime's optimised graphs), and the
+median over rounds is reported. The corpus is image-only photos (flickr8k-1k when present), so CLIP runs its image
+tower only; "embed" times the embedder's own calls, "build" the whole `Index.build` (the reranker's vision tokens
+and t_con are cached at index time in both configurations).
 
 Reported, each the median of 3 timed rounds after one warm-up round (the contenders take turns within a round):
   * build: create + add all n vectors in one call, on --build-threads threads (default: every core) for both hnsw
@@ -58,8 +68,104 @@ def recall(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.mean([len(set(g) & set(w)) / len(w) for g, w in zip(got.tolist(), want.tolist())]))
 
 
+def _embed_worker(pack_dir: str, corpus: str, out: str, cache_dir: str) -> int:
+    """One index build in this process: prints {"build_s", "embed_s", "images", "peak_rss_mb"} as JSON."""
+    from _common import peak_rss_mb
+
+    from retrv.runtime.backends import open_backend
+    from retrv.runtime.index.store import Index
+    from retrv.runtime.pack import Pack
+    from retrv.runtime.retriever import CandidateEncoder, Components
+
+    pack = Pack.open(pack_dir)
+    with open_backend(pack, "ort", cache_dir=Path(cache_dir)) as backend:
+        comps = Components(pack, backend)
+        spent = [0.0]
+        embed = comps.embedder.embed
+
+        def timed(items, role):
+            t0 = time.perf_counter()
+            try:
+                return embed(items, role)
+            finally:
+                spent[0] += time.perf_counter() - t0
+
+        comps.embedder.embed = timed
+        t0 = time.perf_counter()
+        index = Index.build(CandidateEncoder(comps), corpus, out)
+        build_s = time.perf_counter() - t0
+    print(json.dumps({"build_s": build_s, "embed_s": spent[0], "images": index.meta.count,
+                      "peak_rss_mb": peak_rss_mb()}))
+    return 0
+
+
+def embedders(args) -> int:
+    import shutil
+    import subprocess
+
+    import _prep
+
+    work = Path(args.workdir)
+    ckpt = _prep.checkpoint(work, "mid")
+    qwen, _ = _prep.fp32_pack(work, ckpt, "mid-pack")
+
+    def export_clip(out: Path) -> None:
+        from retrv.export.pack_export import export_pack
+
+        export_pack(ckpt, out, embedder=args.clip_dir)
+
+    clip, _ = _prep.cached(work, "mid-clipb-pack", {"ckpt": str(ckpt), "clip": str(args.clip_dir),
+                                                    "model": (Path(args.clip_dir) / "config.json").read_text()},
+                           export_clip)
+    corpus, info = _prep.photo_corpus(work, 224, args.images)
+    configs = {"qwen2.5-vl mid (baseline)": qwen, "optimum clip (--clip-dir)": clip}
+    runs: dict[str, list[dict]] = {name: [] for name in configs}
+    load = {"start": list(os.getloadavg())}  # the machine is shared: say how busy it was
+    for r in range(args.rounds + 1):  # round 0: warm-up (ORT writes its optimised graphs), not counted
+        order = list(configs) if r % 2 == 0 else list(configs)[::-1]
+        for name in order:
+            out = work / "bench-index"
+            shutil.rmtree(out, ignore_errors=True)
+            done = subprocess.run([sys.executable, __file__, "--embed-worker", str(configs[name]),
+                                   str(corpus / "corpus.jsonl"), str(out), str(work / "ort-cache")],
+                                  capture_output=True, text=True, check=True)
+            if r:
+                runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    load["end"] = list(os.getloadavg())
+    rows = {}
+    for name, rs in runs.items():
+        n = rs[0]["images"]
+        rows[name] = {"images": n, "build_images_per_s": n / statistics.median(x["build_s"] for x in rs),
+                      "embed_images_per_s": n / statistics.median(x["embed_s"] for x in rs),
+                      "peak_rss_mb": max(x["peak_rss_mb"] for x in rs), "rounds": rs}
+    base = rows["qwen2.5-vl mid (baseline)"]
+    print(f"index build over {base['images']} photos ({info['source']}, 224 px), ONNX Runtime CPU, "
+          f"{os.cpu_count()} cores; median of {args.rounds} rounds after a warm-up, configurations interleaved")
+    print(f"{'':<28}{'build img/s':>12}{'embed img/s':>12}{'peak RSS MB':>13}")
+    for name, row in rows.items():
+        print(f"{name:<28}{row['build_images_per_s']:>12.1f}{row['embed_images_per_s']:>12.1f}"
+              f"{row['peak_rss_mb']:>13.0f}")
+    clip_row = rows["optimum clip (--clip-dir)"]
+    ratios = {k: clip_row[k] / base[k] for k in ("build_images_per_s", "embed_images_per_s", "peak_rss_mb")}
+    print(f"{'clip / baseline':<28}{ratios['build_images_per_s']:>11.2f}x{ratios['embed_images_per_s']:>11.2f}x"
+          f"{ratios['peak_rss_mb']:>12.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "corpus": info, "rows": rows, "ratios": ratios,
+                                               "load_avg": load},
+                                              indent=2))
+    return 0
+
+
 def main() -> int:
+    if len(sys.argv) == 6 and sys.argv[1] == "--embed-worker":
+        return _embed_worker(*sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--embedders", action="store_true", help="embedder index-build throughput (see above)")
+    ap.add_argument("--clip-dir", default=None, help="with --embedders: a CLIP-B optimum export folder")
+    ap.add_argument("--images", type=int, default=48, help="with --embedders: photos in the corpus")
+    ap.add_argument("--rounds", type=int, default=2, help="with --embedders: timed rounds after the warm-up")
+    ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "retrv-bench-index"),
+                    help="with --embedders: where checkpoints, packs and corpora are built (reused)")
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--queries", type=int, default=1000)
@@ -72,6 +178,10 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
+    if args.embedders:
+        if not args.clip_dir:
+            ap.error("--embedders needs --clip-dir (tests/fixtures/optimum/make.py OUT --clip-b; OUT/clip-b/onnx)")
+        return embedders(args)
 
     rng = np.random.default_rng(args.seed)
     data = rng.standard_normal((args.n, args.dim), dtype=np.float32)  # (n, dim)
