@@ -106,19 +106,20 @@ def embedders(args) -> int:
     import _prep
 
     work = Path(args.workdir)
-    ckpt = _prep.checkpoint(work, "mid")
-    qwen, _ = _prep.fp32_pack(work, ckpt, "mid-pack")
+    ckpt = _prep.checkpoint(work, args.preset)
+    qwen, _ = _prep.fp32_pack(work, ckpt, f"{args.preset}-pack")
 
     def export_clip(out: Path) -> None:
         from retrv.export.pack_export import export_pack
 
         export_pack(ckpt, out, embedder=args.clip_dir)
 
-    clip, _ = _prep.cached(work, "mid-clipb-pack", {"ckpt": str(ckpt), "clip": str(args.clip_dir),
+    clip, _ = _prep.cached(work, f"{args.preset}-optimum-pack", {"ckpt": str(ckpt), "clip": str(args.clip_dir),
                                                     "model": (Path(args.clip_dir) / "config.json").read_text()},
                            export_clip)
     corpus, info = _prep.photo_corpus(work, 224, args.images)
-    configs = {"qwen2.5-vl mid (baseline)": qwen, "optimum clip (--clip-dir)": clip}
+    baseline = f"qwen2.5-vl {args.preset} (baseline)"
+    configs = {baseline: qwen, "optimum clip (--clip-dir)": clip}
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     load = {"start": list(os.getloadavg())}  # the machine is shared: say how busy it was
     for r in range(args.rounds + 1):  # round 0: warm-up (ORT writes its optimised graphs), not counted
@@ -138,7 +139,7 @@ def embedders(args) -> int:
         rows[name] = {"images": n, "build_images_per_s": n / statistics.median(x["build_s"] for x in rs),
                       "embed_images_per_s": n / statistics.median(x["embed_s"] for x in rs),
                       "peak_rss_mb": max(x["peak_rss_mb"] for x in rs), "rounds": rs}
-    base = rows["qwen2.5-vl mid (baseline)"]
+    base = rows[baseline]
     print(f"index build over {base['images']} photos ({info['source']}, 224 px), ONNX Runtime CPU, "
           f"{os.cpu_count()} cores; median of {args.rounds} rounds after a warm-up, configurations interleaved")
     print(f"{'':<28}{'build img/s':>12}{'embed img/s':>12}{'peak RSS MB':>13}")
@@ -163,6 +164,7 @@ def main() -> int:
     ap.add_argument("--embedders", action="store_true", help="embedder index-build throughput (see above)")
     ap.add_argument("--clip-dir", default=None, help="with --embedders: a CLIP-B optimum export folder")
     ap.add_argument("--images", type=int, default=48, help="with --embedders: photos in the corpus")
+    ap.add_argument("--preset", default="mid", help="with --embedders: the reranker checkpoint's preset (tiny: tests)")
     ap.add_argument("--rounds", type=int, default=2, help="with --embedders: timed rounds after the warm-up")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "retrv-bench-index"),
                     help="with --embedders: where checkpoints, packs and corpora are built (reused)")

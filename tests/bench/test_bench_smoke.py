@@ -85,3 +85,20 @@ def test_the_page_shows_checkpoints_inside_the_repository_by_relative_path(tmp_p
         sys.path.remove(str(REPO / "bench"))
     assert _shown(str(REPO / "model" / "default")) == "model/default"
     assert _shown(str(tmp_path / "ckpt")) == str(tmp_path / "ckpt")
+
+
+def test_embedder_index_build_bench_runs_on_the_tiny_clip_fixture(tmp_path):
+    """`bench/index.py --embedders` end to end on the tiny preset and the committed tiny CLIP (the real run uses the
+    mid preset and a CLIP-B export): both rows, a throughput and a peak memory each, the ratios."""
+    out = tmp_path / "emb.json"
+    cmd = [sys.executable, str(REPO / "bench" / "index.py"), "--embedders", "--preset", "tiny",
+           "--clip-dir", str(REPO / "tests" / "fixtures" / "optimum" / "clip" / "onnx"), "--images", "2",
+           "--rounds", "1", "--workdir", str(tmp_path / "work"), "--json", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["rows"]) == {"qwen2.5-vl tiny (baseline)", "optimum clip (--clip-dir)"}
+    for row in result["rows"].values():
+        assert row["images"] == 2 and row["build_images_per_s"] > 0 and row["peak_rss_mb"] > 0
+    assert result["ratios"]["build_images_per_s"] > 0 and "start" in result["load_avg"]
+    assert "clip / baseline" in done.stdout

@@ -281,3 +281,49 @@ def test_a_pack_whose_optimum_embedder_lost_a_graph_is_refused(packs, tmp_path):
     (copy / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(PackError, match="embedder pooling: got 'mean' for family 'clip'"):
         Pack.open(copy)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_a_text_encoder_with_token_embeddings_only_is_pooled_as_its_pooling_config_says(tiny_ckpt, tmp_path, pooling):
+    """A feature-extraction export (token embeddings, no sentence_embedding): pooled in numpy as 1_Pooling says
+    (here cls; without a pooling config, mean), then L2; against BertModel's hidden states."""
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import AutoTokenizer, BertModel
+
+    from retrv.export.pack_export import export_pack
+    from retrv.runtime.backends import open_backend
+    from retrv.runtime.pack import Pack
+    from retrv.runtime.retriever import Components
+
+    folder = _copy(tmp_path, "sentence")
+    _edit_model(folder, _drop_output("sentence_embedding"))
+    if pooling == "cls":
+        (folder / "1_Pooling").mkdir()
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+            {"word_embedding_dimension": 32, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
+    pack = Pack.open(export_pack(tiny_ckpt, tmp_path / "pack", embedder=folder))
+    assert pack.manifest.extra["embedder"]["pooling"] == pooling
+    got = Components(pack, open_backend(pack, "ort", cache_dir=None)).embedder.embed(
+        [EmbedItem(t) for t in TEXTS], "candidate")
+    hf = FIXTURES / "sentence" / "hf"
+    bert, tok = BertModel.from_pretrained(hf).eval(), AutoTokenizer.from_pretrained(hf)
+    enc = tok(TEXTS, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        tokens = bert(**enc).last_hidden_state.numpy()  # (n, S, H)
+    mask = enc["attention_mask"].numpy()[:, :, None]
+    want = tokens[:, 0] if pooling == "cls" else (tokens * mask).sum(1) / mask.sum(1)
+    np.testing.assert_allclose(got, _unit(want), rtol=0, atol=TOL)
+
+
+def test_a_pooling_config_with_two_modes_is_refused(tmp_path):
+    from retrv.export.optimum_embedder import read_optimum_folder
+
+    folder = _copy(tmp_path, "sentence")
+    _edit_model(folder, _drop_output("sentence_embedding"))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": True}))
+    with pytest.raises(CheckpointError, match=r"1_Pooling/config.json: pooling modes \['cls', 'mean'\]; expected "
+                                              r"exactly one"):
+        read_optimum_folder(folder)
