@@ -52,6 +52,10 @@ def _trt_ready(pack) -> bool:
     """auto picks TensorRT only where this pack has engines built for this very device (never raises)."""
     if not any(e.role.startswith("trt_") for e in pack.manifest.files.values()):
         return False
+    if pack.has("embedder_image") or pack.has("embedder_text"):
+        # an optimum embedder's graphs have no engines yet (`retrv build-engine` does not build them): auto keeps
+        # the whole pack on ONNX Runtime rather than pick TensorRT and fail at the first embedding
+        return False
     from retrv.runtime.backends.trt import engines_match
 
     return engines_match(pack)

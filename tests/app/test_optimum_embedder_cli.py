@@ -84,3 +84,23 @@ def test_eval_reports_the_coarse_recall_of_the_embedders_exact_neighbours(built,
         top = {cands[i].did for i in np.argsort(-(vectors @ qv), kind="stable")[:5]}
         hits.append(bool(top & set(q.pos_cand_list)))
     assert report["coarse"]["recall@5"] == pytest.approx(np.mean(hits))
+
+
+def test_serve_reranks_documents_with_the_optimum_coarse_stage(built, tiny_corpus):
+    """`retrv serve`'s engine (rerank without an index): documents ordered first by the CLIP/SigLIP cosine, then
+    reranked."""
+    from PIL import Image
+
+    from retrv.app.serve_engine import Document, Engine
+    from retrv.runtime.inputs.dual_encoder import OptimumEmbedder
+    from retrv.runtime.pack import Pack
+    from retrv.runtime.rerank.budget import Budget
+
+    _, pack_dir, _ = built
+    engine = Engine(Pack.open(pack_dir), backend="ort")
+    assert isinstance(engine.c.embedder, OptimumEmbedder)
+    img = Image.open(tiny_corpus / "3.png").convert("RGB")
+    docs = [Document("picture 3"), Document(None, img), Document("picture 9", img)]
+    out = engine.rerank("picture 3", docs, Budget(think=4, inspect=0))
+    assert sorted(out["order"]) == [0, 1, 2] and len(out["scores"]) == 3
+    assert out["meta"]["tokens"]["prefill_tokens"] > 0  # the reranker ran on the embedder's coarse order

@@ -327,3 +327,22 @@ def test_a_pooling_config_with_two_modes_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"1_Pooling/config.json: pooling modes \['cls', 'mean'\]; expected "
                                               r"exactly one"):
         read_optimum_folder(folder)
+
+
+def test_auto_keeps_an_optimum_embedder_pack_on_onnx_runtime_even_with_engines(packs, monkeypatch):
+    """TensorRT engines are not built for the optimum graphs yet: `auto` must not pick TensorRT for such a pack
+    (it would fail at the first embedding), even where the pack's other engines match the device."""
+    import dataclasses
+
+    import retrv.runtime.backends.trt as trt
+    from retrv.runtime.backends import open_backend
+    from retrv.runtime.backends.ort import OrtBackend
+    from retrv.runtime.pack import FileEntry, Manifest
+
+    pack, _ = packs["clip"]
+    files = {**pack.manifest.files, "decoder.plan": FileEntry(role="trt_decoder", sha256="0" * 64, bytes=1)}
+    fake = type(pack).__new__(type(pack))
+    fake.__init__(pack.path, Manifest(**{**dataclasses.asdict(pack.manifest) | {"files": files}}),
+                  pack.model_config, pack.preprocessor, pack.sha256)
+    monkeypatch.setattr(trt, "engines_match", lambda p: True)
+    assert isinstance(open_backend(fake, "auto", cache_dir=None), OrtBackend)
