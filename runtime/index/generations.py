@@ -184,6 +184,19 @@ class IndexSnapshot:
     def live_dids(self) -> set[str]:
         return set(self._by_did)
 
+    def with_tokens(self, store) -> "IndexSnapshot":
+        """This generation reading its candidates' tokens from another `TokenStore` (token_store.py), which must
+        hold exactly these rows: the same count, hidden size, content tokens and dids in the same order."""
+        from retrv.runtime.index.token_store import dids_digest
+
+        got = (store.count, store.hidden, store.has_t_con)
+        want = (len(self.rows), self.cache.hidden, self.cache.has_t_con)
+        if got != want or getattr(store, "dids_sha256", None) != dids_digest([r["did"] for r in self.rows]):
+            raise IndexFileError(f"{getattr(store, 'path', store)}: a token store of (count, hidden, has_t_con) = "
+                                 f"{got}; expected {want} and the dids of {self.path} generation {self.generation} "
+                                 f"(write the store again from this generation)")
+        return IndexSnapshot(self.path, self.meta, self.ann, list(self.rows), store)
+
 
 def hnsw_params(meta: IndexMeta) -> HnswParams:
     return HnswParams(metric=meta.metric, dim=meta.dim, M=meta.m, ef_construction=meta.ef_construction,

@@ -77,6 +77,8 @@ class Index:
         self._encoder = None
         self._refresh_lock = threading.Lock()
         self._refused_stamp: tuple = ()
+        self._token_store = None  # None: each generation's own token cache; else a TokenStore (use_token_store)
+        self._with_tokens: IndexSnapshot | None = None
 
     # -- open -------------------------------------------------------------------------------------------------------
     @classmethod
@@ -155,7 +157,20 @@ class Index:
                             self._snap.generation, e)
                 if stamp_of(self.path / INDEX_JSON) == stamp:
                     self._refused_stamp = stamp
-        return self._snap
+        snap = self._snap
+        if self._token_store is None:
+            return snap
+        seen = self._with_tokens
+        if seen is None or seen.generation != snap.generation:
+            seen = self._with_tokens = snap.with_tokens(self._token_store)
+        return seen
+
+    def use_token_store(self, store) -> None:
+        """Read candidates' tokens from `store` (a `TokenStore`, e.g. a `ShardedTokenStore` written from this
+        index) instead of the index's own cache; refused unless it holds exactly the current generation's rows.
+        Searches and the reranker are unchanged; `None` goes back to the index's cache."""
+        self._with_tokens = None if store is None else self._snap.with_tokens(store)
+        self._token_store = store
 
     def refresh(self) -> bool:
         """Load the committed generation if it is not the one held; True if it changed."""
