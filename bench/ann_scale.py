@@ -187,7 +187,7 @@ def main(argv=None) -> int:
                 for n in args.gaussian_ns]
     out = {"meta": {"machine": machine(), "vectors": f"random, seeded: latent-{LATENT} (noise {NOISE}) and gaussian",
                     "build_threads": "all cores", "query_threads": 1, "rounds": ROUNDS,
-                    "milvus": "Milvus Lite, in-process gRPC server, faiss HNSW" if with_milvus else "not run",
+                    "milvus": "Milvus Lite (pymilvus local mode), in-process gRPC server" if with_milvus else "not run",
                     "wall_s": round(time.perf_counter() - t_start, 1)}, "results": results}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1))
