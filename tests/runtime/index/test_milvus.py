@@ -31,6 +31,13 @@ def _overlap(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean([len(set(x) & set(y)) / len(x) for x, y in zip(a.tolist(), b.tolist())]))
 
 
+def test_the_runtime_imports_no_milvus_client_until_an_index_uses_it():
+    code = ("import sys, retrv.runtime, retrv.runtime.index.store, retrv.runtime.retriever; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pymilvus', 'milvus_lite', 'grpc', 'ray')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_vector_store_spec_is_parsed_or_refused_in_one_line():
     assert StoreSpec.parse("hnsw").store == "hnsw"
     assert StoreSpec.parse("milvus") == StoreSpec("milvus", None, "vectors")
