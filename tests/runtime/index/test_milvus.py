@@ -145,6 +145,30 @@ def test_a_killed_add_leaves_orphans_in_milvus_that_the_next_open_deletes(tmp_pa
     release_local(ix / LOCAL_DB)
 
 
+def test_a_delete_stopped_after_its_commit_hides_the_vectors_and_the_next_open_deletes_them(tmp_path, monkeypatch):
+    from retrv.runtime.index.milvus import MilvusWriter
+
+    ix = tmp_path / "ix"
+    index = Index.build(FakeEncoder(), rows("b", 0, 20), ix, vector_store="milvus")
+
+    def stop(self):  # the moment between the commit of generation 2 and the Milvus delete
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MilvusWriter, "after_commit", stop)
+    with pytest.raises(KeyboardInterrupt):
+        index.delete(["b3", "b7"])
+    monkeypatch.undo()
+    store = MilvusStore.open(json.loads((ix / INDEX_JSON).read_text())["vectors"], ix, HnswParams("cosine", 16))
+    assert len(store.ids(upto=20)) == 20  # committed as deleted, still in Milvus
+    snap = index.snapshot()
+    labels, _ = snap.search(np.stack([vector("b3"), vector("b7")]), 5)  # the rows' deleted marks filter them
+    assert snap.generation == 2 and {snap.row(x)["did"] for x in labels.ravel()}.isdisjoint({"b3", "b7"})
+    assert labels.shape == (2, 5)
+    Index.open(ix)  # repairs: the deleted labels' vectors are removed from Milvus
+    assert store.ids(upto=20).tolist() == [i for i in range(20) if i not in (3, 7)]
+    release_local(ix / LOCAL_DB)
+
+
 def test_a_missing_vector_or_a_changed_record_is_refused_in_one_line(tmp_path):
     ix = tmp_path / "ix"
     Index.build(FakeEncoder(), rows("b", 0, 10), ix, vector_store="milvus")
