@@ -94,6 +94,26 @@ def test_the_tiny_pack_ranks_the_same_on_both_stores(tiny_index, tiny_milvus_ind
     assert len(set(ranked_h) & set(ranked_m)) >= 9
 
 
+def test_eval_and_serve_run_unchanged_on_a_milvus_index(tiny_index, tiny_milvus_index, tiny_pack, tiny_corpus,
+                                                        capsys):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from retrv.app.serve import create_app
+
+    got = {}
+    for name, ix in (("hnsw", tiny_index), ("milvus", tiny_milvus_index)):
+        capsys.readouterr()
+        assert cli(["eval", str(ix), "--pack", str(tiny_pack), "--queries", str(tiny_corpus / "queries.jsonl"),
+                    "--k", "6", "--think-budget", "8", "--json"]) == 0
+        got[name] = json.loads(capsys.readouterr().out)
+    assert got["milvus"]["queries"] == got["hnsw"]["queries"] == 4
+    assert got["milvus"]["coarse"] == got["hnsw"]["coarse"]
+    with TestClient(create_app(str(tiny_pack), str(tiny_milvus_index))) as client:
+        r = client.post("/v1/search", json={"text": "picture 3", "k": 5, "rerank": False})
+        assert r.status_code == 200 and len(r.json()["ranked"]) == 5
+
+
 @pytest.mark.parametrize("store", ["hnsw", "milvus"])
 def test_add_then_search_finds_every_added_candidate_and_delete_hides_it(tmp_path, store):
     index = Index.build(FakeEncoder(), rows("b", 0, 30), tmp_path / "ix", vector_store=store)
