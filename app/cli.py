@@ -61,6 +61,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.demo == (args.pack is not None) or (args.demo and args.index is not None):
         raise InputError("serve: got " + ("--demo with --pack/INDEX" if args.demo else "no --pack") +
                          "; expected `retrv serve [INDEX] --pack PACK` or `retrv serve --demo`")
+    if not args.ray and (args.replicas != 1 or args.max_replicas is not None):
+        raise InputError(f"serve: got --replicas {args.replicas} / --max-replicas {args.max_replicas} without --ray; "
+                         f"expected them with --ray")
+    if args.max_replicas is not None and args.max_replicas < args.replicas:
+        raise InputError(f"serve: got --max-replicas {args.max_replicas}; expected at least --replicas "
+                         f"({args.replicas})")
     for module in ("fastapi", "uvicorn", "prometheus_client"):
         require(module, "serve")
     from retrv.app.serve import serve
@@ -85,8 +91,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     where = "rerank only" if index is None else f"index {getattr(index, 'path', index)}"
     print(f"retrv serve: http://{args.host}:{args.port} ({where}{', API key required' if api_key else ''})",
           file=sys.stderr)
-    serve(pack, index, host=args.host, port=args.port, model_name=args.model_name, api_key=api_key,
-          workers=args.workers, max_queue=args.max_queue, threads=args.threads, backend=args.backend)
+    app_kwargs = dict(model_name=args.model_name, api_key=api_key, workers=args.workers, max_queue=args.max_queue,
+                      threads=args.threads, backend=args.backend)
+    if args.ray:  # the same app as Ray Serve replicas (app/serve_ray.py)
+        from retrv.app.serve_ray import check_shareable, serve_ray
+
+        check_shareable(index)
+        require("ray.serve", "scale")
+        print(f"retrv serve: {args.replicas} Ray Serve replica(s)"
+              f"{f', autoscaling to {args.max_replicas}' if args.max_replicas else ''}", file=sys.stderr)
+        serve_ray(pack.path, None if index is None else index.path, host=args.host, port=args.port,
+                  replicas=args.replicas, max_replicas=args.max_replicas, **app_kwargs)
+        return 0
+    serve(pack, index, host=args.host, port=args.port, **app_kwargs)
     return 0
 
 
@@ -147,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="require 'Authorization: Bearer KEY' on every endpoint but /health (or RETRV_API_KEY)")
     srv.add_argument("--model-name", default=None, help="requests' `model` must equal this (default: ignored)")
     srv.add_argument("--backend", default="auto", choices=["auto", "ort", "trt"])
+    srv.add_argument("--ray", action="store_true", help="serve as a Ray Serve application (the scale extra): replicas "
+                                                        "in their own processes behind Ray's HTTP proxy")
+    srv.add_argument("--replicas", type=int_in(1, 1024), default=1, help="with --ray: replicas (the minimum when "
+                                                                          "--max-replicas is given)")
+    srv.add_argument("--max-replicas", type=int_in(1, 1024), default=None,
+                     help="with --ray: let Ray's autoscaler run up to this many replicas")
     srv.set_defaults(func=_cmd_serve)
 
     demo = sub.add_parser("demo", help="run the pipeline end to end on the embedded default")

@@ -83,19 +83,35 @@ def cmd_index_build(args) -> int:
     check_output(args.index, "index", {"the pack": args.pack,
                                        **{f"the corpus {c}": c for c in args.corpus}})
     from retrv.runtime.inputs.corpus import read_candidate_files
+    from retrv.runtime.index.milvus import StoreSpec
     from retrv.runtime.index.store import Index
     from retrv.runtime.pack import Pack
 
+    StoreSpec.parse(args.vector_store)  # a bad --vector-store is refused before anything is encoded
     pack = Pack.open(args.pack)
     cands = read_candidate_files(args.corpus, image_root=args.image_root)  # paths absolute from here on
     _log_image_base(args.corpus, args.image_root)
     with progress_bar(len(cands), "candidate", "index build") as bar:
         index = Index.build(_CountingEncoder(_encoder(pack, args), bar), cands, args.index, m=args.m,
                             ef_construction=args.ef_construction, ef_search=args.ef_search, backend=args.backend,
-                            **_backend_kwargs(args))
+                            vector_store=args.vector_store, **_backend_kwargs(args))
     sizes = index.bytes_per_item()
+    where = "HNSW" if index.meta.store == "hnsw" else "Milvus " + index.meta.vectors["uri"]
     print(f"indexed {index.meta.count} candidates into {index.path} "
-          f"({sizes['token_cache']:.0f} B/candidate of cached tokens, {sizes['ann']:.0f} B/candidate of HNSW)")
+          f"({sizes['token_cache']:.0f} B/candidate of cached tokens, {sizes['ann']:.0f} B/candidate of {where})")
+    return 0
+
+
+def cmd_index_migrate(args) -> int:
+    from retrv.runtime.index.milvus import StoreSpec
+    from retrv.runtime.index.store import Index
+
+    StoreSpec.parse(args.to)
+    index = Index.open(args.index)
+    gen = index.migrate(args.to)
+    rec = index.meta.vectors
+    where = "hnsw" if rec["store"] == "hnsw" else f"milvus {rec['uri']} collection {rec['collection']}"
+    print(f"moved the vectors of {index.path} to {where}: generation {gen}, {index.meta.count} live")
     return 0
 
 
@@ -344,6 +360,9 @@ def register(sub) -> None:
                        help="HNSW search breadth; 200 gives recall@10 0.92 on 10k random 128-d vectors, the worst "
                             "case (bench/index.py)")
     build.add_argument("--image-root", default=None, help=_IMAGE_ROOT)
+    build.add_argument("--vector-store", default="hnsw", metavar="STORE",
+                       help="where the vectors live: hnsw (default: files in the index), milvus (Milvus Lite in "
+                            "INDEX/vectors.db, one process at a time) or milvus://HOST:PORT[/collection] (a server)")
     _backend_flags(build)
     build.set_defaults(func=cmd_index_build)
 
@@ -359,6 +378,11 @@ def register(sub) -> None:
     delete.add_argument("index")
     delete.add_argument("--ids", nargs="+", required=True, metavar="DID")
     delete.set_defaults(func=cmd_index_delete)
+
+    migrate = idx_sub.add_parser("migrate", help="INDEX --to STORE: move the vectors to another store (crash-safe)")
+    migrate.add_argument("index")
+    migrate.add_argument("--to", required=True, metavar="STORE", help="hnsw, milvus or milvus://HOST:PORT[/collection]")
+    migrate.set_defaults(func=cmd_index_migrate)
 
     info = idx_sub.add_parser("info", help="INDEX: verify an index and print its facts")
     info.add_argument("index")

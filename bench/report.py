@@ -142,6 +142,12 @@ def ann_table(ann: dict) -> tuple[list[str], list[list[str]]]:
                      str(4 * r["dim"]), f"{r['qps_hnsw']:.0f}", f"{r['qps_brute']:.0f}",
                      _x(ratio(r["qps_hnsw"], r["qps_brute"])), f"{r['p50_ms_hnsw']:.3f}",
                      f"{r['p50_ms_brute']:.2f}", f"{r['recall_at_10']:.3f}"])
+    if any("qps_milvus" in r for r in ann.get("results", [])):  # Milvus Lite on the same vectors (issue 19)
+        head += ["build s (Milvus Lite)", "bytes/item (Milvus Lite)", "QPS Milvus Lite", "p50 ms Milvus Lite",
+                 "recall@10 Milvus Lite"]
+        for r, row in zip(ann["results"], body):
+            row += ([f"{r['milvus_build_s']:.1f}", f"{r['milvus_bytes_per_item']:.0f}", f"{r['qps_milvus']:.0f}",
+                     f"{r['p50_ms_milvus']:.3f}", f"{r['recall_at_10_milvus']:.3f}"] if "qps_milvus" in r else ["-"] * 5)
     return head, body
 
 

@@ -184,6 +184,9 @@ def _as_labels(x: Any, name: str = "labels") -> np.ndarray:
     return a
 
 
+as_vectors, as_labels = _as_vectors, _as_labels  # the same input checks for other vector stores (milvus.py)
+
+
 def _normalize(x: np.ndarray) -> np.ndarray:
     return x / (np.linalg.norm(x, axis=1, keepdims=True) + np.float32(_COSINE_EPS))
 
@@ -345,6 +348,17 @@ class HnswIndex:
                 self._index.mark_deleted(x)
                 self._live.discard(x)
                 self._deleted.add(x)
+
+    def vectors(self, labels: Any) -> np.ndarray:
+        """float32 (n, dim): the stored vectors of live labels, in their order (for cosine, normalized as hnswlib
+        stores them). Moving an index to another vector store reads them here."""
+        lab = _as_labels(labels)
+        with self._lock.read():
+            if unknown := [x for x in lab.tolist() if x not in self._live]:
+                raise InputError(f"vectors: label {unknown[0]} is not a live label of the index; expected live labels")
+            if not lab.size:
+                return np.zeros((0, self.dim), np.float32)
+            return np.asarray(self._index.get_items(lab.tolist()), dtype=np.float32).reshape(len(lab), self.dim)
 
     def set_ef_search(self, ef_search: int) -> None:
         """Change the query beam (saved with the index on the next `save`)."""

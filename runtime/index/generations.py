@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from retrv.runtime.errors import IndexFileError, RetrvError
-from retrv.runtime.folder import (check_table, check_version, describe, is_int, member, one_line, read_manifest,
-                                  verify_files)
+from retrv.runtime.folder import (WriterLock, check_table, check_version, describe, is_int, member, one_line,
+                                  read_manifest, verify_files)
 from retrv.runtime.fsutil import atomic_write_json, atomic_write_text, fsync_dir
 from retrv.runtime.index.ann import HnswIndex, HnswParams
 from retrv.runtime.index.ann_files import HNSW_BIN
+from retrv.runtime.index.milvus import MilvusStore, MilvusView, check_record, ids_digest
 from retrv.runtime.index.token_cache import CACHE_JSON, TokenCache
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,10 @@ def gen_dir(generation: int) -> str:
     return f"g{generation:06d}"
 
 
-def gen_files(generation: int) -> list[str]:
+def gen_files(generation: int, store: str = "hnsw") -> list[str]:
     g = gen_dir(generation)
-    return [f"{g}/{ROWS}", f"{g}/{CACHE_JSON}", f"{g}/{ANN_DIR}/{HNSW_BIN}", f"{g}/{ANN_DIR}/ann.json"]
+    ann = [f"{g}/{ANN_DIR}/{HNSW_BIN}", f"{g}/{ANN_DIR}/ann.json"] if store == "hnsw" else []  # milvus: no files
+    return [f"{g}/{ROWS}", f"{g}/{CACHE_JSON}", *ann]
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,12 @@ class IndexMeta:
     generation: int = 1
     format_version: int = INDEX_FORMAT_VERSION
     extra: dict = field(default_factory=dict)
+    # Where the vectors live: {"store": "hnsw"} (files in the generation) or Milvus's record (milvus.py).
+    vectors: dict = field(default_factory=lambda: {"store": "hnsw"})
+
+    @property
+    def store(self) -> str:
+        return self.vectors["store"]
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> "IndexMeta":
@@ -76,6 +84,7 @@ class IndexMeta:
             raise IndexFileError(one_line(f"{where}: has_t_con is {d.get('has_t_con')!r}; expected true or false"))
         if not isinstance(d.get("extra", {}), dict):
             raise IndexFileError(one_line(f"{where}: extra is {d.get('extra')!r}; expected an object"))
+        check_record(d.get("vectors", {"store": "hnsw"}), where)
         names = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -111,8 +120,9 @@ def read_head(root: Path) -> Head:
     meta = IndexMeta.from_dict(d, str(path))
     files = check_table(path, d.get("files"), IndexFileError)
     cache_files = check_table(path, d.get("cache_files"), IndexFileError)
-    if sorted(files) != sorted(gen_files(meta.generation)):
-        raise IndexFileError(one_line(f"{path}: files {sorted(files)}; expected {sorted(gen_files(meta.generation))}"))
+    want = sorted(gen_files(meta.generation, meta.store))
+    if sorted(files) != want:
+        raise IndexFileError(one_line(f"{path}: files {sorted(files)}; expected {want}"))
     if not all(n.startswith(f"{CACHE_DIR}/") and n.count("/") == 1 for n in cache_files):
         raise IndexFileError(one_line(f"{path}: cache_files {sorted(cache_files)}; expected files in {CACHE_DIR}/"))
     return Head(meta, files, cache_files, stamp)
@@ -153,7 +163,8 @@ class IndexSnapshot:
     """One committed generation, immutable: its rows, ANN and token cache always agree. Every search and every
     row/token lookup of one query goes through the same snapshot."""
 
-    def __init__(self, root: Path, meta: IndexMeta, ann: HnswIndex, rows: list[dict], cache: TokenCache) -> None:
+    def __init__(self, root: Path, meta: IndexMeta, ann: HnswIndex | MilvusView, rows: list[dict], cache: TokenCache
+                 ) -> None:
         self.path, self.meta, self.ann, self.cache = root, meta, ann, cache
         self.rows = tuple(rows)
         self.generation = meta.generation
@@ -173,24 +184,80 @@ class IndexSnapshot:
     def live_dids(self) -> set[str]:
         return set(self._by_did)
 
+    def with_tokens(self, store) -> "IndexSnapshot":
+        """This generation reading its candidates' tokens from another `TokenStore` (token_store.py), which must
+        hold exactly these rows: the same count, hidden size, content tokens and dids in the same order."""
+        from retrv.runtime.index.token_store import dids_digest
 
-def load_generation(root: Path, head: Head, verify: str) -> IndexSnapshot:
+        got = (store.count, store.hidden, store.has_t_con)
+        want = (len(self.rows), self.cache.hidden, self.cache.has_t_con)
+        if got != want or getattr(store, "dids_sha256", None) != dids_digest([r["did"] for r in self.rows]):
+            raise IndexFileError(f"{getattr(store, 'path', store)}: a token store of (count, hidden, has_t_con) = "
+                                 f"{got}; expected {want} and the dids of {self.path} generation {self.generation} "
+                                 f"(write the store again from this generation)")
+        return IndexSnapshot(self.path, self.meta, self.ann, list(self.rows), store)
+
+
+def hnsw_params(meta: IndexMeta) -> HnswParams:
+    return HnswParams(metric=meta.metric, dim=meta.dim, M=meta.m, ef_construction=meta.ef_construction,
+                      ef_search=meta.ef_search)
+
+
+def load_generation(root: Path, head: Head, verify: str, locked: bool = False) -> IndexSnapshot:
     meta = head.meta
     verify_files(root, head.files, IndexFileError, verify)
     for name in head.cache_files:
         member(root, name, IndexFileError)  # no symlink among the shared data files; TokenCache checks the rest
     g = root / gen_dir(meta.generation)
-    params = HnswParams(metric=meta.metric, dim=meta.dim, M=meta.m, ef_construction=meta.ef_construction,
-                        ef_search=meta.ef_search)
-    ann = HnswIndex.load(g / ANN_DIR, expected_params=params)
     cache = TokenCache.open(root / CACHE_DIR, verify=verify, meta_path=g / CACHE_JSON)
     recorded = {f"{CACHE_DIR}/{n}": e for n, e in cache.files.items()}
     if recorded != head.cache_files:
         raise IndexFileError(f"{g / CACHE_JSON}: describes {sorted(recorded)} unlike {INDEX_JSON}'s cache_files; "
                              f"expected the same prefixes")
     rows = read_rows(g / ROWS)
+    if meta.store == "hnsw":
+        ann = HnswIndex.load(g / ANN_DIR, expected_params=hnsw_params(meta))
+    else:
+        ann = MilvusView(open_milvus(root, head, rows, locked), rows)
     check_consistent(root, meta, ann, rows, cache)
     return IndexSnapshot(root, meta, ann, rows, cache)
+
+
+class _Moved(Exception):
+    """The committed generation changed while a Milvus mismatch waited for the writer lock: open again."""
+
+
+def open_milvus(root: Path, head: Head, rows: list[dict], locked: bool) -> MilvusStore:
+    """The collection of this generation, its ids checked against the live rows: orphans (a killed add's inserts,
+    a killed delete's leftovers) are deleted under the writer lock; a live row without a vector is refused."""
+    meta, rec = head.meta, head.meta.vectors
+    store = MilvusStore.open(rec, root, hnsw_params(meta))
+    live = np.array([i for i, r in enumerate(rows) if not r["deleted"]], dtype=np.int64)
+    if rec["count"] != len(live) or rec["ids_sha256"] != ids_digest(live):
+        raise IndexFileError(f"{root / INDEX_JSON}: vectors.count/ids_sha256 do not describe the live rows "
+                             f"({len(live)}); expected the record of generation {meta.generation}")
+    ids = store.ids(upto=len(rows))
+    missing = np.setdiff1d(live, ids)
+    if len(missing):
+        raise IndexFileError(f"Milvus at {store.uri}: collection {store.collection!r} lacks {len(missing)} live "
+                             f"candidates' vectors (label {int(missing[0])}, did {rows[int(missing[0])]['did']!r}); "
+                             f"expected all {len(live)}: rebuild the index (or restore the collection)")
+    orphans = np.setdiff1d(ids, live)
+    if len(orphans):
+        if locked:
+            _delete_orphans(root, store, orphans)
+        else:
+            with WriterLock(root, IndexFileError):
+                if stamp_of(root / INDEX_JSON) != head.stamp:
+                    raise _Moved()
+                _delete_orphans(root, store, np.setdiff1d(store.ids(upto=len(rows)), live))
+    return store
+
+
+def _delete_orphans(root: Path, store: MilvusStore, orphans: np.ndarray) -> None:
+    log.warning("%s: deleting %d orphan vectors from Milvus collection %r (an interrupted update): labels %s",
+                root, len(orphans), store.collection, orphans[:8].tolist())
+    store.delete(orphans)
 
 
 def check_consistent(root: Path, meta: IndexMeta, ann: HnswIndex, rows: list[dict], cache: TokenCache) -> None:
@@ -210,12 +277,15 @@ def check_consistent(root: Path, meta: IndexMeta, ann: HnswIndex, rows: list[dic
         raise IndexFileError(f"{where / CACHE_JSON}: has_t_con {cache.has_t_con}; expected {meta.has_t_con}")
 
 
-def load(root: Path, verify: str) -> tuple[Head, IndexSnapshot]:
-    """Open the committed generation; start over if a writer moved past it (and deleted it) meanwhile."""
+def load(root: Path, verify: str, locked: bool = False) -> tuple[Head, IndexSnapshot]:
+    """Open the committed generation; start over if a writer moved past it (and deleted it) meanwhile. `locked`:
+    the caller holds the writer lock (Milvus orphans are then deleted without taking it)."""
     for attempt in range(OPEN_RETRIES):
         head = read_head(root)
         try:
-            return head, load_generation(root, head, verify)
+            return head, load_generation(root, head, verify, locked)
+        except _Moved:
+            continue
         except (RetrvError, OSError) as e:
             # A file of this generation vanished or changed under us (the token cache's description, the graph:
             # any of them): if a writer committed meanwhile, that is why; read the new head and start over.
@@ -231,7 +301,7 @@ def load(root: Path, verify: str) -> tuple[Head, IndexSnapshot]:
 def commit(root: Path, meta: IndexMeta) -> Head:
     """Describe generation `meta.generation` (already written and fsynced) in a new index.json: the commit point."""
     g = meta.generation
-    files = {name: describe(root, name) for name in gen_files(g)}
+    files = {name: describe(root, name) for name in gen_files(g, meta.store)}
     cache = TokenCache.open(root / CACHE_DIR, verify="size", meta_path=root / gen_dir(g) / CACHE_JSON)
     cache_files = {f"{CACHE_DIR}/{n}": e for n, e in cache.files.items()}
     record = {"kind": INDEX_KIND, **asdict(meta), "files": files, "cache_files": cache_files}

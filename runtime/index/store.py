@@ -47,7 +47,9 @@ from retrv.runtime.fsutil import atomic_dir, atomic_write_text
 from retrv.runtime.index.ann import DEFAULT_EF_CONSTRUCTION, DEFAULT_EF_SEARCH, DEFAULT_M, HnswIndex, HnswParams
 from retrv.runtime.index.generations import (ANN_DIR, CACHE_DIR, INDEX_FORMAT_VERSION, INDEX_JSON, ROWS, Head,
                                              IndexMeta, IndexSnapshot, check_consistent, clean, commit,
-                                             fsync_generation, gen_dir, load, read_head, stamp_of, write_rows)
+                                             fsync_generation, gen_dir, hnsw_params, load, read_head, stamp_of,
+                                             write_rows)
+from retrv.runtime.index.milvus import LOCAL_DB, MilvusStore, MilvusView, MilvusWriter, StoreSpec, release_local
 from retrv.runtime.index.token_cache import CACHE_JSON, TokenCache, TokenCacheWriter
 from retrv.runtime.inputs.corpus import Candidate, candidates_from_rows, read_candidates
 
@@ -75,6 +77,8 @@ class Index:
         self._encoder = None
         self._refresh_lock = threading.Lock()
         self._refused_stamp: tuple = ()
+        self._token_store = None  # None: each generation's own token cache; else a TokenStore (use_token_store)
+        self._with_tokens: IndexSnapshot | None = None
 
     # -- open -------------------------------------------------------------------------------------------------------
     @classmethod
@@ -93,10 +97,13 @@ class Index:
     @classmethod
     def build(cls, encoder, corpus: str | Path | list, out: str | os.PathLike, m: int = DEFAULT_M,
               ef_construction: int = DEFAULT_EF_CONSTRUCTION, ef_search: int = DEFAULT_EF_SEARCH, batch: int = 8,
-              image_root: str | os.PathLike | None = None, backend: str = "auto", **backend_kwargs: Any) -> "Index":
+              image_root: str | os.PathLike | None = None, backend: str = "auto", vector_store: str = "hnsw",
+              **backend_kwargs: Any) -> "Index":
         """`encoder`: a `Pack` (its backend is opened here) or a `CandidateEncoder`. `corpus`: an M-BEIR candidate
         JSONL (image paths relative to it, or to `image_root`) or a list of rows (dicts, paths relative to the
-        current directory) / `Candidate`s. The index is written beside `out` and renamed into place."""
+        current directory) / `Candidate`s. `vector_store`: "hnsw", "milvus" (Milvus Lite inside the index) or
+        "milvus://HOST:PORT[/collection]" (milvus.py). The index is written beside `out` and renamed into place."""
+        spec = StoreSpec.parse(vector_store)
         pack = None
         if not hasattr(encoder, "encode"):
             pack, encoder = encoder, _encoder_for(encoder, backend, backend_kwargs)
@@ -110,15 +117,28 @@ class Index:
                                 ef_search=ef_search)
             g = tmp / gen_dir(1)
             g.mkdir()
-            ann = HnswIndex.create(params, capacity=max(16, len(cands)))
+            if spec.store == "hnsw":
+                ann = HnswIndex.create(params, capacity=max(16, len(cands)))
+            else:
+                store = MilvusStore.create(spec, tmp, params)
+                ann = MilvusWriter(store)
             with TokenCacheWriter(tmp / CACHE_DIR, hidden=encoder.hidden, has_t_con=encoder.has_t_con) as writer:
                 rows = _encode_into(encoder, cands, writer, ann, start=0, batch=batch)
             os.replace(tmp / CACHE_DIR / CACHE_JSON, g / CACHE_JSON)
-            ann.save(g / ANN_DIR)
+            if spec.store == "hnsw":
+                ann.save(g / ANN_DIR)
+                vectors = {"store": "hnsw"}
+            else:
+                vectors = store.record(np.arange(len(rows), dtype=np.int64))
             write_rows(g / ROWS, rows)
             meta = IndexMeta(encoder.pack_sha256, "cosine", m, ef_construction, ef_search, len(rows), encoder.dim,
-                             encoder.has_t_con, generation=1, extra={"embed_template": encoder.template})
+                             encoder.has_t_con, generation=1, extra={"embed_template": encoder.template},
+                             vectors=vectors)
             commit(tmp, meta)
+            # Milvus Lite serves a database from this process by its path: stop it before the folder is renamed,
+            # and stop any server on the index this one replaces.
+            release_local(tmp / LOCAL_DB)
+            release_local(out / LOCAL_DB)
         index = cls.open(out, pack=pack, backend=backend, **backend_kwargs)
         index.use_encoder(encoder)
         return index
@@ -137,7 +157,20 @@ class Index:
                             self._snap.generation, e)
                 if stamp_of(self.path / INDEX_JSON) == stamp:
                     self._refused_stamp = stamp
-        return self._snap
+        snap = self._snap
+        if self._token_store is None:
+            return snap
+        seen = self._with_tokens
+        if seen is None or seen.generation != snap.generation:
+            seen = self._with_tokens = snap.with_tokens(self._token_store)
+        return seen
+
+    def use_token_store(self, store) -> None:
+        """Read candidates' tokens from `store` (a `TokenStore`, e.g. a `ShardedTokenStore` written from this
+        index) instead of the index's own cache; refused unless it holds exactly the current generation's rows.
+        Searches and the reranker are unchanged; `None` goes back to the index's cache."""
+        self._with_tokens = None if store is None else self._snap.with_tokens(store)
+        self._token_store = store
 
     def refresh(self) -> bool:
         """Load the committed generation if it is not the one held; True if it changed."""
@@ -195,8 +228,7 @@ class Index:
             live = base_snap.live_dids()
             if dup := next((c.did for c in cands if c.did in live), None):
                 raise InputError(f"add: did {dup!r} is already in the index; expected new candidate ids")
-            ann = HnswIndex.load(root / gen_dir(base_snap.generation) / ANN_DIR,
-                                 expected_params=base_snap.ann.params)
+            ann = _vector_writer(root, base_snap)
             with base_snap.cache.appender(meta_out=gdir / CACHE_JSON) as writer:
                 new_rows = _encode_into(encoder, cands, writer, ann, start=len(base_snap.rows), batch=batch)
             return list(base_snap.rows) + new_rows, ann
@@ -214,8 +246,7 @@ class Index:
             missing = [d for d in dids if base_snap.label(d) is None]
             if missing:
                 raise InputError(f"delete: did {missing[0]!r} is not in the index; expected live candidate ids")
-            ann = HnswIndex.load(root / gen_dir(base_snap.generation) / ANN_DIR,
-                                 expected_params=base_snap.ann.params)
+            ann = _vector_writer(root, base_snap)
             labels = [base_snap.label(d) for d in dids]
             ann.delete(np.asarray(labels, dtype=np.int64))
             rows = [dict(r) for r in base_snap.rows]
@@ -227,7 +258,45 @@ class Index:
 
         return self._update(apply)
 
-    def _update(self, apply) -> int:
+    def migrate(self, to: str) -> int:
+        """Move the vectors to another store ("hnsw", "milvus" or "milvus://HOST:PORT[/collection]") as generation
+        N+1: the new store is written (and flushed) first, the generation committed last; a Milvus collection left
+        behind is dropped after the commit. Rows and cached tokens are unchanged. Returns the new generation."""
+        spec = StoreSpec.parse(to)
+        cur = self._head.meta.vectors
+        same = (spec.store == "hnsw" == cur["store"]) or (spec.store == "milvus" and cur["store"] == "milvus" and (
+            (spec.uri is None and cur["uri"] == LOCAL_DB) or (spec.uri == cur["uri"]
+                                                             and spec.collection == cur["collection"])))
+        if same:
+            raise InputError(f"migrate: {self.path} already keeps its vectors in {to!r}; expected another store")
+        left: list = []
+
+        def apply(root: Path, base_snap: IndexSnapshot, gdir: Path):
+            live = base_snap.ann.labels()
+            vectors = _read_vectors(base_snap, live)  # (n, dim) float32
+            params = hnsw_params(base_snap.meta)
+            if spec.store == "hnsw":
+                ann = HnswIndex.create(params, capacity=max(16, len(live)))
+                ann.add(live, vectors)
+            else:
+                ann = MilvusWriter(MilvusStore.create(spec, root, params))
+                ann.add(live, vectors)
+            if base_snap.meta.store == "milvus":
+                left.append(base_snap.ann.store)
+            src = base_snap.cache.meta_path
+            atomic_write_text(gdir / CACHE_JSON, src.read_text(encoding="utf-8"))  # the cache is unchanged
+            return list(base_snap.rows), ann
+
+        def after() -> None:
+            for store in left:
+                store.drop()
+                if store.local:
+                    release_local(self.path / LOCAL_DB)
+                    shutil.rmtree(self.path / LOCAL_DB, ignore_errors=True)
+
+        return self._update(apply, after)
+
+    def _update(self, apply, after=None) -> int:
         root = self.path
         with WriterLock(root, IndexFileError):
             head = read_head(root)
@@ -235,22 +304,32 @@ class Index:
             if head.stamp == self._head.stamp:
                 base_snap = self._snap  # nobody else committed: no need to read it back
             else:
-                head, base_snap = load(root, self._verify)
+                head, base_snap = load(root, self._verify, locked=True)
             new = head.meta.generation + 1
             gdir = root / gen_dir(new)
             gdir.mkdir()
             try:
                 rows, ann = apply(root, base_snap, gdir)
-                ann.save(gdir / ANN_DIR)
+                meta = replace(head.meta, generation=new, count=sum(not r["deleted"] for r in rows))
+                if isinstance(ann, MilvusWriter):  # its adds are in Milvus already (flushed): the commit comes last
+                    writer, ann = ann, MilvusView(ann.store, rows)
+                    meta = replace(meta, vectors=ann.store.record(ann.labels()))
+                else:
+                    writer = None
+                    meta = replace(meta, vectors={"store": "hnsw"})
+                    ann.save(gdir / ANN_DIR)
                 write_rows(gdir / ROWS, rows)
                 fsync_generation(gdir)
-                meta = replace(head.meta, generation=new, count=sum(not r["deleted"] for r in rows))
                 cache = TokenCache.open(root / CACHE_DIR, verify="size", meta_path=gdir / CACHE_JSON)
                 check_consistent(root, meta, ann, rows, cache)
             except BaseException:
                 shutil.rmtree(gdir, ignore_errors=True)  # a refused update leaves nothing behind
                 raise
             new_head = commit(root, meta)  # the commit point
+            if writer is not None:
+                writer.after_commit()  # Milvus deletes follow the commit: a kill here leaves orphans, repaired on open
+            if after is not None:
+                after()
             snap = IndexSnapshot(root, meta, ann, rows, cache)
             with self._refresh_lock:
                 self._head, self._snap = new_head, snap
@@ -275,7 +354,8 @@ class Index:
     def bytes_per_item(self) -> dict:
         snap = self._snap
         g = self.path / gen_dir(snap.generation)
-        ann_bytes = sum(p.stat().st_size for p in (g / ANN_DIR).iterdir())
+        ann_dir = g / ANN_DIR if snap.meta.store == "hnsw" else self.path / LOCAL_DB
+        ann_bytes = sum(p.stat().st_size for p in ann_dir.rglob("*") if p.is_file()) if ann_dir.is_dir() else 0
         n = max(1, len(snap.rows))
         return {"token_cache": snap.cache.bytes_per_candidate(), "ann": ann_bytes / n,
                 "rows": (g / ROWS).stat().st_size / n}
@@ -286,8 +366,26 @@ class Index:
         return {"path": str(self.path), "format_version": m.format_version, "generation": m.generation,
                 "count": m.count, "deleted": len(snap.rows) - m.count, "dim": m.dim, "metric": m.metric, "m": m.m,
                 "ef_construction": m.ef_construction, "ef_search": m.ef_search, "has_t_con": m.has_t_con,
-                "pack_sha256": m.pack_sha256, "token_cache_tokens": snap.cache.total_tokens,
+                "pack_sha256": m.pack_sha256, "vector_store": _store_info(m.vectors), "token_cache_tokens": snap.cache.total_tokens,
                 "bytes_per_item": self.bytes_per_item()}
+
+
+def _read_vectors(snap: IndexSnapshot, labels: np.ndarray) -> np.ndarray:
+    if snap.meta.store == "hnsw":
+        return snap.ann.vectors(labels)
+    return snap.ann.store.vectors(labels)
+
+
+def _store_info(rec: dict) -> dict:
+    return {k: rec[k] for k in ("store", "uri", "collection", "index") if k in rec}
+
+
+def _vector_writer(root: Path, snap: IndexSnapshot):
+    """What an update writes the next generation's vectors through: a private copy of generation N's hnswlib
+    graph, or the Milvus collection itself (adds at once, deletes after the commit)."""
+    if snap.meta.store == "hnsw":
+        return HnswIndex.load(root / gen_dir(snap.generation) / ANN_DIR, expected_params=snap.ann.params)
+    return MilvusWriter(snap.ann.store)
 
 
 def _encoder_for(pack, backend: str, backend_kwargs: dict):

@@ -140,10 +140,28 @@ class TokenCacheWriter:
         if not np.isfinite(x).all():
             raise InputError(f"tokens: got {int(np.size(x) - np.isfinite(x).sum())} non-finite values; "
                              f"expected finite floats")
-        n = x.shape[0]
-        g = self._check_grid(grid, n)
+        g = self._check_grid(grid, x.shape[0])
         t = self._check_t_con(t_con)
-        q, scales = quantize_int8(x)
+        return self._append(*quantize_int8(x), g, t)
+
+    def add_quantized(self, q: np.ndarray, scales: np.ndarray, grid: Sequence[int] | np.ndarray | None = None,
+                      t_con: np.ndarray | None = None) -> int:
+        """Append one candidate as another cache stores it (`TokenCache.quantized`): int8 (L, H) and float32 (L,)
+        scales, written as they are (byte-identical; re-quantizing dequantized rows could round differently)."""
+        if self._closed or self._broken:
+            raise InputError(f"{self._final}: token cache writer is {'closed' if self._closed else 'broken'}; "
+                             f"expected an open writer")
+        q, s = np.asarray(q), np.asarray(scales)
+        if q.ndim != 2 or q.shape[1] != self._hidden or q.dtype != np.int8 or s.shape != (q.shape[0],) \
+                or s.dtype.kind != "f" or not np.isfinite(s).all() or (s < 0).any():
+            raise InputError(f"quantized tokens: got {q.dtype} {q.shape} with scales {s.dtype} {s.shape}; expected "
+                             f"int8 (L, {self._hidden}) and finite non-negative float32 (L,)")
+        g = self._check_grid(grid, q.shape[0])
+        t = self._check_t_con(t_con)
+        return self._append(q, s.astype(np.float32), g, t)
+
+    def _append(self, q: np.ndarray, scales: np.ndarray, g: np.ndarray, t: np.ndarray | None) -> int:
+        n = q.shape[0]
         try:
             self._write("tokens.i8", q.tobytes())
             self._write("scales.f32", scales.astype("<f4").tobytes())
