@@ -227,7 +227,7 @@ def test_burst_is_answered_200_or_429_and_counted(engine, monkeypatch):
 
     monkeypatch.setattr(engine, "rerank", slow)
     n = 48
-    with Running(create_app(None, engine=engine, workers=1, max_queue=2)) as url:
+    with Running(create_app(None, engine=engine, slots=1, max_queue=2)) as url:
         async def burst():
             async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=n)) as client:
                 async def one(i):
