@@ -108,6 +108,7 @@ class Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path, started, status = scope["path"], time.perf_counter(), [500]
+        scope["retrv.arrived"] = started  # a deadline counts from here: reading and parsing the body included
 
         async def send_status(message):
             if message["type"] == "http.response.start":
@@ -318,18 +319,22 @@ def create_app(pack, index=None, *, model_name: str | None = None, api_key: str 
         for b in meta["tokens"]["budget_exhausted"]:
             metrics.exhausted.labels(b).inc()
 
-    async def rerank(body, version: int):
-        arrived = time.perf_counter()
+    def arrival(request: Request) -> float:
+        return request.scope.get("retrv.arrived", time.perf_counter())
+
+    async def rerank(body, version: int, arrived: float):
         check_model(body.model)
         if not body.documents or len(body.documents) > limits.max_documents:
             raise RequestRefused(f"documents: got {len(body.documents):,}; expected 1 to {limits.max_documents:,}")
         if len(body.query) > limits.max_text_chars:
             raise RequestRefused(f"query: got {len(body.query):,} characters; expected at most "
                                  f"{limits.max_text_chars:,}")
-        async with Admission():
+        def work():  # in a worker thread: decoding the images keeps the event loop (and its 429s) responsive
             docs = [parse_document(i, d, limits) for i, d in enumerate(body.documents)]
-            out = await run(engine.rerank, body.query, docs, Budget(), deadline_ms=body.deadline_ms,
-                            arrived=arrived)
+            return engine.rerank(body.query, docs, Budget(), deadline_ms=body.deadline_ms, arrived=arrived)
+
+        async with Admission():
+            out = await run(work)
         record(out["meta"])
         n = len(out["order"]) if body.top_n is None else min(body.top_n, len(out["order"]))
         results = []
@@ -347,20 +352,20 @@ def create_app(pack, index=None, *, model_name: str | None = None, api_key: str 
         return {"id": str(uuid.uuid4()), "results": results, "meta": meta}
 
     @app.post("/v1/rerank")
-    async def rerank_v1(body: RerankV1):
+    async def rerank_v1(body: RerankV1, request: Request):
         """Cohere v1 rerank. A document is a string (a data:image/...;base64, string is an image) or
         {"text", "image"}."""
-        return await rerank(body, 1)
+        return await rerank(body, 1, arrival(request))
 
     @app.post("/v2/rerank")
-    async def rerank_v2(body: RerankV2):
+    async def rerank_v2(body: RerankV2, request: Request):
         """Cohere v2 rerank (cohere.ClientV2)."""
-        return await rerank(body, 2)
+        return await rerank(body, 2, arrival(request))
 
     @app.post("/v1/search")
-    async def search(body: SearchBody):
+    async def search(body: SearchBody, request: Request):
         """The same JSON as `retrv search --json` (plus "deadline" when deadline_ms was given)."""
-        arrived = time.perf_counter()
+        arrived = arrival(request)
         if engine.retriever is None:
             raise RequestRefused("/v1/search: this server has no index; expected `retrv serve INDEX --pack PACK`",
                                  404)
@@ -368,10 +373,13 @@ def create_app(pack, index=None, *, model_name: str | None = None, api_key: str 
             raise RequestRefused("search: got neither text nor image; expected at least one")
         budget = Budget(think=body.think_budget, inspect=body.inspect_budget, tool=body.tool_budget,
                         token=body.token_budget)
-        async with Admission():
+        def work():
             image = decode_image(body.image, "image", limits)[0] if body.image is not None else None
-            out = await run(engine.search, body.text, image, k=body.k, budget=budget, window=body.window,
-                            stride=body.stride, rerank=body.rerank, deadline_ms=body.deadline_ms, arrived=arrived)
+            return engine.search(body.text, image, k=body.k, budget=budget, window=body.window, stride=body.stride,
+                                 rerank=body.rerank, deadline_ms=body.deadline_ms, arrived=arrived)
+
+        async with Admission():
+            out = await run(work)
         if out.get("tokens"):
             metrics.tokens.observe(out["tokens"]["total_tokens"])
         return out

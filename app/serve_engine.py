@@ -33,7 +33,7 @@ import numpy as np
 
 from retrv.runtime.errors import InputError
 from retrv.runtime.rerank.budget import DEFAULT_K, DEFAULT_STRIDE, DEFAULT_WINDOW, Budget
-from retrv.runtime.rerank.deadline import DeadlinePlanner
+from retrv.runtime.rerank.deadline import DeadlinePlanner, Timing
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,8 @@ def parse_document(i: int, doc, limits: ServeLimits) -> Document:
 
 
 class TokenCache:
-    """Encoded images by content hash, least recently used first out, bounded in bytes."""
+    """Encoded documents by content hash (images' vision tokens; documents' vectors), least recently used first
+    out, bounded in bytes."""
 
     def __init__(self, max_bytes: int = 256 << 20) -> None:
         self.max_bytes, self.bytes = max_bytes, 0
@@ -167,6 +168,16 @@ class TokenCache:
             while self.bytes > self.max_bytes:
                 _, (old, _) = self.items.popitem(last=False)
                 self.bytes -= old.nbytes
+
+
+def coarse_result(k: int):
+    """A rerank that did not run (the deadline left no time for its prompts): the coarse order, token budget
+    exhausted."""
+    from retrv.runtime.rerank.budget import Usage
+    from retrv.runtime.rerank.loop import RerankResult
+
+    return RerankResult(order=list(range(k)), windows=[], usage=Usage(), exhausted=["token"], timings_ms={},
+                        limits={})
 
 
 def relevance_scores(order: list[int], similarity: np.ndarray) -> list[float]:
@@ -201,7 +212,8 @@ class Engine:
             from retrv.runtime.retriever import CandidateEncoder
 
             index.use_encoder(CandidateEncoder(self.c))
-        self.cache = TokenCache(cache_bytes)
+        self.cache = TokenCache(cache_bytes)  # images' vision tokens
+        self.vectors = TokenCache(cache_bytes // 8)  # documents' coarse vectors (a few KB each)
         self.planner = DeadlinePlanner.calibrate(self.reranker)  # per-token cost on this device, kept current
 
     @property
@@ -226,6 +238,21 @@ class Engine:
             out[i] = enc
         return out
 
+    def _doc_vectors(self, docs: list[Document], encoded: list[tuple]) -> np.ndarray:
+        """The documents' coarse vectors, each computed once per content (text + image hash) while it stays in the
+        byte-bounded LRU: a RAG stack reranks the same passages and pictures again and again."""
+        from retrv.runtime.inputs.embedding import EmbedItem
+
+        keys = [hashlib.sha256(f"{d.text or ''}\0{d.image_sha256 or ''}".encode()).hexdigest() for d in docs]
+        found = [self.vectors.get(k) for k in keys]
+        todo = [i for i, hit in enumerate(found) if hit is None]
+        if todo:
+            items = [EmbedItem(docs[i].text, encoded[i][0], encoded[i][1], image=docs[i].image) for i in todo]
+            for i, v in zip(todo, self.c.embedder.embed(items, "candidate")):
+                found[i] = (np.asarray(v, np.float32), None)
+                self.vectors.put(keys[i], found[i])
+        return np.stack([v for v, _ in found])
+
     def rerank(self, query: str, docs: list[Document], budget: Budget, window: int = DEFAULT_WINDOW,
                stride: int = DEFAULT_STRIDE, deadline_ms: float | None = None, arrived: float | None = None) -> dict:
         """-> {"order": final order as document indices, "scores": relevance scores best first, "meta": ...}."""
@@ -244,8 +271,7 @@ class Engine:
         encoded = self._image_tokens(docs)
         timings["vision"] = (clock() - t0) * 1e3
         t0 = clock()
-        items = [EmbedItem(d.text, tok, grid, image=d.image) for d, (tok, grid) in zip(docs, encoded)]
-        vectors = self.c.embedder.embed(items, "candidate")  # (K, H), L2-normalised
+        vectors = self._doc_vectors(docs, encoded)  # (K, H), L2-normalised
         qv = self.c.embedder.embed([EmbedItem(query)], "query")[0]  # (H,)
         sim = vectors @ qv  # (K,)
         timings["embed"] = (clock() - t0) * 1e3
@@ -255,13 +281,17 @@ class Engine:
         planned_at = clock()
         budget, plan = self.planner.plan(deadline_ms, (planned_at - arrived) * 1e3, budget, kind="rerank")
         t0 = clock()
-        r = self.reranker.rerank(QueryInput(query), cands, budget, window, stride)
+        if plan.get("prompt_fits", True):
+            r = self.reranker.rerank(QueryInput(query), cands, budget, window, stride)
+        else:  # not even the prompts fit what is left of the deadline: the coarse order, now
+            r = coarse_result(len(cands))
         rerank_ms = (clock() - t0) * 1e3
         timings.update({k: v for k, v in r.timings_ms.items()})
         timings["rerank"] = rerank_ms
         timings["total"] = (clock() - arrived) * 1e3
         token_ms = r.timings_ms.get("prefill", 0) + r.timings_ms.get("decode", 0)
-        self.planner.observe(token_ms, r.usage.token, (clock() - planned_at) * 1e3 - token_ms, kind="rerank")
+        if r.windows:  # a skipped rerank says nothing about what one costs
+            self.planner.observe(Timing.of(r, (clock() - planned_at) * 1e3 - token_ms), kind="rerank")
         order = [coarse[j] for j in r.order]
         pos = {d: j for j, d in enumerate(coarse)}
         scores = relevance_scores([pos[d] for d in order], sim[coarse])
@@ -290,11 +320,11 @@ class Engine:
         budget, plan = self.planner.plan(deadline_ms, (planned_at - arrived) * 1e3, budget or Budget(),
                                          kind="search")
         result = self.retriever.search(text=text, image=image, k=k, budget=budget, window=window, stride=stride,
-                                       rerank=rerank)
+                                       rerank=rerank and plan.get("prompt_fits", True))
         if result.rerank is not None:
-            token_ms = result.rerank.timings_ms.get("prefill", 0) + result.rerank.timings_ms.get("decode", 0)
-            self.planner.observe(token_ms, result.rerank.usage.token, (clock() - planned_at) * 1e3 - token_ms,
-                                 kind="search")
+            r = result.rerank
+            token_ms = r.timings_ms.get("prefill", 0) + r.timings_ms.get("decode", 0)
+            self.planner.observe(Timing.of(r, (clock() - planned_at) * 1e3 - token_ms), kind="search")
         d = result.to_dict()
         if deadline_ms is not None:
             d["deadline"] = plan
