@@ -17,7 +17,8 @@ at most `slots` running plus `max_queue` waiting; the next request is answered 4
 queued without bound. With N workers, /metrics sums every worker (prometheus-client's multiprocess mode).
 
 Order of checks per request, cheapest first, before any model work: API key (401), body size (413), schema
-(422), image URLs (400), limits (422), the queue (429).
+(422), document count and text lengths (422), the queue (429); then in the worker thread, before the model, the
+images (URLs 400, pixels 422): decoding them off the event loop keeps the loop free to refuse at once.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' body types (classes local to create_app)

@@ -391,7 +391,8 @@ def section(result: dict) -> str:
         ip1 = result.get("in_process_1thread", {})
         out += ["**The server's overhead**: the same requests through the Python API (`Engine`, one at a time, in the "
                 "bench's own process after the servers stopped; with 2 and with 1 ONNX Runtime thread, taking turns "
-                "request by request) against each server at C = 1 (ratio: server / in-process with 2 threads).", "",
+                "request by request) against each server at C = 1 (ratio: server / in-process with the server's threads per "
+                "session).", "",
                 "| scenario | in-process p50 ms, 2 threads | 1 thread | "
                 + " | ".join(f"{n} C=1 p50 ms (ratio)" for n in names) + " |",
                 "| --- | --- | --- | " + " | ".join("---" for _ in names) + " |"]
@@ -400,7 +401,8 @@ def section(result: dict) -> str:
             for n in names:
                 c1 = next((x for x in result["configs"][n]["rows"].get(scen, []) if x["concurrency"] == 1), None)
                 v = c1 and c1["p50"]
-                cells.append(f"{_ms(v)} ({v / r['p50']:.2f}x)" if v and r.get("p50") else "n/a")
+                same = (ip1 if result["configs"][n]["threads"] == 1 else ip).get(scen, {}).get("p50")
+                cells.append(f"{_ms(v)} ({v / same:.2f}x)" if v and same else "n/a")
             out.append(f"| {scen} | {_ms(r.get('p50'))} | {_ms(ip1.get(scen, {}).get('p50'))} | "
                        + " | ".join(cells) + " |")
     counted = {n: result["configs"][n].get("metrics_requests_total") for n in names}
