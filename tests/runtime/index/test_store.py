@@ -277,3 +277,15 @@ def test_a_killed_adds_image_is_removed_by_the_next_write(ix, monkeypatch):
     index.delete(["b0"])  # two writes later no generation a reader may hold uses it: gone
     assert os.listdir(ix / "images") == []
     assert Index.open(ix).info()["count"] == 11
+
+
+def test_an_image_two_rows_share_stays_while_either_uses_it(ix):
+    index = Index.open(ix)
+    index.add([{"did": "p0"}, {"did": "p1"}], encoder=FakeEncoder(), images={"p0": _png(5), "p1": _png(5)})
+    (name,) = json.loads((ix / INDEX_JSON).read_text())["images"]  # one file for the same bytes
+    index.delete(["p0"])
+    index.delete(["b0"])
+    index.delete(["b1"])
+    assert (ix / name).is_file() and json.loads((ix / INDEX_JSON).read_text())["images"] == {
+        name: {"bytes": len(_png(5)), "sha256": name.split("/")[1].split(".")[0]}}
+    assert Index.open(ix).snapshot().live_dids() >= {"p1"}
