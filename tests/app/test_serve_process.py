@@ -58,8 +58,12 @@ def workers2(tiny_pack, tiny_index, tmp_path_factory):
         except httpx.TransportError:
             time.sleep(0.2)
     yield url, proc
-    if proc.poll() is None:
-        proc.kill()
+    if proc.poll() is None:  # a test failed before the SIGTERM one: stop it the same way (a SIGKILL would orphan the
+        proc.terminate()     # workers and leave the metrics folder behind)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
     proc.wait(timeout=30)
 
 
