@@ -92,7 +92,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(f"retrv serve: http://{args.host}:{args.port} ({where}{', API key required' if api_key else ''})",
           file=sys.stderr)
     app_kwargs = dict(model_name=args.model_name, api_key=api_key, workers=args.workers, max_queue=args.max_queue,
-                      threads=args.threads, backend=args.backend)
+                      threads=args.threads, backend=args.backend,
+                      cors_origins=tuple(args.cors_origin or ()))
     if args.ray:  # the same app as Ray Serve replicas (app/serve_ray.py)
         from retrv.app.serve_ray import check_shareable, serve_ray
 
@@ -155,11 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     srv.add_argument("--port", type=int_in(0, 65535), default=8080)
     srv.add_argument("--workers", type=int_in(1, 64), default=1,
-                     help="threads running model work at once (default 1: one query at a time, all cores each)")
+                     help="worker processes, each with its own pack and ONNX Runtime session running one query at a "
+                          "time (default 1: all cores on one query)")
     srv.add_argument("--max-queue", type=int_in(0, 10_000), default=8,
-                     help="requests waiting beyond the running ones; the next gets 429 with Retry-After")
+                     help="requests waiting per worker beyond the running one; the next gets 429 with Retry-After")
     srv.add_argument("--threads", type=int_in(1, 1024), default=None,
-                     help="ONNX Runtime intra-op threads per session (default: physical cores)")
+                     help="ONNX Runtime intra-op threads per worker (default: physical cores / workers)")
+    srv.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                     help="allow browser requests from this origin (repeatable; default: no CORS headers)")
     srv.add_argument("--api-key", default=None,
                      help="require 'Authorization: Bearer KEY' on every endpoint but /health (or RETRV_API_KEY)")
     srv.add_argument("--model-name", default=None, help="requests' `model` must equal this (default: ignored)")

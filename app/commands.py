@@ -154,9 +154,22 @@ def cmd_index_info(args) -> int:
 
 
 def cmd_search(args) -> int:
-    result = _retriever(args).search(text=args.text, image=args.image, k=args.k, budget=_budget(args),
-                                     window=args.window, stride=args.stride, rerank=not args.no_rerank)
+    import time
+
+    retriever, budget, plan = _retriever(args), _budget(args), None
+    if args.deadline_ms is not None and not args.no_rerank:
+        # The server's planner: the per-token cost measured now, on this device; the deadline counts from here
+        # (the pack and the index are open), so it covers the query's encoding, the coarse search and the rerank.
+        from retrv.runtime.rerank.deadline import DeadlinePlanner
+
+        planner = DeadlinePlanner.calibrate(retriever.reranker)
+        budget, plan = planner.plan(args.deadline_ms, 0.0, budget, kind="search")
+        started = time.perf_counter()
+    result = retriever.search(text=args.text, image=args.image, k=args.k, budget=budget,
+                              window=args.window, stride=args.stride, rerank=not args.no_rerank)
     d = result.to_dict()
+    if plan is not None:
+        d["deadline"] = {**plan, "total_ms": round((time.perf_counter() - started) * 1e3, 3)}
     if args.json:
         print(json.dumps(d))
         return 0
@@ -165,6 +178,10 @@ def cmd_search(args) -> int:
     t = d["tokens"]
     print(f"answer {d['answer']}; {t['prefill_tokens']} prefill + {t['think_tokens']} think tokens, "
           f"{t['inspected']} inspected, exhausted {t['budget_exhausted'] or 'none'}", file=sys.stderr)
+    if plan is not None:
+        print(f"deadline {args.deadline_ms:g} ms: token budget {plan['budget']['token']} "
+              f"({plan['ms_per_token']:.3f} ms/token planned); took {d['deadline']['total_ms']:.1f} ms",
+              file=sys.stderr)
     for name, c in d["limits"].items():
         print(f"{name} {c['asked']} capped to {c['capped_to']}: {c['reason']}", file=sys.stderr)
     return 0
@@ -314,6 +331,18 @@ positive_int = int_in(1)
 non_negative_int = int_in(0)
 
 
+def deadline_ms(text: str) -> float:
+    """An argparse `type` for --deadline-ms: milliseconds in (0, an hour]."""
+    from retrv.runtime.errors import InputError
+    from retrv.runtime.rerank.deadline import check_deadline
+
+    try:
+        return check_deadline(float(text), "--deadline-ms")
+    except (ValueError, InputError):
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        raise argparse.ArgumentTypeError(f"got {shown!r}; expected milliseconds > 0, at most 3600000") from None
+
+
 def _backend_flags(p) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "ort", "trt", "torch"])
     p.add_argument("--checkpoint", default=None, help="source checkpoint, for --backend torch")
@@ -394,6 +423,9 @@ def register(sub) -> None:
     search.add_argument("index")
     search.add_argument("--text", default=None)
     search.add_argument("--image", default=None)
+    search.add_argument("--deadline-ms", type=deadline_ms, default=None,
+                        help="answer within this many ms: a token budget planned from the per-token cost measured "
+                             "on this device (as `retrv serve` does); --json reports it under \"deadline\"")
     _query_flags(search)
     search.set_defaults(func=cmd_search)
 

@@ -4,16 +4,21 @@ extra).
     POST /v1/rerank   Cohere v1: query, documents, top_n, return_documents, model -> {id, results, meta}
     POST /v2/rerank   Cohere v2 (what cohere.ClientV2.rerank sends): query, documents, top_n, model
     POST /v1/search   a text and/or data-URL image query against the index -> what `retrv search --json` prints
+    POST /v1/documents    add M-BEIR candidate rows (images inline as data URLs) to the index
+    DELETE /v1/documents  delete candidates by did
     GET  /health      200 once the pack (and index) are open
     GET  /metrics     Prometheus text: requests by endpoint and status, queue depth, latencies, tokens, refusals
 
-Concurrency (docs/ARCHITECTURE.md, "Serving"): one process; the event loop only parses, checks and answers; the
-model work runs in a pool of `workers` threads (ONNX Runtime's `run()` is thread-safe; each request builds its own
-decode session). Admission is a counter on the event loop: at most `workers` running plus `max_queue` waiting;
-the next request is answered 429 with Retry-After at once, never queued without bound.
+Concurrency (docs/ARCHITECTURE.md, "Serving"): `--workers N` uvicorn processes (default 1), each with its own
+pack, index and ONNX Runtime session (threads = cores / N unless --threads). In each, the event loop only parses,
+checks and answers; the model work runs in a pool of `slots` threads (default 1; ONNX Runtime's `run()` is
+thread-safe and each request builds its own decode session). Admission is a counter on each worker's event loop:
+at most `slots` running plus `max_queue` waiting; the next request is answered 429 with Retry-After at once, never
+queued without bound. With N workers, /metrics sums every worker (prometheus-client's multiprocess mode).
 
 Order of checks per request, cheapest first, before any model work: API key (401), body size (413), schema
-(422), image URLs (400), limits (422), the queue (429).
+(422), document count and text lengths (422), the queue (429); then in the worker thread, before the model, the
+images (URLs 400, pixels 422): decoding them off the event loop keeps the loop free to refuse at once.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' body types (classes local to create_app)
@@ -23,6 +28,8 @@ import contextlib
 import hmac
 import json
 import logging
+import os
+import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -31,11 +38,11 @@ from typing import Any, Union
 from retrv.app.serve_engine import Engine, RequestRefused, ServeLimits, decode_image, parse_document
 from retrv.runtime.errors import RetrvError
 from retrv.runtime.rerank.budget import DEFAULT_K, DEFAULT_STRIDE, DEFAULT_WINDOW, Budget
+from retrv.runtime.rerank.deadline import MAX_DEADLINE_MS
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1  # a full queue drains in about one request's time on 2 cores; clients back off and retry
-MAX_DEADLINE_MS = 3_600_000  # an hour: beyond it a deadline means nothing a request could use
 OPEN_PATHS = ("/health",)  # reachable without the API key: a load balancer's probe carries none
 
 
@@ -44,16 +51,23 @@ def _one_line(text: object, limit: int = 500) -> str:
     return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's multiprocess mode: set by `serve` for N workers
+
+
 class Metrics:
-    """prometheus-client collectors in a registry of this app's own (several apps in one process do not clash)."""
+    """prometheus-client collectors in a registry of this app's own (several apps in one process do not clash).
+
+    With several worker processes (`PROMETHEUS_MULTIPROC_DIR` set before they start), every process writes its
+    values to files in that folder and `/metrics`, whichever worker answers it, sums them over all workers."""
 
     def __init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+        self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
         self.registry = r = CollectorRegistry()
         self.requests = Counter("retrv_requests", "HTTP requests answered", ["endpoint", "status"], registry=r)
         self.queue = Gauge("retrv_queue_depth", "requests admitted and not yet finished (running + waiting)",
-                           registry=r)
+                           registry=r, multiprocess_mode="livesum")  # summed over the live workers
         self.latency = Histogram("retrv_request_latency_seconds", "request latency, arrival to answer", ["endpoint"],
                                  registry=r, buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
         self.stage = Histogram("retrv_stage_latency_seconds", "time per stage of a request", ["stage"], registry=r,
@@ -65,9 +79,22 @@ class Metrics:
         self.refusals = Counter("retrv_refusals", "requests refused before any model work", ["reason"], registry=r)
 
     def text(self) -> bytes:
-        from prometheus_client import generate_latest
+        from prometheus_client import CollectorRegistry, generate_latest
 
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        every = CollectorRegistry()
+        MultiProcessCollector(every)  # reads every worker's files
+        return generate_latest(every)
+
+    def close(self) -> None:
+        """This worker is stopping: its live gauges (queue depth) leave the sum."""
+        if self.multiprocess:
+            from prometheus_client.multiprocess import mark_process_dead
+
+            mark_process_dead(os.getpid())
 
 
 class Gate:
@@ -82,6 +109,7 @@ class Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path, started, status = scope["path"], time.perf_counter(), [500]
+        scope["retrv.arrived"] = started  # a deadline counts from here: reading and parsing the body included
 
         async def send_status(message):
             if message["type"] == "http.response.start":
@@ -145,25 +173,30 @@ async def _send_json(send, status: int, body: dict, headers=()) -> None:
     await send({"type": "http.response.body", "body": raw})
 
 
-_ENDPOINTS = ("/v1/rerank", "/v2/rerank", "/v1/search", "/health", "/metrics")
+_ENDPOINTS = ("/v1/rerank", "/v2/rerank", "/v1/search", "/v1/documents", "/health", "/metrics")
 
 
-def create_app(pack, index=None, *, model_name: str | None = None, api_key: str | None = None, workers: int = 1,
+def create_app(pack, index=None, *, model_name: str | None = None, api_key: str | None = None, slots: int = 1,
                max_queue: int = 8, threads: int | None = None, backend: str = "auto",
-               limits: ServeLimits | None = None, engine: Engine | None = None):
-    """The FastAPI app over an open `pack` (a Pack or its path) and optional `index` (an Index or its path). The
-    engine is opened (and the per-token cost measured) here, before the app is returned."""
+               limits: ServeLimits | None = None, engine: Engine | None = None, cors_origins: tuple = ()):
+    """The FastAPI app (one worker process) over an open `pack` (a Pack or its path) and optional `index` (an Index
+    or its path). The engine is opened (and the per-token cost measured) here, before the app is returned.
+    `slots`: requests whose model work runs at once in this process (threads sharing its ONNX Runtime session);
+    `max_queue`: requests admitted to wait beyond them."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
-    from pydantic import BaseModel, Field
+    from pydantic import BaseModel, ConfigDict, Field
 
     from retrv.runtime.index.store import Index
     from retrv.runtime.pack import Pack
 
-    for name, v in (("workers", workers), ("max_queue", max_queue)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "workers" else 0):
-            raise RetrvError(f"{name}: got {v!r}; expected an integer >= {1 if name == 'workers' else 0}")
+    for name, v in (("slots", slots), ("max_queue", max_queue)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "slots" else 0):
+            raise RetrvError(f"{name}: got {v!r}; expected an integer >= {1 if name == 'slots' else 0}")
+    for origin in cors_origins:
+        if not isinstance(origin, str) or not (origin == "*" or origin.startswith(("http://", "https://"))):
+            raise RetrvError(f"cors origin: got {origin!r}; expected '*' or a scheme://host[:port] origin")
     limits = limits or ServeLimits()
     if engine is None:
         pack = pack if isinstance(pack, Pack) else Pack.open(pack)
@@ -171,9 +204,9 @@ def create_app(pack, index=None, *, model_name: str | None = None, api_key: str 
             index = Index.open(index, pack=pack)
         engine = Engine(pack, index, backend=backend, threads=threads, limits=limits)
     metrics = Metrics()
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="retrv-serve")
+    pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="retrv-serve")
     admitted = [0]  # running + waiting; touched only on the event loop, so no lock
-    capacity = workers + max_queue
+    capacity = slots + max_queue
 
     class RerankV1(BaseModel):
         query: str
@@ -206,10 +239,25 @@ def create_app(pack, index=None, *, model_name: str | None = None, api_key: str 
         rerank: bool = True
         deadline_ms: float | None = Field(None, gt=0, le=MAX_DEADLINE_MS)
 
+    class DocumentRow(BaseModel):
+        """An M-BEIR candidate row; its image inline as a data URL (the service reads no path)."""
+        model_config = ConfigDict(extra="forbid")
+        did: str = Field(min_length=1, max_length=1024)
+        txt: str | None = None
+        modality: str | None = None
+        image: str | None = None  # data:image/(png|jpeg|webp);base64,...
+
+    class AddBody(BaseModel):
+        documents: list[DocumentRow]
+
+    class DeleteBody(BaseModel):
+        dids: list[str] = Field(min_length=1)
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         pool.shutdown(wait=True)  # uvicorn has stopped accepting and let in-flight requests finish
+        metrics.close()
 
     app = FastAPI(title="retrv", version="0.1.0", lifespan=lifespan,
                   description="Cohere-compatible reasoning reranker and multimodal search (retrv-edge)")
@@ -231,7 +279,8 @@ def create_app(pack, index=None, *, model_name: str | None = None, api_key: str 
     @app.exception_handler(RetrvError)
     async def _refused(request: Request, exc: RetrvError):
         status = getattr(exc, "status", 422)
-        metrics.refusals.labels({400: "bad_input", 404: "no_index", 413: "body_size"}.get(status, "limits")).inc()
+        metrics.refusals.labels({400: "bad_input", 404: "not_found", 409: "conflict", 413: "body_size"}
+                                .get(status, "limits")).inc()
         return JSONResponse({"message": _one_line(exc)}, status)
 
     class Admission:
@@ -253,7 +302,7 @@ def create_app(pack, index=None, *, model_name: str | None = None, api_key: str 
 
     @app.exception_handler(_QueueFull)
     async def _full(request: Request, exc: Exception):
-        return JSONResponse({"message": f"queue full: capacity {capacity} ({workers} running + {max_queue} "
+        return JSONResponse({"message": f"queue full: capacity {capacity} ({slots} running + {max_queue} "
                                         f"waiting); retry after {RETRY_AFTER_S} s"},
                             429, headers={"Retry-After": str(RETRY_AFTER_S)})
 
@@ -271,18 +320,22 @@ def create_app(pack, index=None, *, model_name: str | None = None, api_key: str 
         for b in meta["tokens"]["budget_exhausted"]:
             metrics.exhausted.labels(b).inc()
 
-    async def rerank(body, version: int):
-        arrived = time.perf_counter()
+    def arrival(request: Request) -> float:
+        return request.scope.get("retrv.arrived", time.perf_counter())
+
+    async def rerank(body, version: int, arrived: float):
         check_model(body.model)
         if not body.documents or len(body.documents) > limits.max_documents:
             raise RequestRefused(f"documents: got {len(body.documents):,}; expected 1 to {limits.max_documents:,}")
         if len(body.query) > limits.max_text_chars:
             raise RequestRefused(f"query: got {len(body.query):,} characters; expected at most "
                                  f"{limits.max_text_chars:,}")
-        async with Admission():
+        def work():  # in a worker thread: decoding the images keeps the event loop (and its 429s) responsive
             docs = [parse_document(i, d, limits) for i, d in enumerate(body.documents)]
-            out = await run(engine.rerank, body.query, docs, Budget(), deadline_ms=body.deadline_ms,
-                            arrived=arrived)
+            return engine.rerank(body.query, docs, Budget(), deadline_ms=body.deadline_ms, arrived=arrived)
+
+        async with Admission():
+            out = await run(work)
         record(out["meta"])
         n = len(out["order"]) if body.top_n is None else min(body.top_n, len(out["order"]))
         results = []
@@ -300,20 +353,20 @@ def create_app(pack, index=None, *, model_name: str | None = None, api_key: str 
         return {"id": str(uuid.uuid4()), "results": results, "meta": meta}
 
     @app.post("/v1/rerank")
-    async def rerank_v1(body: RerankV1):
+    async def rerank_v1(body: RerankV1, request: Request):
         """Cohere v1 rerank. A document is a string (a data:image/...;base64, string is an image) or
         {"text", "image"}."""
-        return await rerank(body, 1)
+        return await rerank(body, 1, arrival(request))
 
     @app.post("/v2/rerank")
-    async def rerank_v2(body: RerankV2):
+    async def rerank_v2(body: RerankV2, request: Request):
         """Cohere v2 rerank (cohere.ClientV2)."""
-        return await rerank(body, 2)
+        return await rerank(body, 2, arrival(request))
 
     @app.post("/v1/search")
-    async def search(body: SearchBody):
+    async def search(body: SearchBody, request: Request):
         """The same JSON as `retrv search --json` (plus "deadline" when deadline_ms was given)."""
-        arrived = time.perf_counter()
+        arrived = arrival(request)
         if engine.retriever is None:
             raise RequestRefused("/v1/search: this server has no index; expected `retrv serve INDEX --pack PACK`",
                                  404)
@@ -321,13 +374,35 @@ def create_app(pack, index=None, *, model_name: str | None = None, api_key: str 
             raise RequestRefused("search: got neither text nor image; expected at least one")
         budget = Budget(think=body.think_budget, inspect=body.inspect_budget, tool=body.tool_budget,
                         token=body.token_budget)
-        async with Admission():
+        def work():
             image = decode_image(body.image, "image", limits)[0] if body.image is not None else None
-            out = await run(engine.search, body.text, image, k=body.k, budget=budget, window=body.window,
-                            stride=body.stride, rerank=body.rerank, deadline_ms=body.deadline_ms, arrived=arrived)
+            return engine.search(body.text, image, k=body.k, budget=budget, window=body.window, stride=body.stride,
+                                 rerank=body.rerank, deadline_ms=body.deadline_ms, arrived=arrived)
+
+        async with Admission():
+            out = await run(work)
         if out.get("tokens"):
             metrics.tokens.observe(out["tokens"]["total_tokens"])
         return out
+
+    @app.post("/v1/documents")
+    async def add_documents(body: AddBody):
+        """Add candidates to the index (crash-safe: a new generation, committed atomically). 409 if a did is
+        already there; nothing is added then."""
+        if engine.index is None:
+            raise RequestRefused("/v1/documents: this server has no index; expected `retrv serve INDEX --pack PACK`",
+                                 404)
+        async with Admission():
+            return await run(engine.add_documents, [d.model_dump() for d in body.documents])
+
+    @app.delete("/v1/documents")
+    async def delete_documents(body: DeleteBody):
+        """Delete candidates by did. 404 if one is not in the index; nothing is deleted then."""
+        if engine.index is None:
+            raise RequestRefused("/v1/documents: this server has no index; expected `retrv serve INDEX --pack PACK`",
+                                 404)
+        async with Admission():
+            return await run(engine.delete_documents, body.dids)
 
     @app.get("/health")
     async def health():
@@ -341,14 +416,59 @@ def create_app(pack, index=None, *, model_name: str | None = None, api_key: str 
 
         return Response(metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
-    gate = Gate(app, metrics, api_key, limits.max_body_bytes)
-    gate.fastapi, gate.engine, gate.metrics, gate.pool = app, engine, metrics, pool
-    return gate
+    outer = gate = Gate(app, metrics, api_key, limits.max_body_bytes)
+    if cors_origins:
+        # Outside the gate: a browser's preflight carries no API key, and a 401/429 must still be readable by the
+        # page. Without --cors-origin no CORS header is sent, so browsers keep other origins out.
+        from starlette.middleware.cors import CORSMiddleware
+
+        outer = CORSMiddleware(gate, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "DELETE"],
+                               allow_headers=["authorization", "content-type"], expose_headers=["retry-after"])
+    outer.fastapi, outer.engine, outer.metrics, outer.pool = app, engine, metrics, pool
+    return outer
 
 
-def serve(pack, index=None, *, host: str = "127.0.0.1", port: int = 8080, **kwargs) -> None:
-    """Open everything, then serve until SIGINT/SIGTERM (uvicorn drains in-flight requests first)."""
+CONFIG_ENV = "RETRV_SERVE_CONFIG"  # the parent's arguments, as JSON, for `worker_app` in each worker process
+
+
+def serve(pack, index=None, *, host: str = "127.0.0.1", port: int = 8080, workers: int = 1,
+          threads: int | None = None, **kwargs) -> None:
+    """Serve until SIGINT/SIGTERM: uvicorn stops accepting, lets in-flight requests finish (they answer 200), then
+    the process exits 0.
+
+    `workers` = 1: this process, with the pack and index already open. `workers` = N > 1: N uvicorn worker
+    processes, each opening its own pack, index and ONNX Runtime session with `threads` intra-op threads (default:
+    cores / N, so the workers do not oversubscribe the cores); metrics are shared through a fresh
+    PROMETHEUS_MULTIPROC_DIR, removed at exit. Index writes from several workers are serialised by the index's
+    writer lock, and each worker's readers pick up the others' commits (auto-refresh)."""
     import uvicorn
 
-    app = create_app(pack, index, **kwargs)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    if workers == 1:
+        uvicorn.run(create_app(pack, index, threads=threads, **kwargs), host=host, port=port, log_level="warning")
+        return
+    from retrv.runtime.backends.ort import physical_cores
+
+    config = {"pack": str(getattr(pack, "path", pack)),
+              "index": None if index is None else str(getattr(index, "path", index)),
+              "threads": threads or max(1, physical_cores() // workers),
+              **{k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()}}
+    with tempfile.TemporaryDirectory(prefix="retrv-metrics-") as metrics_dir:
+        saved = {k: os.environ.get(k) for k in (MULTIPROC_ENV, CONFIG_ENV)}
+        os.environ[MULTIPROC_ENV], os.environ[CONFIG_ENV] = metrics_dir, json.dumps(config)
+        try:
+            uvicorn.run("retrv.app.serve:worker_app", factory=True, workers=workers, host=host, port=port,
+                        log_level="warning")
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def worker_app():
+    """uvicorn's factory in each worker process: the app over the parent's arguments (CONFIG_ENV)."""
+    config = json.loads(os.environ[CONFIG_ENV])
+    if "cors_origins" in config:
+        config["cors_origins"] = tuple(config["cors_origins"])
+    return create_app(config.pop("pack"), config.pop("index"), **config)

@@ -33,6 +33,7 @@ import numpy as np
 
 from retrv.runtime.errors import InputError
 from retrv.runtime.rerank.budget import DEFAULT_K, DEFAULT_STRIDE, DEFAULT_WINDOW, Budget
+from retrv.runtime.rerank.deadline import DeadlinePlanner, Timing
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,14 @@ class ServeLimits:
 
 
 def decode_image(value: str, name: str, limits: ServeLimits):
-    """A `data:image/...;base64,...` URL -> an RGB PIL image. URLs of any other scheme are refused with 400: the
-    service fetches nothing and reads no path on its own disk."""
+    """A `data:image/...;base64,...` URL -> (an RGB PIL image, the sha256 of its bytes). URLs of any other scheme
+    are refused with 400: the service fetches nothing and reads no path on its own disk."""
+    img, raw = decode_image_bytes(value, name, limits)
+    return img, hashlib.sha256(raw).hexdigest()
+
+
+def decode_image_bytes(value: str, name: str, limits: ServeLimits):
+    """A `data:image/...;base64,...` URL -> (an RGB PIL image, the image file's bytes), checked as `decode_image`."""
     if not value.startswith(DATA_URL_PREFIX):
         scheme = value.split(":", 1)[0] if ":" in value[:16] else "a path"
         raise RequestRefused(f"{name}: got {scheme[:16]!r}; expected a data:image/...;base64, URL (the service "
@@ -92,7 +99,7 @@ def decode_image(value: str, name: str, limits: ServeLimits):
     except Exception as e:  # PIL raises many types for a corrupt image
         raise RequestRefused(f"{name}: not a readable image ({type(e).__name__}); expected PNG/JPEG/WebP data",
                              400) from None
-    return img, hashlib.sha256(raw).hexdigest()
+    return img, raw
 
 
 @dataclass
@@ -133,7 +140,8 @@ def parse_document(i: int, doc, limits: ServeLimits) -> Document:
 
 
 class TokenCache:
-    """Encoded images by content hash, least recently used first out, bounded in bytes."""
+    """Encoded documents by content hash (images' vision tokens; documents' vectors), least recently used first
+    out, bounded in bytes."""
 
     def __init__(self, max_bytes: int = 256 << 20) -> None:
         self.max_bytes, self.bytes = max_bytes, 0
@@ -160,6 +168,16 @@ class TokenCache:
             while self.bytes > self.max_bytes:
                 _, (old, _) = self.items.popitem(last=False)
                 self.bytes -= old.nbytes
+
+
+def coarse_result(k: int):
+    """A rerank that did not run (the deadline left no time for its prompts): the coarse order, token budget
+    exhausted."""
+    from retrv.runtime.rerank.budget import Usage
+    from retrv.runtime.rerank.loop import RerankResult
+
+    return RerankResult(order=list(range(k)), windows=[], usage=Usage(), exhausted=["token"], timings_ms={},
+                        limits={})
 
 
 def relevance_scores(order: list[int], similarity: np.ndarray) -> list[float]:
@@ -190,39 +208,17 @@ class Engine:
             self.c = Components(pack, be)
             self.reranker = Reranker(be, self.c.tokenizer, self.c.cfg, self.c.table, method=pack.manifest.method,
                                      image_encoder=self.c.vision, fmt=pack.manifest.extra.get("rerank"))
-        self.cache = TokenCache(cache_bytes)
-        self.ms_per_token = self._measure_token_cost()
+        if index is not None:  # `add` encodes with this engine's session, not a second one of its own
+            from retrv.runtime.retriever import CandidateEncoder
 
-    # -- deadlines -------------------------------------------------------------------------------------------------
-    def _measure_token_cost(self) -> float:
-        """Milliseconds per decoder token on this device: one small rerank (two text documents, a few think
-        tokens) timed at start-up; `observe` keeps it current from live requests."""
-        from retrv.runtime.rerank.prompt import CandidateInput, QueryInput
+            index.use_encoder(CandidateEncoder(self.c))
+        self.cache = TokenCache(cache_bytes)  # images' vision tokens
+        self.vectors = TokenCache(cache_bytes // 8)  # documents' coarse vectors (a few KB each)
+        self.planner = DeadlinePlanner.calibrate(self.reranker)  # per-token cost on this device, kept current
 
-        cands = [CandidateInput("a", "a red dress"), CandidateInput("b", "a blue car")]
-        t0 = time.perf_counter()
-        r = self.reranker.rerank(QueryInput("a dress"), cands, Budget(think=8, inspect=0, tool=0))
-        ms = (time.perf_counter() - t0) * 1e3
-        return max(ms / max(r.usage.token, 1), 1e-3)
-
-    def observe(self, ms: float, tokens: int) -> None:
-        """Update the per-token cost from a finished request (exponential average, weight 0.2)."""
-        if tokens > 0:
-            self.ms_per_token = 0.8 * self.ms_per_token + 0.2 * (ms / tokens)
-
-    def budget_for(self, deadline_ms: float | None, elapsed_ms: float, base: Budget) -> tuple[Budget, dict]:
-        """A deadline -> a token budget: what is left of it (queue wait and encoding already spent), times 0.8 for
-        what the token count misses (vision, embedding, answer parsing), divided by the per-token cost. A budget too
-        small for a window's prompt makes that window keep its coarse order (reported as exhausted)."""
-        if deadline_ms is None:
-            return base, {"deadline_ms": None}
-        left = max(deadline_ms - elapsed_ms, 0.0)
-        tokens = max(1, int(0.8 * left / self.ms_per_token))
-        if base.token is not None:
-            tokens = min(tokens, base.token)
-        budget = Budget(think=base.think, inspect=base.inspect, tool=base.tool, token=tokens)
-        return budget, {"deadline_ms": deadline_ms, "left_ms": round(left, 3),
-                        "ms_per_token": round(self.ms_per_token, 4), "budget": budget.to_dict()}
+    @property
+    def ms_per_token(self) -> float:
+        return self.planner.ms_per_token
 
     # -- rerank ------------------------------------------------------------------------------------------------------
     def _image_tokens(self, docs: list[Document]) -> list[tuple]:
@@ -242,6 +238,21 @@ class Engine:
             out[i] = enc
         return out
 
+    def _doc_vectors(self, docs: list[Document], encoded: list[tuple]) -> np.ndarray:
+        """The documents' coarse vectors, each computed once per content (text + image hash) while it stays in the
+        byte-bounded LRU: a RAG stack reranks the same passages and pictures again and again."""
+        from retrv.runtime.inputs.embedding import EmbedItem
+
+        keys = [hashlib.sha256(f"{d.text or ''}\0{d.image_sha256 or ''}".encode()).hexdigest() for d in docs]
+        found = [self.vectors.get(k) for k in keys]
+        todo = [i for i, hit in enumerate(found) if hit is None]
+        if todo:
+            items = [EmbedItem(docs[i].text, encoded[i][0], encoded[i][1], image=docs[i].image) for i in todo]
+            for i, v in zip(todo, self.c.embedder.embed(items, "candidate")):
+                found[i] = (np.asarray(v, np.float32), None)
+                self.vectors.put(keys[i], found[i])
+        return np.stack([v for v, _ in found])
+
     def rerank(self, query: str, docs: list[Document], budget: Budget, window: int = DEFAULT_WINDOW,
                stride: int = DEFAULT_STRIDE, deadline_ms: float | None = None, arrived: float | None = None) -> dict:
         """-> {"order": final order as document indices, "scores": relevance scores best first, "meta": ...}."""
@@ -260,22 +271,27 @@ class Engine:
         encoded = self._image_tokens(docs)
         timings["vision"] = (clock() - t0) * 1e3
         t0 = clock()
-        items = [EmbedItem(d.text, tok, grid, image=d.image) for d, (tok, grid) in zip(docs, encoded)]
-        vectors = self.c.embedder.embed(items, "candidate")  # (K, H), L2-normalised
+        vectors = self._doc_vectors(docs, encoded)  # (K, H), L2-normalised
         qv = self.c.embedder.embed([EmbedItem(query)], "query")[0]  # (H,)
         sim = vectors @ qv  # (K,)
         timings["embed"] = (clock() - t0) * 1e3
         coarse = [int(i) for i in np.argsort(-sim, kind="stable")]
         cands = [CandidateInput(str(i), docs[i].text, encoded[i][0], encoded[i][1], score=float(sim[i]),
                                 image=docs[i].image) for i in coarse]
-        budget, plan = self.budget_for(deadline_ms, (clock() - arrived) * 1e3, budget)
+        planned_at = clock()
+        budget, plan = self.planner.plan(deadline_ms, (planned_at - arrived) * 1e3, budget, kind="rerank")
         t0 = clock()
-        r = self.reranker.rerank(QueryInput(query), cands, budget, window, stride)
+        if plan.get("prompt_fits", True):
+            r = self.reranker.rerank(QueryInput(query), cands, budget, window, stride)
+        else:  # not even the prompts fit what is left of the deadline: the coarse order, now
+            r = coarse_result(len(cands))
         rerank_ms = (clock() - t0) * 1e3
-        self.observe(rerank_ms, r.usage.token)
         timings.update({k: v for k, v in r.timings_ms.items()})
         timings["rerank"] = rerank_ms
         timings["total"] = (clock() - arrived) * 1e3
+        token_ms = r.timings_ms.get("prefill", 0) + r.timings_ms.get("decode", 0)
+        if r.windows:  # a skipped rerank says nothing about what one costs
+            self.planner.observe(Timing.of(r, (clock() - planned_at) * 1e3 - token_ms), kind="rerank")
         order = [coarse[j] for j in r.order]
         pos = {d: j for j, d in enumerate(coarse)}
         scores = relevance_scores([pos[d] for d in order], sim[coarse])
@@ -298,14 +314,64 @@ class Engine:
             raise RequestRefused("/v1/search: this server has no index; expected `retrv serve INDEX --pack PACK`",
                                  404)
         check_text("text", text, self.limits)
-        arrived = arrived if arrived is not None else time.perf_counter()
-        budget, plan = self.budget_for(deadline_ms, (time.perf_counter() - arrived) * 1e3, budget or Budget())
+        clock = time.perf_counter
+        arrived = arrived if arrived is not None else clock()
+        planned_at = clock()
+        budget, plan = self.planner.plan(deadline_ms, (planned_at - arrived) * 1e3, budget or Budget(),
+                                         kind="search")
         result = self.retriever.search(text=text, image=image, k=k, budget=budget, window=window, stride=stride,
-                                       rerank=rerank)
+                                       rerank=rerank and plan.get("prompt_fits", True))
         if result.rerank is not None:
-            self.observe(result.rerank.timings_ms.get("prefill", 0) + result.rerank.timings_ms.get("decode", 0),
-                         result.rerank.usage.token)
+            r = result.rerank
+            token_ms = r.timings_ms.get("prefill", 0) + r.timings_ms.get("decode", 0)
+            self.planner.observe(Timing.of(r, (clock() - planned_at) * 1e3 - token_ms), kind="search")
         d = result.to_dict()
         if deadline_ms is not None:
             d["deadline"] = plan
         return d
+
+    # -- documents ---------------------------------------------------------------------------------------------------
+    def _writable_index(self):
+        if self.index is None:
+            raise RequestRefused("/v1/documents: this server has no index; expected `retrv serve INDEX --pack PACK`",
+                                 404)
+        return self.index
+
+    def add_documents(self, docs: list[dict]) -> dict:
+        """M-BEIR candidate rows ({"did", "txt", "modality", "image": data URL}) -> added to the index through its
+        writer lock; images stored inside the index folder. A did already live answers 409."""
+        from retrv.runtime.index.store import DuplicateCandidate, image_ext
+
+        index = self._writable_index()
+        if not docs or len(docs) > self.limits.max_documents:
+            raise RequestRefused(f"documents: got {len(docs):,}; expected 1 to {self.limits.max_documents:,}")
+        rows, images = [], {}
+        for i, d in enumerate(docs):
+            name = f"documents[{i}]"
+            check_text(f"{name}.txt", d.get("txt"), self.limits)
+            if not d.get("txt") and not d.get("image"):
+                raise RequestRefused(f"{name}: got neither txt nor image; expected at least one")
+            row = {k: d[k] for k in ("did", "txt", "modality") if d.get(k) is not None}
+            if d.get("image") is not None:
+                raw = decode_image_bytes(d["image"], f"{name}.image", self.limits)[1]
+                image_ext(raw, d["did"])  # PNG, JPEG or WebP: what the index stores
+                images[d["did"]] = raw
+            rows.append(row)
+        try:
+            generation = index.add(rows, images=images)
+        except DuplicateCandidate as e:
+            raise RequestRefused(str(e), 409) from None
+        return {"generation": generation, "added": len(rows), "count": index.meta.count}
+
+    def delete_documents(self, dids: list[str]) -> dict:
+        """Delete live candidates by did; an unknown did answers 404 and deletes nothing."""
+        from retrv.runtime.index.store import UnknownCandidate
+
+        index = self._writable_index()
+        if not dids or len(dids) > self.limits.max_documents:
+            raise RequestRefused(f"dids: got {len(dids):,}; expected 1 to {self.limits.max_documents:,}")
+        try:
+            generation = index.delete(dids)
+        except UnknownCandidate as e:
+            raise RequestRefused(str(e), 404) from None
+        return {"generation": generation, "deleted": len(set(dids)), "count": index.meta.count}

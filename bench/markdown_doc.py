@@ -246,5 +246,33 @@ def write_markdown(e2e: dict, ann: dict | None, md_path: Path, img_dir: Path, im
         "prefills and was not measured.",
     ]
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text("\n".join(out) + "\n")
+    kept = kept_sections(md_path)
+    md_path.write_text("\n".join(out) + "\n" + (f"\n{kept}\n" if kept else ""))
     return md_path
+
+
+SECTION_BEGIN, SECTION_END = "<!-- section {name}: begin -->", "<!-- section {name}: end -->"
+
+
+def kept_sections(md_path: Path) -> str:
+    """Sections other benchmarks wrote into the page (between their markers): kept when this one rewrites it."""
+    import re
+
+    if not md_path.is_file():
+        return ""
+    text = md_path.read_text()
+    pattern = re.escape(SECTION_BEGIN).replace(r"\{name\}", r"(\w+)") + r".*?" + \
+        re.escape(SECTION_END).replace(r"\{name\}", r"\1")
+    return "\n\n".join(m.group(0) for m in re.finditer(pattern, text, re.S))
+
+
+def splice_section(md_path: Path, name: str, body: str) -> None:
+    """Put `body` into the page as section `name`, replacing the one written before, or at the end."""
+    begin, end = SECTION_BEGIN.format(name=name), SECTION_END.format(name=name)
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    text = md_path.read_text() if md_path.is_file() else ""
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    md_path.write_text(text)

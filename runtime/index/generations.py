@@ -35,6 +35,9 @@ ANN_DIR = "ann"
 MAX_INDEX_JSON_BYTES = 1 << 20  # a real index.json is about 2 KB
 GEN_RE = re.compile(r"g(\d{6,})")
 OPEN_RETRIES = 20  # a reader opening generation N while writers commit N+1 and N+2 (which deletes N) starts over
+IMAGES_DIR = "images"  # candidate images given inline (`Index.add(images=...)`, `POST /v1/documents`)
+IMAGE_EXTS = ("png", "jpg", "webp")
+IMAGE_NAME = re.compile(rf"{IMAGES_DIR}/[0-9a-f]{{64}}\.(?:{'|'.join(IMAGE_EXTS)})")  # content-addressed
 
 
 
@@ -97,6 +100,7 @@ class Head:
     files: dict  # name -> {"bytes", "sha256"}: every file of the generation
     cache_files: dict  # cache/<name> -> {"bytes", "sha256"}: the prefix of each append-only data file
     stamp: tuple  # (inode, mtime_ns, size) of index.json when read: a cheap "did it change?"
+    images: dict = field(default_factory=dict)  # images/<sha256>.<ext> -> {"bytes", "sha256"}: those live rows use
 
 
 def stamp_of(path: Path) -> tuple:
@@ -125,17 +129,42 @@ def read_head(root: Path) -> Head:
         raise IndexFileError(one_line(f"{path}: files {sorted(files)}; expected {want}"))
     if not all(n.startswith(f"{CACHE_DIR}/") and n.count("/") == 1 for n in cache_files):
         raise IndexFileError(one_line(f"{path}: cache_files {sorted(cache_files)}; expected files in {CACHE_DIR}/"))
-    return Head(meta, files, cache_files, stamp)
+    images = check_table(path, d.get("images", {}), IndexFileError)  # absent in an index that never had one
+    if bad := next((n for n in images if not IMAGE_NAME.fullmatch(n)), None):
+        raise IndexFileError(one_line(f"{path}: images has {bad!r}; expected {IMAGES_DIR}/<sha256>.<"
+                                      f"{'|'.join(IMAGE_EXTS)}>"))
+    return Head(meta, files, cache_files, stamp, images)
 
 
 # ---------------------------------------------------------------------------------------------- rows
 
 
-def write_rows(path: Path, rows: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+def _images_prefix(root: Path) -> str:
+    return os.path.join(os.path.abspath(root), IMAGES_DIR) + os.sep
 
 
-def read_rows(path: Path) -> list[dict]:
+def write_rows(path: Path, rows: list[dict], root: Path | None = None) -> None:
+    """Rows as JSON lines. An image inside `root`'s images/ is written relative ("images/<sha>.<ext>"), so the index
+    folder can move; every other img_path stays absolute."""
+    prefix = _images_prefix(root) if root is not None else None
+
+    def portable(r: dict) -> dict:
+        if prefix and r.get("img_path", "").startswith(prefix):
+            return {**r, "img_path": f"{IMAGES_DIR}/{r['img_path'][len(prefix):]}"}
+        return r
+
+    atomic_write_text(path, "".join(json.dumps(portable(r), ensure_ascii=False) + "\n" for r in rows))
+
+
+def image_names(root: Path, rows) -> set[str]:
+    """The index's own images (in images/) that live rows use, as names relative to `root`."""
+    prefix = _images_prefix(root)
+    return {f"{IMAGES_DIR}/{r['img_path'][len(prefix):]}" for r in rows
+            if not r["deleted"] and r.get("img_path", "").startswith(prefix)}
+
+
+def read_rows(path: Path, root: Path | None = None) -> list[dict]:
+    """The rows of a candidates.jsonl; with `root`, an "images/<sha>.<ext>" img_path comes back absolute inside it."""
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
@@ -152,6 +181,11 @@ def read_rows(path: Path) -> list[dict]:
                 or not all(isinstance(row.get(k, ""), str) for k in ("txt", "img_path", "modality")):
             raise IndexFileError(f"{path}:{n}: expected an object with 'did' (string), 'deleted' (bool) and string "
                                  f"'txt', 'img_path', 'modality'")
+        if root is not None and row.get("img_path", "").startswith(f"{IMAGES_DIR}/"):
+            if not IMAGE_NAME.fullmatch(row["img_path"]):
+                raise IndexFileError(one_line(f"{path}:{n}: img_path {row['img_path']!r}; expected {IMAGES_DIR}/"
+                                              f"<sha256>.<{'|'.join(IMAGE_EXTS)}> or an absolute path"))
+            row["img_path"] = os.path.join(os.path.abspath(root), row["img_path"])
         rows.append(row)
     return rows
 
@@ -206,6 +240,7 @@ def hnsw_params(meta: IndexMeta) -> HnswParams:
 def load_generation(root: Path, head: Head, verify: str, locked: bool = False) -> IndexSnapshot:
     meta = head.meta
     verify_files(root, head.files, IndexFileError, verify)
+    verify_files(root, head.images, IndexFileError, verify)
     for name in head.cache_files:
         member(root, name, IndexFileError)  # no symlink among the shared data files; TokenCache checks the rest
     g = root / gen_dir(meta.generation)
@@ -214,12 +249,15 @@ def load_generation(root: Path, head: Head, verify: str, locked: bool = False) -
     if recorded != head.cache_files:
         raise IndexFileError(f"{g / CACHE_JSON}: describes {sorted(recorded)} unlike {INDEX_JSON}'s cache_files; "
                              f"expected the same prefixes")
-    rows = read_rows(g / ROWS)
+    rows = read_rows(g / ROWS, root)
     if meta.store == "hnsw":
         ann = HnswIndex.load(g / ANN_DIR, expected_params=hnsw_params(meta))
     else:
         ann = MilvusView(open_milvus(root, head, rows, locked), rows)
     check_consistent(root, meta, ann, rows, cache)
+    if (used := image_names(root, rows)) != set(head.images):
+        raise IndexFileError(one_line(f"{root / INDEX_JSON}: images {sorted(head.images)}; the live rows use "
+                                      f"{sorted(used)}; expected the same"))
     return IndexSnapshot(root, meta, ann, rows, cache)
 
 
@@ -298,15 +336,32 @@ def load(root: Path, verify: str, locked: bool = False) -> tuple[Head, IndexSnap
     raise AssertionError("unreachable")
 
 
-def commit(root: Path, meta: IndexMeta) -> Head:
-    """Describe generation `meta.generation` (already written and fsynced) in a new index.json: the commit point."""
+def commit(root: Path, meta: IndexMeta, images=()) -> Head:
+    """Describe generation `meta.generation` (already written and fsynced, like the `images` its live rows use) in
+    a new index.json: the commit point."""
     g = meta.generation
     files = {name: describe(root, name) for name in gen_files(g, meta.store)}
     cache = TokenCache.open(root / CACHE_DIR, verify="size", meta_path=root / gen_dir(g) / CACHE_JSON)
     cache_files = {f"{CACHE_DIR}/{n}": e for n, e in cache.files.items()}
+    image_table = {name: describe(root, name) for name in sorted(images)}
     record = {"kind": INDEX_KIND, **asdict(meta), "files": files, "cache_files": cache_files}
+    if image_table:  # absent otherwise: an index without inline images reads as it did before they existed
+        record["images"] = image_table
     atomic_write_json(root / INDEX_JSON, record)
-    return Head(meta, files, cache_files, stamp_of(root / INDEX_JSON))
+    return Head(meta, files, cache_files, stamp_of(root / INDEX_JSON), image_table)
+
+
+def clean_images(root: Path, keep: set[str]) -> list[str]:
+    """Remove images/ files no kept generation uses (a deleted candidate's, a killed add's) and temporary files."""
+    removed = []
+    if not (root / IMAGES_DIR).is_dir():
+        return removed
+    for entry in os.scandir(root / IMAGES_DIR):
+        name = f"{IMAGES_DIR}/{entry.name}"
+        if name not in keep and entry.is_file(follow_symlinks=False):
+            os.unlink(entry.path)
+            removed.append(name)
+    return removed
 
 
 def fsync_generation(gdir: Path) -> None:
@@ -340,6 +395,11 @@ def clean(root: Path, generation: int) -> list[str]:
             if entry.name.startswith(".") and entry.name.endswith(".tmp"):
                 os.unlink(entry.path)
                 removed.append(f"{CACHE_DIR}/{entry.name}")
+    keep = set(read_head(root).images)
+    previous = root / gen_dir(generation - 1) / ROWS
+    if previous.exists():  # generation N-1 stays readable, with the images its rows use
+        keep |= image_names(root, read_rows(previous, root))
+    removed += clean_images(root, keep)
     if removed:
         log.info("%s: removed leftovers of interrupted writes: %s", root, ", ".join(sorted(removed)))
     return removed

@@ -5,10 +5,13 @@
                           index parameters (pack fingerprint, metric, M, ef_construction, ef_search, count, dim),
                           and every file of generation N with its size and sha256
       .lock               the writers' lock (flock: one writer at a time, across threads and processes)
+      images/             candidate images given inline (`add(images=...)`, `POST /v1/documents`), named by their
+                          sha256; listed in index.json (those live rows use) and verified like the other files
       cache/              the candidate token cache's data files (int8 tokens, scales, grids, t_con): append-only,
                           shared by every generation
       g00000N/
-        candidates.jsonl  one row per label: did, txt, img_path (absolute), modality, deleted
+        candidates.jsonl  one row per label: did, txt, img_path (absolute, or images/<sha256>.<ext> inside the
+                          folder), modality, deleted
         cache.json        the token cache's description of generation N: a prefix of each file in cache/
         ann/              the HNSW graph over the candidates' vectors (hnsw.bin + ann.json)
 
@@ -20,7 +23,8 @@ token cache's files, whose generation-N description still covers exactly their o
 replacing `index.json` (temp file + rename). A kill -9 at any moment leaves index.json naming N (complete, never
 touched) or N+1 (complete: fsynced before the commit). The next writer deletes what a killed one left: generations
 other than N and N-1 (N-1 stays for a reader that is still opening it), temporary files, and token-cache bytes past
-N's prefix.
+N's prefix, and images/ files that neither N nor N-1 uses (a killed add's; a deleted candidate's, once no
+generation a reader may hold still uses it).
 
 **Readers never see a half-applied update.** An `Index` serves searches from an immutable `IndexSnapshot` (rows,
 ANN, token cache of one generation) that a writer replaces in one assignment after its commit; a search takes the
@@ -30,6 +34,7 @@ snapshot once, so its labels, rows and tokens always agree. Other processes' com
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -43,17 +48,37 @@ import numpy as np
 
 from retrv.runtime.errors import IndexFileError, InputError, RetrvError
 from retrv.runtime.folder import WriterLock
-from retrv.runtime.fsutil import atomic_dir, atomic_write_text
+from retrv.runtime.fsutil import atomic_dir, atomic_write_bytes, atomic_write_text
 from retrv.runtime.index.ann import DEFAULT_EF_CONSTRUCTION, DEFAULT_EF_SEARCH, DEFAULT_M, HnswIndex, HnswParams
-from retrv.runtime.index.generations import (ANN_DIR, CACHE_DIR, INDEX_FORMAT_VERSION, INDEX_JSON, ROWS, Head,
-                                             IndexMeta, IndexSnapshot, check_consistent, clean, commit,
-                                             fsync_generation, gen_dir, hnsw_params, load, read_head, stamp_of,
-                                             write_rows)
+from retrv.runtime.index.generations import (ANN_DIR, CACHE_DIR, IMAGES_DIR, INDEX_FORMAT_VERSION, INDEX_JSON, ROWS,
+                                             Head, IndexMeta, IndexSnapshot, check_consistent, clean, clean_images,
+                                             commit, fsync_generation, gen_dir, hnsw_params, image_names, load,
+                                             read_head, stamp_of, write_rows)
 from retrv.runtime.index.milvus import LOCAL_DB, MilvusStore, MilvusView, MilvusWriter, StoreSpec, release_local
 from retrv.runtime.index.token_cache import CACHE_JSON, TokenCache, TokenCacheWriter
 from retrv.runtime.inputs.corpus import Candidate, candidates_from_rows, read_candidates
 
 log = logging.getLogger(__name__)
+
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"))
+
+
+class DuplicateCandidate(InputError):
+    """`add` was given a did the index already holds live (HTTP 409)."""
+
+
+class UnknownCandidate(InputError):
+    """`delete` was given a did the index does not hold live (HTTP 404)."""
+
+
+def image_ext(raw: bytes, did: str = "") -> str:
+    """The file extension of an image's bytes, from its signature: png, jpg or webp; anything else is refused."""
+    for magic, ext in _MAGIC:
+        if raw.startswith(magic):
+            return ext
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        return "webp"
+    raise InputError(f"images[{did!r}]: starts with {bytes(raw[:8])!r}; expected PNG, JPEG or WebP data")
 
 
 class Index:
@@ -214,10 +239,17 @@ class Index:
         return self._snap.row(label)
 
     # -- change without a rebuild -----------------------------------------------------------------------------------
-    def add(self, rows: list, encoder=None, batch: int = 8, base: str | os.PathLike | None = None) -> int:
+    def add(self, rows: list, encoder=None, batch: int = 8, base: str | os.PathLike | None = None,
+            images: dict[str, bytes] | None = None) -> int:
         """Add candidates: M-BEIR candidate rows (dicts; image paths relative to `base`, default the current
         directory) or `Candidate`s. Encoded with `encoder`, or with the pack the index was opened with. All or
-        nothing: a did already live in the index refuses the whole call. Returns the new generation."""
+        nothing: a did already live in the index refuses the whole call (`DuplicateCandidate`). Returns the new
+        generation.
+
+        `images`: did -> the bytes of that row's image (PNG, JPEG or WebP; the row gives no img_path), stored in the
+        index folder as images/<sha256>.<ext>, written and fsynced before the generation commits and listed (and
+        verified) in index.json, so a committed row never points at a missing or altered image."""
+        rows, stored = self._inline_images(rows, images or {})
         cands = candidates_from_rows(rows, base=base)
         encoder = encoder or self._default_encoder()
         if encoder.pack_sha256 != self._head.meta.pack_sha256:
@@ -227,7 +259,10 @@ class Index:
         def apply(root: Path, base_snap: IndexSnapshot, gdir: Path):
             live = base_snap.live_dids()
             if dup := next((c.did for c in cands if c.did in live), None):
-                raise InputError(f"add: did {dup!r} is already in the index; expected new candidate ids")
+                raise DuplicateCandidate(f"add: did {dup!r} is already in the index; expected new candidate ids")
+            for name, raw in stored.items():  # under the writer lock: no other writer's clean-up can remove them
+                (root / IMAGES_DIR).mkdir(exist_ok=True)
+                atomic_write_bytes(root / name, raw)
             ann = _vector_writer(root, base_snap)
             with base_snap.cache.appender(meta_out=gdir / CACHE_JSON) as writer:
                 new_rows = _encode_into(encoder, cands, writer, ann, start=len(base_snap.rows), batch=batch)
@@ -245,7 +280,7 @@ class Index:
         def apply(root: Path, base_snap: IndexSnapshot, gdir: Path):
             missing = [d for d in dids if base_snap.label(d) is None]
             if missing:
-                raise InputError(f"delete: did {missing[0]!r} is not in the index; expected live candidate ids")
+                raise UnknownCandidate(f"delete: did {missing[0]!r} is not in the index; expected live candidate ids")
             ann = _vector_writer(root, base_snap)
             labels = [base_snap.label(d) for d in dids]
             ann.delete(np.asarray(labels, dtype=np.int64))
@@ -296,6 +331,31 @@ class Index:
 
         return self._update(apply, after)
 
+    def _inline_images(self, rows, images: dict) -> tuple[list, dict[str, bytes]]:
+        """Rows given with image bytes -> rows whose img_path is the image's place in images/, and name -> bytes."""
+        if not isinstance(images, dict):
+            raise InputError(f"images: got {type(images).__name__}; expected a dict did -> image bytes")
+        if not images:
+            return rows, {}
+        if isinstance(rows, (str, bytes, dict)) or not hasattr(rows, "__iter__"):
+            raise InputError(f"rows: got {type(rows).__name__}; expected a list of candidate rows (dicts)")
+        rows = list(rows)
+        by_did = {r.get("did"): i for i, r in enumerate(rows) if isinstance(r, dict)}
+        stored, out = {}, list(rows)
+        for did, raw in images.items():
+            if did not in by_did:
+                raise InputError(f"images: did {did!r} is not among the rows; expected an image for a row added")
+            if not isinstance(raw, (bytes, bytearray)) or not raw:
+                raise InputError(f"images[{did!r}]: got {type(raw).__name__}; expected the image file's bytes")
+            row = rows[by_did[did]]
+            if row.get("img_path"):
+                raise InputError(f"rows: did {did!r} has img_path {row['img_path']!r} and inline image bytes; "
+                                 f"expected one of them")
+            name = f"{IMAGES_DIR}/{hashlib.sha256(raw).hexdigest()}.{image_ext(raw, did)}"
+            stored[name] = bytes(raw)
+            out[by_did[did]] = {**row, "img_path": os.path.join(os.path.abspath(self.path), name)}
+        return out, stored
+
     def _update(self, apply, after=None) -> int:
         root = self.path
         with WriterLock(root, IndexFileError):
@@ -318,14 +378,17 @@ class Index:
                     writer = None
                     meta = replace(meta, vectors={"store": "hnsw"})
                     ann.save(gdir / ANN_DIR)
-                write_rows(gdir / ROWS, rows)
+                write_rows(gdir / ROWS, rows, root)
+                images = image_names(root, rows)
+                if lost := next((n for n in sorted(images) if not (root / n).is_file()), None):
+                    raise IndexFileError(f"{root / lost}: missing; expected the image a live candidate uses")
                 fsync_generation(gdir)
                 cache = TokenCache.open(root / CACHE_DIR, verify="size", meta_path=gdir / CACHE_JSON)
                 check_consistent(root, meta, ann, rows, cache)
             except BaseException:
                 shutil.rmtree(gdir, ignore_errors=True)  # a refused update leaves nothing behind
                 raise
-            new_head = commit(root, meta)  # the commit point
+            new_head = commit(root, meta, images)  # the commit point
             if writer is not None:
                 writer.after_commit()  # Milvus deletes follow the commit: a kill here leaves orphans, repaired on open
             if after is not None:
@@ -336,6 +399,7 @@ class Index:
             old = root / gen_dir(new - 2)
             if old.exists():
                 shutil.rmtree(old, ignore_errors=True)  # N-1 stays for readers still opening it
+            clean_images(root, set(new_head.images) | set(head.images))  # N-1's images stay, as its rows do
         return new
 
     def use_encoder(self, encoder) -> None:
@@ -410,5 +474,5 @@ def _encode_into(encoder, cands: list[Candidate], writer, ann: HnswIndex, start:
     return rows
 
 
-__all__ = ["Index", "IndexMeta", "IndexSnapshot", "INDEX_FORMAT_VERSION", "DEFAULT_M", "DEFAULT_EF_CONSTRUCTION",
+__all__ = ["Index", "DuplicateCandidate", "UnknownCandidate", "image_ext", "IndexMeta", "IndexSnapshot", "INDEX_FORMAT_VERSION", "DEFAULT_M", "DEFAULT_EF_CONSTRUCTION",
            "DEFAULT_EF_SEARCH"]

@@ -55,6 +55,7 @@ class WindowTrace:
     repairs: list[str] = field(default_factory=list)  # what was fixed in a listwise answer
     tool_calls: list[dict] = field(default_factory=list)  # {"name", "ok", "observation"} per call answered
     prefill_tokens: int = 0
+    needed_tokens: int = 0  # the least budget this window runs with: its prompt plus the answer's reserve
     text: str = ""
     usage: Usage = field(default_factory=Usage)
     timings_ms: dict = field(default_factory=dict)
@@ -166,6 +167,7 @@ class Reranker:
         prompt = self.scheme.prompt(self.builder, query, cands, icm)
         session = DecodeSession(self.backend, self.builder, self.picker, allow, self.record)
         trace.chunks, trace.actions = session.chunks, session.actions
+        trace.needed_tokens = session.cost(prompt) + reserve
         short = allow.blocked(session.cost(prompt), reserve)
         if short:
             allow.exhausted.add(short)

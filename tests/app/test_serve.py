@@ -227,7 +227,7 @@ def test_burst_is_answered_200_or_429_and_counted(engine, monkeypatch):
 
     monkeypatch.setattr(engine, "rerank", slow)
     n = 48
-    with Running(create_app(None, engine=engine, workers=1, max_queue=2)) as url:
+    with Running(create_app(None, engine=engine, slots=1, max_queue=2)) as url:
         async def burst():
             async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=n)) as client:
                 async def one(i):
@@ -295,3 +295,48 @@ def test_cli_serve_flags_env_key_and_demo(monkeypatch, capsys, tiny_pack, tiny_i
     assert main(["serve", "--demo"]) == 0 and calls[-1][:2] == (demo_pack, demo_index)
     monkeypatch.setattr(retrv.app.demo, "build_demo", lambda cache_dir, *a: None)
     assert main(["serve", "--demo"]) == 2
+
+
+def test_cors_headers_only_for_the_origins_named(engine):
+    from retrv.app.serve import create_app
+    from retrv.runtime.errors import RetrvError
+
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    with Running(create_app(None, engine=engine)) as url:
+        r = httpx.get(f"{url}/health", headers={"Origin": "https://app.example"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+        assert "access-control-allow-origin" not in httpx.options(f"{url}/v1/rerank", headers=preflight).headers
+    with Running(create_app(None, engine=engine, api_key="k", cors_origins=("https://app.example",))) as url:
+        r = httpx.options(f"{url}/v1/rerank", headers=preflight)  # a preflight carries no key: answered anyway
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+        r = httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": ["a"]},
+                       headers={"Origin": "https://app.example"})
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "https://app.example"
+        r = httpx.get(f"{url}/health", headers={"Origin": "https://other.example"})
+        assert "access-control-allow-origin" not in r.headers
+    with pytest.raises(RetrvError, match="cors origin: got 'app.example'; expected"):
+        create_app(None, engine=engine, cors_origins=("app.example",))
+
+
+def test_cli_search_deadline_reports_the_budget_it_chose(tiny_pack, tiny_index, capsys):
+    from retrv.app.cli import main
+
+    argv = ["search", str(tiny_index), "--pack", str(tiny_pack), "--text", "picture 1"]
+    assert main(argv + ["--deadline-ms", "5000", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    plan = d["deadline"]
+    assert plan["deadline_ms"] == 5000 and plan["ms_per_token"] > 0 and plan["total_ms"] > 0
+    assert plan["budget"]["token"] >= 1 and plan["budget"]["think"] == 128
+    assert main(argv + ["--deadline-ms", "0.001", "--json"]) == 0  # too tight for any prompt: the coarse order
+    tight = json.loads(capsys.readouterr().out)
+    assert tight["deadline"]["budget"]["token"] == 1 and tight["tokens"]["budget_exhausted"]
+    assert main(argv + ["--deadline-ms", "5000"]) == 0
+    assert "deadline 5000 ms: token budget" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # argparse's one-line usage error
+        main(argv + ["--deadline-ms", "-3"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--deadline-ms: got '-3'; expected milliseconds > 0" in err and "Traceback" not in err
+    assert main(["search", str(tiny_index), "--pack", str(tiny_pack), "--text", "x", "--json"]) == 0
+    assert "deadline" not in json.loads(capsys.readouterr().out)

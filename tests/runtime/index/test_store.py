@@ -217,3 +217,75 @@ def test_an_open_overtaken_by_a_commit_starts_over_whatever_failed(ix, monkeypat
     monkeypatch.setattr(store.TokenCache, "open", lambda *a, **k: (_ for _ in ()).throw(CacheFileError("broken")))
     with pytest.raises(CacheFileError, match="broken"):
         Index.open(ix)
+
+
+def _png(seed: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), (seed, 0, 0)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_inline_images_are_stored_listed_verified_and_moved_with_the_folder(ix, tmp_path):
+    index = Index.open(ix)
+    index.add([{"did": "p0", "txt": "x"}, {"did": "p1"}], encoder=FakeEncoder(), images={"p1": _png(1)})
+    (name,) = json.loads((ix / INDEX_JSON).read_text())["images"]
+    assert (ix / name).read_bytes() == _png(1) and name.endswith(".png")
+    moved = tmp_path / "moved"
+    os.rename(ix, moved)  # the row is relative to the folder: it follows it
+    re = Index.open(moved)
+    assert re.row(re.snapshot().label("p1"))["img_path"] == str(moved / name)
+    (moved / name).write_bytes(_png(2))  # an altered image is refused like any other file
+    with pytest.raises(IndexFileError, match="modified file"):
+        Index.open(moved)
+    (moved / name).unlink()
+    with pytest.raises(IndexFileError, match=name.split("/")[1]):
+        Index.open(moved, verify="size")
+
+
+def test_inline_images_refused_with_what_was_expected(ix):
+    index = Index.open(ix)
+    with pytest.raises(InputError, match=r"images\['p0'\]: starts with b'GIF89a"):
+        index.add([{"did": "p0"}], encoder=FakeEncoder(), images={"p0": b"GIF89a" + b"\0" * 20})
+    with pytest.raises(InputError, match="did 'zz' is not among the rows"):
+        index.add([{"did": "p0", "txt": "x"}], encoder=FakeEncoder(), images={"zz": _png(1)})
+    with pytest.raises(InputError, match="img_path .* and inline image bytes"):
+        index.add([{"did": "p0", "img_path": "/x.png"}], encoder=FakeEncoder(), images={"p0": _png(1)})
+    assert not (ix / "images").exists()
+
+
+def test_a_killed_adds_image_is_removed_by_the_next_write(ix, monkeypatch):
+    import retrv.runtime.index.store as store
+
+    index = Index.open(ix)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # the process dies between writing the generation and committing it
+
+    monkeypatch.setattr(store, "commit", killed)
+    with pytest.raises(KeyboardInterrupt):
+        index.add([{"did": "p0"}], encoder=FakeEncoder(), images={"p0": _png(3)})
+    monkeypatch.undo()
+    (leftover,) = os.listdir(ix / "images")
+    assert "images" not in json.loads((ix / INDEX_JSON).read_text())  # never committed: nothing points at it
+    index.add([{"did": "p1"}], encoder=FakeEncoder(), images={"p1": _png(4)})
+    assert leftover not in os.listdir(ix / "images") and len(os.listdir(ix / "images")) == 1
+    index.delete(["p1"])
+    index.delete(["b0"])  # two writes later no generation a reader may hold uses it: gone
+    assert os.listdir(ix / "images") == []
+    assert Index.open(ix).info()["count"] == 11
+
+
+def test_an_image_two_rows_share_stays_while_either_uses_it(ix):
+    index = Index.open(ix)
+    index.add([{"did": "p0"}, {"did": "p1"}], encoder=FakeEncoder(), images={"p0": _png(5), "p1": _png(5)})
+    (name,) = json.loads((ix / INDEX_JSON).read_text())["images"]  # one file for the same bytes
+    index.delete(["p0"])
+    index.delete(["b0"])
+    index.delete(["b1"])
+    assert (ix / name).is_file() and json.loads((ix / INDEX_JSON).read_text())["images"] == {
+        name: {"bytes": len(_png(5)), "sha256": name.split("/")[1].split(".")[0]}}
+    assert Index.open(ix).snapshot().live_dids() >= {"p1"}

@@ -123,6 +123,10 @@ def test_token_budget_too_small_for_the_prompt_keeps_coarse_order(env):
     res, backend = run(env, ["<answer>", "2", "</answer>"], budget=Budget(token=20))
     assert res.windows[0].fallback == "token_budget" and res.order == list(range(5))
     assert res.usage.token == 0 and sum(backend.calls) == 0 and "token" in res.exhausted
+    ran, _ = run(env, ["<answer>", "2", "</answer>"])
+    # what the window needed is known even though it did not run (the deadline planner learns from it), and is
+    # the prompt it prefills plus the answer's reserve when it does run
+    assert res.windows[0].needed_tokens == ran.windows[0].needed_tokens > ran.windows[0].prefill_tokens > 20
 
 
 def test_no_icm_model_prompts_with_full_tokens(env):

@@ -1,0 +1,142 @@
+"""`retrv serve --workers 2` as a real subprocess: every request counted across the workers (prometheus-client's
+multiprocess mode), index writes from either worker seen by both, and SIGTERM draining in-flight requests.
+
+One server for the module (starting two workers costs seconds); the SIGTERM test stops it, so it runs last."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from test_serve import _metric  # noqa: E402
+
+
+def _gauge(text: str, name: str) -> float:
+    """An unlabelled sample (`name value`), which test_serve's `_metric` (labelled samples) does not read."""
+    import re
+
+    m = re.search(rf"^{name} (\S+)$", text, re.M)
+    assert m, f"{name} not in /metrics"
+    return float(m.group(1))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def workers2(tiny_pack, tiny_index, tmp_path_factory):
+    import shutil
+
+    index = tmp_path_factory.mktemp("served2") / "index"
+    shutil.copytree(tiny_index, index)
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-c", "from retrv.app.cli import main; raise SystemExit(main())",
+                             "serve", str(index), "--pack", str(tiny_pack), "--port", str(port), "--workers", "2",
+                             "--max-queue", "64"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "server did not start"
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+    yield url, proc
+    if proc.poll() is None:  # a test failed before the SIGTERM one: stop it the same way (a SIGKILL would orphan the
+        proc.terminate()     # workers and leave the metrics folder behind)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    proc.wait(timeout=30)
+
+
+def _metrics_dir(proc) -> str:
+    """The folder the parent made for its workers, as a worker process sees it (Linux /proc)."""
+    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+        children = f.read().split()
+    for pid in children:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(x.split(b"=", 1) for x in f.read().split(b"\0") if b"=" in x)
+        if b"PROMETHEUS_MULTIPROC_DIR" in env:
+            return env[b"PROMETHEUS_MULTIPROC_DIR"].decode()
+    raise AssertionError(f"no worker of {proc.pid} has PROMETHEUS_MULTIPROC_DIR")
+
+
+def test_a_burst_across_two_workers_is_counted_in_full(workers2):
+    url, proc = workers2
+    n = 32
+
+    async def burst():
+        limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)  # a fresh connection each
+        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+            async def one(i):
+                r = await client.post(f"{url}/v1/rerank", json={"query": "picture 1",
+                                                                 "documents": [f"picture {i}", "picture 1"]})
+                return r.status_code
+
+            return await asyncio.gather(*(one(i) for i in range(n)))
+
+    before = _metric(httpx.get(f"{url}/metrics").text, "retrv_requests_total", endpoint="/v1/rerank")
+    codes = asyncio.run(burst())
+    assert set(codes) <= {200, 429} and codes.count(200) >= 1, codes
+    text = httpx.get(f"{url}/metrics").text
+    assert _metric(text, "retrv_requests_total", endpoint="/v1/rerank") - before == n
+    assert _metric(text, "retrv_requests_total", endpoint="/v1/rerank", status="200") == codes.count(200)
+    assert _gauge(text, "retrv_queue_depth") == 0
+    assert len({f for f in os.listdir(_metrics_dir(proc)) if f.startswith("counter_")}) == 2  # both workers wrote
+
+
+def test_a_write_through_one_worker_is_seen_by_every_worker(workers2):
+    url, _ = workers2
+    r = httpx.post(f"{url}/v1/documents", json={"documents": [{"did": "w1", "txt": "written once"}]}, timeout=60)
+    assert r.status_code == 200, r.text
+    for _ in range(8):  # fresh connections land on either worker: each picks up the commit
+        r = httpx.post(f"{url}/v1/search", json={"text": "written once", "rerank": False}, timeout=60,
+                       headers={"Connection": "close"})
+        assert "w1" in [x["did"] for x in r.json()["ranked"]]
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(workers2):
+    url, proc = workers2
+    metrics_dir = _metrics_dir(proc)
+    slow = {"query": "picture 1", "documents": [f"picture {i} and some words" for i in range(1000)]}  # ~seconds
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=120) as client:
+            task = asyncio.create_task(client.post(f"{url}/v1/rerank", json=slow))
+            while _gauge((await client.get(f"{url}/metrics")).text, "retrv_queue_depth") < 1:
+                assert not task.done(), "the slow request finished before SIGTERM; make it slower"
+                await asyncio.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(1.0)  # uvicorn's supervisor passes SIGTERM on to its workers within 0.5 s
+            assert not task.done()
+            refused = None
+            try:
+                async with httpx.AsyncClient(timeout=3) as fresh:
+                    refused = (await fresh.post(f"{url}/v1/rerank", json={"query": "q", "documents": ["a"]})).status_code
+            except httpx.TransportError as e:
+                refused = type(e).__name__
+            return await task, refused
+
+    answer, refused = asyncio.run(scenario())
+    assert answer.status_code == 200 and len(answer.json()["results"]) == 1000
+    assert refused != 200, refused  # a new request after SIGTERM is not served
+    assert proc.wait(timeout=60) == 0
+    assert not os.path.exists(metrics_dir)  # the parent removed the metrics folder
