@@ -20,6 +20,7 @@ import torch
 
 from retrv.export.graphs import embedder_sub_models, sub_models
 from retrv.export.onnx_export import OPSET, export_onnx, validate_onnx
+from retrv.model.config import read_generation_config
 from retrv.model.files import checkpoint_file, source_fingerprint
 from retrv.model.loading import load_checkpoint
 from retrv.runtime.errors import CheckpointError, InputError
@@ -109,7 +110,9 @@ def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
         for sub in sub_models(model):
             _export_sub(sub, oracles[sub.spec.role], cfg, tmp, precision, files, validation)
         # The PyTorch backend compares the fingerprint with its --checkpoint (runtime.backends.open_backend).
-        extra = {"source_checkpoint": ckpt.name, "source_fingerprint": source_fingerprint(ckpt)}
+        extra = {"source_checkpoint": ckpt.name, "source_fingerprint": source_fingerprint(ckpt),
+                 # what the checkpoint asked of decoding; the runtime and --verify decode greedily regardless
+                 "checkpoint_generation_config": read_generation_config(ckpt)}
         if embedder is not None:
             extra["embedder"] = _export_embedder(Path(embedder), tmp, precision, files, validation)
         if cfg.icm is None:  # listwise (V-Retrver): which released prompt, answer format and target_image numbering
