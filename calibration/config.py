@@ -79,10 +79,18 @@ class Int8DynamicConfig(QuantConfig):
 
     per_channel: bool = True
     weight_type: str = "uint8"
+    # Decoder MatMuls kept in fp32 by name (rules.plan_graph "sensitive"). down_proj: its input is the SwiGLU
+    # product, whose rare large values set the per-tensor uint8 range for the whole step and crush the rest;
+    # measured on the SmolLM2 graft (docs/BENCHMARKS.md, quality table).
+    keep_matmuls: tuple[str, ...] = ("down_proj",)
     mode: ClassVar[str] = "int8-dynamic"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.keep_matmuls, str) or not all(isinstance(k, str) and k for k in self.keep_matmuls):
+            raise InputError(f"keep_matmuls: got {self.keep_matmuls!r}; expected a tuple of projection names "
+                             f"such as ('down_proj',)")
+        object.__setattr__(self, "keep_matmuls", tuple(self.keep_matmuls))
         if self.weight_type not in ("uint8", "int8"):
             raise InputError(f"weight_type: got {self.weight_type!r}; expected 'uint8' or 'int8'")
 
@@ -127,7 +135,11 @@ class Int4WeightOnlyConfig(QuantConfig):
 
     block_size: int = 32
     algo: str = "rtn"
-    symmetric: bool = False  # asymmetric blocks (a 4-bit zero point each): lower error for the same bits
+    symmetric: bool = False  # asymmetric blocks (a zero point each): lower error for the same bits
+    # rtn's asymmetric zero point: "float" (Q4_1/HQQ form, the block's min and max exact) or "int" (ORT's default
+    # quantizer's 4-bit integer zero). Measured on the SmolLM2 graft, block 32: perplexity +0.0% vs +15%
+    # (docs/BENCHMARKS.md; optimistic: the graft's weights are Q4_1 blocks already).
+    zero_point: str = "float"
     accuracy_level: int = 4
     decode_steps: int = 3  # GPTQ's calibration feeds, as for static INT8
     mode: ClassVar[str] = "int4"
@@ -146,6 +158,8 @@ class Int4WeightOnlyConfig(QuantConfig):
             raise InputError(f"--block-size: got {b!r}; expected a power of two >= {MIN_BLOCK} (MatMulNBits)")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise InputError(f"accuracy_level: got {self.accuracy_level!r}; expected 0-4 (MatMulNBits)")
+        if self.zero_point not in ("float", "int"):
+            raise InputError(f"zero_point: got {self.zero_point!r}; expected 'float' or 'int'")
         if self.algo == "hqq" and self.symmetric:
             raise InputError("--algo hqq: symmetric blocks are not supported by ORT's HQQ; expected symmetric=False")
         super().__post_init__()

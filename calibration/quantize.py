@@ -167,14 +167,22 @@ def _int4(config: Int4WeightOnlyConfig, job: Job) -> dict:
                 require("torch", "export")  # ORT's HQQ runs in PyTorch
                 algo = mnb.HQQWeightOnlyQuantConfig(block_size=config.block_size, bits=4,
                                                     op_types_to_quantize=("MatMul",))
-            else:  # round to nearest: ORT's default (C++) blockwise quantizer
-                algo = mnb.DefaultWeightOnlyQuantConfig(
-                    block_size=config.block_size, is_symmetric=config.symmetric,
-                    accuracy_level=config.accuracy_level, op_types_to_quantize=("MatMul",), bits=4)
-            quantizer = mnb.MatMulNBitsQuantizer(onnx.load(str(job.src)), nodes_to_exclude=job.plan.exclude,
-                                                 algo_config=algo)
-            quantizer.process()
-            model = quantizer.model
+            else:  # round to nearest, one matrix at a time (retrv.calibration.matrix)
+                algo = None
+            if algo is not None:
+                quantizer = mnb.MatMulNBitsQuantizer(onnx.load(str(job.src)), nodes_to_exclude=job.plan.exclude,
+                                                     algo_config=algo)
+                quantizer.process()
+                model = quantizer.model
+            else:
+                from onnxruntime.quantization.onnx_model import ONNXModel
+
+                from retrv.calibration.matrix import int4_graph
+
+                proto = onnx.load(str(job.src))
+                int4_graph(proto, job.plan.quantize, config.block_size,
+                           "symmetric" if config.symmetric else config.zero_point, config.accuracy_level)
+                model = ONNXModel(proto)
         for node in model.model.graph.node:  # HQQ and GPTQ leave accuracy_level unset; one level for all
             if node.op_type == "MatMulNBits":
                 for attr in node.attribute:
@@ -188,6 +196,8 @@ def _int4(config: Int4WeightOnlyConfig, job: Job) -> dict:
         model.save_model_to_file(str(job.dst), job.external)
     return {"format": "QOperator (com.microsoft MatMulNBits)", "algo": config.algo, "bits": 4,
             "block_size": config.block_size, "symmetric": config.symmetric if config.algo != "hqq" else False,
+            "zero_point": ("symmetric" if config.symmetric else config.zero_point) if config.algo == "rtn" else
+            ("float" if config.algo == "hqq" else "int"),
             "accuracy_level": config.accuracy_level, "activations": "float"}
 
 
@@ -311,7 +321,7 @@ def _quantize_file(config: QuantConfig, src: Pack, name: str, tmp: Path, work: P
     external = any(e.data_of == name for e in src.manifest.files.values())
     model = onnx.load(str(src.path / name))
     ONNXModel(model).replace_gemm_with_matmul()  # MatMulNBits and MatMulInteger take MatMul only
-    plan = plan_graph(model, entry.role, config.keep_lm_head)
+    plan = plan_graph(model, entry.role, config.keep_lm_head, getattr(config, "keep_matmuls", ()))
     canon = work / name
     onnx.save_model(model, str(canon), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=name + ".data")
