@@ -13,6 +13,7 @@ from typing import ClassVar
 from retrv.runtime.errors import InputError
 
 METHODS = ("minmax", "entropy", "percentile")
+DEFAULT_LIMIT = "default"  # QuantConfig.max_drop: the mode's calibrated default limit
 ALGOS = ("rtn", "hqq", "gptq")
 # MatMulNBits takes power-of-two blocks of at least 16 (ORT's contrib op spec).
 MIN_BLOCK = 16
@@ -42,12 +43,19 @@ class QuantConfig:
     num_calib: int = 16  # calibration items; ORT's docs suggest tens to hundreds, decode-like steps multiply them
     num_heldout: int = 4  # gate items, never used for calibration
     gate_tokens: int = 16  # positions per gate item: the prefill's last position + 15 teacher-forced steps
-    max_drop: float | None = None  # refuse when 1 - top-1 agreement exceeds this
+    # Refuse when 1 - top-1 agreement exceeds this. DEFAULT: the mode's `default_max_drop`, calibrated on real
+    # weights (the SmolLM2 graft, docs/BENCHMARKS.md), unless the source pack records random weights, where the
+    # gate runs as a stress test and reports only (a random model's near-ties make top-1 meaningless).
+    # None: report only, whatever the weights.
+    max_drop: float | str | None = "default"
 
     mode: ClassVar[str] = ""
     precision: ClassVar[str] = "int8"  # what the manifest says of a quantized graph
     roles: ClassVar[tuple[str, ...]] = ("vision", "decoder", "icm_content", "icm_relation")
     needs_calib: ClassVar[bool] = False
+    # Default gate limits, calibrated on the SmolLM2 graft (bench/quality.py, docs/BENCHMARKS.md): the drop the
+    # mode's default settings measured there plus room for the gate's granularity (96 positions: 0.01 each).
+    default_max_drop: ClassVar[float] = 0.15
 
     def __post_init__(self) -> None:
         if self.calib is not None and not isinstance(self.calib, (str, Path)):
@@ -56,7 +64,8 @@ class QuantConfig:
             object.__setattr__(self, "calib", str(self.calib))
         for name in ("num_calib", "num_heldout", "gate_tokens"):
             _check_positive(name, getattr(self, name))
-        _check_fraction("--max-drop", self.max_drop)
+        if self.max_drop != DEFAULT_LIMIT:
+            _check_fraction("--max-drop", self.max_drop)
         if self.needs_calib and self.calib is None:
             raise InputError(f"--calib: required for {self.describe()}; expected a corpus (M-BEIR JSONL or a folder "
                              f"with captions.csv and images/)")
@@ -143,6 +152,9 @@ class Int4WeightOnlyConfig(QuantConfig):
     accuracy_level: int = 4
     decode_steps: int = 3  # GPTQ's calibration feeds, as for static INT8
     mode: ClassVar[str] = "int4"
+    # INT4 changes more greedy choices than INT8 at the same perplexity change; 0.25 still refuses the previous
+    # default's pack (ORT RTN, integer zeros: drop 0.33 on the graft).
+    default_max_drop: ClassVar[float] = 0.25
     precision: ClassVar[str] = "int4"
     roles: ClassVar[tuple[str, ...]] = ("decoder",)
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from retrv.calibration import gates, readers
 from retrv.calibration.config import (  # noqa: F401 - re-exported: the public API is quantize.*
     ALGOS,
+    DEFAULT_LIMIT,
     CONFIGS,
     METHODS,
     Int4WeightOnlyConfig,
@@ -406,14 +407,25 @@ def quantize_pack(pack_dir: str | Path, out_dir: str | Path, config: QuantConfig
             answer_agreement = reranker_answers(gate_items)
         result = gates.run_gate(src.path, tmp, gate_items,
                                 new_tokens=config.gate_tokens, inputs=inputs, answer_agreement=answer_agreement)
-        gate = {**result.to_dict(), "max_drop": config.max_drop,
+        limit, limit_source = gate_limit(config, src)
+        gate = {**result.to_dict(), "max_drop": limit, "limit": limit_source,
                 "drop_definition": "1 - top-1 agreement (teacher-forced on the fp32 greedy tokens)"}
-        gates.check_gate(result, config.max_drop)
+        gates.check_gate(result, limit)
         manifest = Manifest(**{**manifest.__dict__, "validation": {**kept_validation, "gate": gate}})
         write_manifest(tmp, manifest)
         Pack.open(tmp)  # the finished pack passes the same checks a device will run
     log.info("wrote quantized pack %s", out)
     return QuantizeReport(out=out, config=config.to_dict(), sizes=sizes, gate=gate)
+
+
+def gate_limit(config: QuantConfig, src: Pack) -> tuple[float | None, str]:
+    """The gate's max drop and where it came from: --max-drop, the mode's default (calibrated on real weights), or
+    report-only (asked for, or a random-weight source pack: the gate still runs and is recorded)."""
+    if config.max_drop != DEFAULT_LIMIT:
+        return config.max_drop, "report only (asked)" if config.max_drop is None else "--max-drop"
+    if src.manifest.extra.get("random_weights"):
+        return None, "report only: the source checkpoint declares random weights (stress test)"
+    return type(config).default_max_drop, f"default for {config.describe()} (calibrated on real weights)"
 
 
 def _version(dist: str) -> str | None:

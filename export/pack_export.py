@@ -21,7 +21,7 @@ import torch
 from retrv.export.graphs import embedder_sub_models, sub_models
 from retrv.export.onnx_export import OPSET, export_onnx, validate_onnx
 from retrv.model.config import read_generation_config
-from retrv.model.files import checkpoint_file, source_fingerprint
+from retrv.model.files import checkpoint_file, read_json, source_fingerprint
 from retrv.model.loading import load_checkpoint
 from retrv.runtime.errors import CheckpointError, InputError
 from retrv.runtime.fsutil import atomic_dir
@@ -112,7 +112,8 @@ def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
         # The PyTorch backend compares the fingerprint with its --checkpoint (runtime.backends.open_backend).
         extra = {"source_checkpoint": ckpt.name, "source_fingerprint": source_fingerprint(ckpt),
                  # what the checkpoint asked of decoding; the runtime and --verify decode greedily regardless
-                 "checkpoint_generation_config": read_generation_config(ckpt)}
+                 "checkpoint_generation_config": read_generation_config(ckpt),
+                 "random_weights": bool(read_json(checkpoint_file(ckpt, "config.json")).get("retrv_random_weights"))}
         if embedder is not None:
             extra["embedder"] = _export_embedder(Path(embedder), tmp, precision, files, validation)
         if cfg.icm is None:  # listwise (V-Retrver): which released prompt, answer format and target_image numbering

@@ -128,7 +128,7 @@ def nested_config(flat: dict) -> dict:
     """The transformers 5.x `save_pretrained` layout of a flat (4.x) config: text fields in `text_config`,
     rope in `rope_parameters`; the ids and the vision config stay at the top."""
     top_keys = ("architectures", "model_type", "image_token_id", "video_token_id", "vision_start_token_id",
-                "vision_end_token_id", "vision_config", "tie_word_embeddings", "torch_dtype")
+                "vision_end_token_id", "vision_config", "tie_word_embeddings", "torch_dtype", "retrv_random_weights")
     top = {k: v for k, v in flat.items() if k in top_keys}
     text = {k: v for k, v in flat.items() if k not in top_keys and k not in ("rope_scaling", "rope_theta")}
     text["model_type"] = "qwen2_5_vl_text"
@@ -191,6 +191,8 @@ def write_tiny_checkpoint(out: str | Path, *, icm: bool = False, seed: int = 0, 
     out.mkdir(parents=True, exist_ok=True)
     config, retrv, ids = tiny_config(preset, icm=icm, **overrides)
     config["torch_dtype"] = dtype
+    # Declares what the weights are: quantize's accuracy gate reports only on random weights (calibration.config).
+    config["retrv_random_weights"] = True
     cfg = parse_hf_config(config, retrv)
     model = Qwen2_5_VL(cfg)
     random_init_(model, seed)
