@@ -16,9 +16,11 @@ MODES = ("int8-dynamic", "int8-static", "int4")
 MODE_FLAGS = {"method": ("int8-static",), "activations": ("int8-static",), "block_size": ("int4",), "algo": ("int4",)}
 
 
-def _fraction(text: str) -> float | None:
+def _fraction(text: str) -> float | str | None:
     if text == "none":  # report only
         return None
+    if text == "default":  # argparse passes a string default through `type` too
+        return text
     try:
         value = float(text)
     except ValueError:
