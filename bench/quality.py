@@ -40,7 +40,7 @@ def _modes(calib: Path | None):
 
     modes = {
         "int8-dynamic": Int8DynamicConfig(),
-        "int8-dynamic (all MatMuls, previous default)": Int8DynamicConfig(keep_matmuls=(), max_drop=None),
+        "int8-dynamic, down_proj kept in fp32": Int8DynamicConfig(keep_matmuls=("down_proj",)),
         "int4 rtn b32 float zero": Int4WeightOnlyConfig(),
         "int4 rtn b32 int zero (previous default)": Int4WeightOnlyConfig(zero_point="int", max_drop=None),
     }

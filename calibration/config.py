@@ -53,9 +53,10 @@ class QuantConfig:
     precision: ClassVar[str] = "int8"  # what the manifest says of a quantized graph
     roles: ClassVar[tuple[str, ...]] = ("vision", "decoder", "icm_content", "icm_relation")
     needs_calib: ClassVar[bool] = False
-    # Default gate limits, calibrated on the SmolLM2 graft (bench/quality.py, docs/BENCHMARKS.md): the drop the
-    # mode's default settings measured there plus room for the gate's granularity (96 positions: 0.01 each).
-    default_max_drop: ClassVar[float] = 0.15
+    # Default gate limits, calibrated on the SmolLM2 graft (docs/BENCHMARKS.md): the drop the mode's default
+    # settings measured there (int8-dynamic: 0.240 on the gate's 96 built-in positions) plus room for the gate's
+    # granularity (0.01 a position) and for a prompt set that differs.
+    default_max_drop: ClassVar[float] = 0.3
 
     def __post_init__(self) -> None:
         if self.calib is not None and not isinstance(self.calib, (str, Path)):
@@ -88,10 +89,11 @@ class Int8DynamicConfig(QuantConfig):
 
     per_channel: bool = True
     weight_type: str = "uint8"
-    # Decoder MatMuls kept in fp32 by name (rules.plan_graph "sensitive"). down_proj: its input is the SwiGLU
-    # product, whose rare large values set the per-tensor uint8 range for the whole step and crush the rest;
-    # measured on the SmolLM2 graft (docs/BENCHMARKS.md, quality table).
-    keep_matmuls: tuple[str, ...] = ("down_proj",)
+    # Decoder MatMuls kept in fp32 by name (rules.plan_graph "sensitive"), e.g. ("down_proj",): its input is the
+    # SwiGLU product, whose rare large values set the per-tensor uint8 range of the step. Measured on the SmolLM2
+    # graft (docs/BENCHMARKS.md): perplexity +1.78% -> +1.14%, but the decoder grows from 0.41x to 0.56x of fp32
+    # (past the 0.30x the mid config is held to) and the +0.5% goal is still missed: off by default.
+    keep_matmuls: tuple[str, ...] = ()
     mode: ClassVar[str] = "int8-dynamic"
 
     def __post_init__(self) -> None:
@@ -152,8 +154,8 @@ class Int4WeightOnlyConfig(QuantConfig):
     accuracy_level: int = 4
     decode_steps: int = 3  # GPTQ's calibration feeds, as for static INT8
     mode: ClassVar[str] = "int4"
-    # INT4 changes more greedy choices than INT8 at the same perplexity change; 0.25 still refuses the previous
-    # default's pack (ORT RTN, integer zeros: drop 0.33 on the graft).
+    # 0.25 refuses the previous default's pack (ORT RTN, integer zeros: drop 0.333 on the graft) and passes
+    # today's (float zeros; docs/BENCHMARKS.md).
     default_max_drop: ClassVar[float] = 0.25
     precision: ClassVar[str] = "int4"
     roles: ClassVar[tuple[str, ...]] = ("decoder",)

@@ -18,8 +18,8 @@ REAL = SimpleNamespace(manifest=SimpleNamespace(extra={}))  # a pack whose sourc
 
 def test_each_mode_gates_by_default_with_its_own_limit():
     assert gate_limit(Int4WeightOnlyConfig(), REAL) == (0.25, "default for --mode int4 --algo rtn (calibrated on real weights)")
-    assert gate_limit(Int8DynamicConfig(), REAL)[0] == Int8DynamicConfig.default_max_drop == 0.15
-    assert Int8StaticConfig.default_max_drop == 0.15
+    assert gate_limit(Int8DynamicConfig(), REAL)[0] == Int8DynamicConfig.default_max_drop == 0.3
+    assert Int8StaticConfig.default_max_drop == 0.3
     assert gate_limit(Int8DynamicConfig(max_drop=0.02), REAL) == (0.02, "--max-drop")
     assert gate_limit(Int8DynamicConfig(max_drop=None), REAL) == (None, "report only (asked)")
 

@@ -22,7 +22,7 @@ def graft_pack(graft_ckpt, tmp_path_factory):
     return pack, rows, score_pack(pack, rows)
 
 
-@pytest.mark.parametrize("config,max_ppl_pct", [(Int8DynamicConfig(), 1.0), (Int4WeightOnlyConfig(), 3.0)],
+@pytest.mark.parametrize("config,max_ppl_pct", [(Int8DynamicConfig(), 2.5), (Int4WeightOnlyConfig(), 3.0)],
                          ids=["int8-dynamic", "int4"])
 def test_quantized_graft_passes_the_default_gate_and_keeps_perplexity(graft_pack, config, max_ppl_pct, tmp_path):
     pack, rows, ref = graft_pack
@@ -30,7 +30,7 @@ def test_quantized_graft_passes_the_default_gate_and_keeps_perplexity(graft_pack
     assert report.gate["limit"].startswith("default") and report.gate["max_drop"] == type(config).default_max_drop
     got = score_pack(tmp_path / "q", rows)
     assert 100 * (got.perplexity / ref.perplexity - 1) <= max_ppl_pct
-    assert top1_agreement(ref, got) >= 0.85
+    assert top1_agreement(ref, got) >= 0.8
 
 
 def test_previous_int4_default_is_refused_by_the_default_gate(graft_pack, tmp_path):
