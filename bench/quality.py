@@ -36,9 +36,10 @@ DEFAULT_CAPTIONS = REPO.parent / "shared" / "data" / "flickr8k-1k" / "captions.c
 
 
 def _modes(calib: Path | None):
-    from retrv.calibration.config import Int4WeightOnlyConfig, Int8DynamicConfig, Int8StaticConfig
+    from retrv.calibration.config import Int4WeightOnlyConfig, Int8DynamicConfig, Int8StaticConfig, Int8WeightOnlyConfig
 
     modes = {
+        "int8-weight": Int8WeightOnlyConfig(),
         "int8-dynamic": Int8DynamicConfig(),
         "int8-dynamic, down_proj kept in fp32": Int8DynamicConfig(keep_matmuls=("down_proj",)),
         "int4 rtn b32 float zero": Int4WeightOnlyConfig(),
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                          "pack_mb": _size(fp32) / 1e6})
         print(rows_out[-1], flush=True)
         for name, config in _modes(captions.parent if args.static else None).items():
-            out = work / name.split()[0]
+            out = work / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
             t0 = time.perf_counter()
             # report-only here so that every pack is measured; the mode's default limit is applied below
             report = quantize_pack(fp32, out, replace(config, max_drop=None))

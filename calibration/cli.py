@@ -11,9 +11,9 @@ import sys
 
 from retrv.runtime.errors import InputError
 
-MODES = ("int8-dynamic", "int8-static", "int4")
+MODES = ("int8-weight", "int8-dynamic", "int8-static", "int4")
 # flag -> the modes it applies to
-MODE_FLAGS = {"method": ("int8-static",), "activations": ("int8-static",), "block_size": ("int4",), "algo": ("int4",)}
+MODE_FLAGS = {"method": ("int8-static",), "activations": ("int8-static",), "block_size": ("int4", "int8-weight"), "algo": ("int4",)}
 
 
 def _fraction(text: str) -> float | str | None:
@@ -62,7 +62,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "(default: the mode's limit, calibrated on real weights; report only for a pack the "
                         "source checkpoint marks as random weights; 'none': report only)")
     q.add_argument("--block-size", type=int, default=None,
-                   help=f"int4 block size (default {_default('int4', 'block_size')})")
+                   help=f"int4 / int8-weight block size (default {_default('int4', 'block_size')})")
     q.add_argument("--algo", default=None, choices=["rtn", "hqq", "gptq"],
                    help=f"int4 algorithm (default {_default('int4', 'algo')})")
     q.add_argument("--keep-lm-head", action=argparse.BooleanOptionalAction, default=None,

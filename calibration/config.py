@@ -182,4 +182,30 @@ class Int4WeightOnlyConfig(QuantConfig):
         return f"--mode int4 --algo {self.algo}"
 
 
-CONFIGS = {c.mode: c for c in (Int8DynamicConfig, Int8StaticConfig, Int4WeightOnlyConfig)}
+@dataclass(frozen=True)
+class Int8WeightOnlyConfig(QuantConfig):
+    """8-bit blockwise weights (com.microsoft MatMulNBits, bits=8), activations in float: nothing is quantized at
+    run time, so no activation range (int8-dynamic's per-tensor uint8 step) is lost. Asymmetric blocks with uint8
+    zero points by default (ONNX Runtime's CPU kernel refuses float zeros at 8 bits). `accuracy_level=0`: the
+    kernel multiplies in fp32; 4 would quantize the activations to int8 per block again.
+
+    Measured on the SmolLM2 graft (docs/BENCHMARKS.md): within the +0.5% perplexity goal where int8-dynamic is at
+    +1.8%. Every graph's weight MatMuls, as int8-dynamic (the LM head kept by default)."""
+
+    block_size: int = 32
+    symmetric: bool = False
+    accuracy_level: int = 0
+    mode: ClassVar[str] = "int8-weight"
+    # the graft's measured drop was near 0.05 (docs/BENCHMARKS.md): 0.15 leaves room for other prompt sets
+    default_max_drop: ClassVar[float] = 0.15
+
+    def __post_init__(self) -> None:
+        b = self.block_size
+        if isinstance(b, bool) or not isinstance(b, int) or b < MIN_BLOCK or b & (b - 1):
+            raise InputError(f"--block-size: got {b!r}; expected a power of two >= {MIN_BLOCK} (MatMulNBits)")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise InputError(f"accuracy_level: got {self.accuracy_level!r}; expected 0-4 (MatMulNBits)")
+        super().__post_init__()
+
+
+CONFIGS = {c.mode: c for c in (Int8DynamicConfig, Int8WeightOnlyConfig, Int8StaticConfig, Int4WeightOnlyConfig)}

@@ -7,6 +7,7 @@ One entry point, one frozen config per mode, one handler registered per config t
 | config | ONNX Runtime tool | graphs | format |
 | --- | --- | --- | --- |
 | `Int8DynamicConfig` | `quantize_dynamic` | all | MatMulInteger, u8 per-channel weights |
+| `Int8WeightOnlyConfig` | none (`calibration.matrix`, round to nearest) | all | MatMulNBits, bits=8 |
 | `Int8StaticConfig` | `quantize_static`, `QuantFormat.QDQ`, `CalibrationMethod` | all | ONNX QDQ (TensorRT's form) |
 | `Int4WeightOnlyConfig` | `matmul_nbits_quantizer.MatMulNBitsQuantizer` (RTN, HQQ) | decoder | MatMulNBits |
 
@@ -47,6 +48,7 @@ from retrv.calibration.config import (  # noqa: F401 - re-exported: the public A
     Int4WeightOnlyConfig,
     Int8DynamicConfig,
     Int8StaticConfig,
+    Int8WeightOnlyConfig,
     QuantConfig,
 )
 from retrv.calibration.rules import Plan, plan_graph
@@ -119,6 +121,23 @@ def _int8_dynamic(config: Int8DynamicConfig, job: Job) -> dict:
     weights = "uint8 asymmetric" if config.weight_type == "uint8" else "int8 symmetric"
     return {"format": "QOperator (DynamicQuantizeLinear + MatMulInteger)", "weights": weights,
             "per_channel": config.per_channel, "activations": "uint8, per tensor, at run time"}
+
+
+@register_handler(Int8WeightOnlyConfig)
+def _int8_weight(config: Int8WeightOnlyConfig, job: Job) -> dict:
+    import onnx
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    from retrv.calibration.matrix import nbits_graph
+
+    zero_point = "symmetric" if config.symmetric else "int"
+    proto = onnx.load(str(job.src))
+    nbits_graph(proto, job.plan.quantize, config.block_size, zero_point, config.accuracy_level, bits=8)
+    ONNXModel(proto).save_model_to_file(str(job.dst), job.external)
+    return {"format": "QOperator (com.microsoft MatMulNBits)", "algo": "rtn", "bits": 8,
+            "block_size": config.block_size, "symmetric": config.symmetric, "zero_point": zero_point,
+            "accuracy_level": config.accuracy_level,
+            "activations": "float" if config.accuracy_level in (0, 1) else f"accuracy_level {config.accuracy_level}"}
 
 
 @register_handler(Int8StaticConfig)
