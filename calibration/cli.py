@@ -11,12 +11,16 @@ import sys
 
 from retrv.runtime.errors import InputError
 
-MODES = ("int8-dynamic", "int8-static", "int4")
+MODES = ("int8-weight", "int8-dynamic", "int8-static", "int4")
 # flag -> the modes it applies to
-MODE_FLAGS = {"method": ("int8-static",), "activations": ("int8-static",), "block_size": ("int4",), "algo": ("int4",)}
+MODE_FLAGS = {"method": ("int8-static",), "activations": ("int8-static",), "block_size": ("int4", "int8-weight"), "algo": ("int4",)}
 
 
-def _fraction(text: str) -> float:
+def _fraction(text: str) -> float | str | None:
+    if text == "none":  # report only
+        return None
+    if text == "default":  # argparse passes a string default through `type` too
+        return text
     try:
         value = float(text)
     except ValueError:
@@ -53,10 +57,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--activations", default=None, choices=["int8", "uint8"],
                    help="int8-static activations: int8 symmetric, TensorRT's explicit-quantization form (default), "
                         "or uint8 asymmetric, the form ONNX Runtime's CPU provider fuses into integer kernels")
-    q.add_argument("--max-drop", type=_fraction, default=None, metavar="X",
-                   help="refuse the pack when 1 - top-1 next-token agreement with the fp32 pack exceeds X")
+    q.add_argument("--max-drop", type=_fraction, default="default", metavar="X",
+                   help="refuse the pack when 1 - top-1 next-token agreement with the fp32 pack exceeds X "
+                        "(default: the mode's limit, calibrated on real weights; report only for a pack the "
+                        "source checkpoint marks as random weights; 'none': report only)")
     q.add_argument("--block-size", type=int, default=None,
-                   help=f"int4 block size (default {_default('int4', 'block_size')})")
+                   help=f"int4 / int8-weight block size (default {_default('int4', 'block_size')})")
     q.add_argument("--algo", default=None, choices=["rtn", "hqq", "gptq"],
                    help=f"int4 algorithm (default {_default('int4', 'algo')})")
     q.add_argument("--keep-lm-head", action=argparse.BooleanOptionalAction, default=None,
@@ -75,10 +81,10 @@ def build_config(args: argparse.Namespace):
         if getattr(args, flag) is not None and args.mode not in modes:
             raise InputError(f"--{flag.replace('_', '-')}: applies to --mode {' / '.join(modes)}; got --mode "
                              f"{args.mode}")
-    given = {"calib": args.calib, "method": args.method, "activations": args.activations, "max_drop": args.max_drop,
+    given = {"calib": args.calib, "method": args.method, "activations": args.activations,
              "block_size": args.block_size, "algo": args.algo, "keep_lm_head": args.keep_lm_head,
              "num_calib": args.calib_items}
-    return CONFIGS[args.mode](**{k: v for k, v in given.items() if v is not None})
+    return CONFIGS[args.mode](max_drop=args.max_drop, **{k: v for k, v in given.items() if v is not None})
 
 
 def _mb(n: int) -> str:

@@ -7,6 +7,7 @@ One entry point, one frozen config per mode, one handler registered per config t
 | config | ONNX Runtime tool | graphs | format |
 | --- | --- | --- | --- |
 | `Int8DynamicConfig` | `quantize_dynamic` | all | MatMulInteger, u8 per-channel weights |
+| `Int8WeightOnlyConfig` | none (`calibration.matrix`, round to nearest) | all | MatMulNBits, bits=8 |
 | `Int8StaticConfig` | `quantize_static`, `QuantFormat.QDQ`, `CalibrationMethod` | all | ONNX QDQ (TensorRT's form) |
 | `Int4WeightOnlyConfig` | `matmul_nbits_quantizer.MatMulNBitsQuantizer` (RTN, HQQ) | decoder | MatMulNBits |
 
@@ -41,11 +42,13 @@ from pathlib import Path
 from retrv.calibration import gates, readers
 from retrv.calibration.config import (  # noqa: F401 - re-exported: the public API is quantize.*
     ALGOS,
+    DEFAULT_LIMIT,
     CONFIGS,
     METHODS,
     Int4WeightOnlyConfig,
     Int8DynamicConfig,
     Int8StaticConfig,
+    Int8WeightOnlyConfig,
     QuantConfig,
 )
 from retrv.calibration.rules import Plan, plan_graph
@@ -120,6 +123,23 @@ def _int8_dynamic(config: Int8DynamicConfig, job: Job) -> dict:
             "per_channel": config.per_channel, "activations": "uint8, per tensor, at run time"}
 
 
+@register_handler(Int8WeightOnlyConfig)
+def _int8_weight(config: Int8WeightOnlyConfig, job: Job) -> dict:
+    import onnx
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    from retrv.calibration.matrix import nbits_graph
+
+    zero_point = "symmetric" if config.symmetric else "int"
+    proto = onnx.load(str(job.src))
+    nbits_graph(proto, job.plan.quantize, config.block_size, zero_point, config.accuracy_level, bits=8)
+    ONNXModel(proto).save_model_to_file(str(job.dst), job.external)
+    return {"format": "QOperator (com.microsoft MatMulNBits)", "algo": "rtn", "bits": 8,
+            "block_size": config.block_size, "symmetric": config.symmetric, "zero_point": zero_point,
+            "accuracy_level": config.accuracy_level,
+            "activations": "float" if config.accuracy_level in (0, 1) else f"accuracy_level {config.accuracy_level}"}
+
+
 @register_handler(Int8StaticConfig)
 def _int8_static(config: Int8StaticConfig, job: Job) -> dict:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -167,14 +187,22 @@ def _int4(config: Int4WeightOnlyConfig, job: Job) -> dict:
                 require("torch", "export")  # ORT's HQQ runs in PyTorch
                 algo = mnb.HQQWeightOnlyQuantConfig(block_size=config.block_size, bits=4,
                                                     op_types_to_quantize=("MatMul",))
-            else:  # round to nearest: ORT's default (C++) blockwise quantizer
-                algo = mnb.DefaultWeightOnlyQuantConfig(
-                    block_size=config.block_size, is_symmetric=config.symmetric,
-                    accuracy_level=config.accuracy_level, op_types_to_quantize=("MatMul",), bits=4)
-            quantizer = mnb.MatMulNBitsQuantizer(onnx.load(str(job.src)), nodes_to_exclude=job.plan.exclude,
-                                                 algo_config=algo)
-            quantizer.process()
-            model = quantizer.model
+            else:  # round to nearest, one matrix at a time (retrv.calibration.matrix)
+                algo = None
+            if algo is not None:
+                quantizer = mnb.MatMulNBitsQuantizer(onnx.load(str(job.src)), nodes_to_exclude=job.plan.exclude,
+                                                     algo_config=algo)
+                quantizer.process()
+                model = quantizer.model
+            else:
+                from onnxruntime.quantization.onnx_model import ONNXModel
+
+                from retrv.calibration.matrix import int4_graph
+
+                proto = onnx.load(str(job.src))
+                int4_graph(proto, job.plan.quantize, config.block_size,
+                           "symmetric" if config.symmetric else config.zero_point, config.accuracy_level)
+                model = ONNXModel(proto)
         for node in model.model.graph.node:  # HQQ and GPTQ leave accuracy_level unset; one level for all
             if node.op_type == "MatMulNBits":
                 for attr in node.attribute:
@@ -188,6 +216,8 @@ def _int4(config: Int4WeightOnlyConfig, job: Job) -> dict:
         model.save_model_to_file(str(job.dst), job.external)
     return {"format": "QOperator (com.microsoft MatMulNBits)", "algo": config.algo, "bits": 4,
             "block_size": config.block_size, "symmetric": config.symmetric if config.algo != "hqq" else False,
+            "zero_point": ("symmetric" if config.symmetric else config.zero_point) if config.algo == "rtn" else
+            ("float" if config.algo == "hqq" else "int"),
             "accuracy_level": config.accuracy_level, "activations": "float"}
 
 
@@ -311,7 +341,7 @@ def _quantize_file(config: QuantConfig, src: Pack, name: str, tmp: Path, work: P
     external = any(e.data_of == name for e in src.manifest.files.values())
     model = onnx.load(str(src.path / name))
     ONNXModel(model).replace_gemm_with_matmul()  # MatMulNBits and MatMulInteger take MatMul only
-    plan = plan_graph(model, entry.role, config.keep_lm_head)
+    plan = plan_graph(model, entry.role, config.keep_lm_head, getattr(config, "keep_matmuls", ()))
     canon = work / name
     onnx.save_model(model, str(canon), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=name + ".data")
@@ -396,14 +426,25 @@ def quantize_pack(pack_dir: str | Path, out_dir: str | Path, config: QuantConfig
             answer_agreement = reranker_answers(gate_items)
         result = gates.run_gate(src.path, tmp, gate_items,
                                 new_tokens=config.gate_tokens, inputs=inputs, answer_agreement=answer_agreement)
-        gate = {**result.to_dict(), "max_drop": config.max_drop,
+        limit, limit_source = gate_limit(config, src)
+        gate = {**result.to_dict(), "max_drop": limit, "limit": limit_source,
                 "drop_definition": "1 - top-1 agreement (teacher-forced on the fp32 greedy tokens)"}
-        gates.check_gate(result, config.max_drop)
+        gates.check_gate(result, limit)
         manifest = Manifest(**{**manifest.__dict__, "validation": {**kept_validation, "gate": gate}})
         write_manifest(tmp, manifest)
         Pack.open(tmp)  # the finished pack passes the same checks a device will run
     log.info("wrote quantized pack %s", out)
     return QuantizeReport(out=out, config=config.to_dict(), sizes=sizes, gate=gate)
+
+
+def gate_limit(config: QuantConfig, src: Pack) -> tuple[float | None, str]:
+    """The gate's max drop and where it came from: --max-drop, the mode's default (calibrated on real weights), or
+    report-only (asked for, or a random-weight source pack: the gate still runs and is recorded)."""
+    if config.max_drop != DEFAULT_LIMIT:
+        return config.max_drop, "report only (asked)" if config.max_drop is None else "--max-drop"
+    if src.manifest.extra.get("random_weights"):
+        return None, "report only: the source checkpoint declares random weights (stress test)"
+    return type(config).default_max_drop, f"default for {config.describe()} (calibrated on real weights)"
 
 
 def _version(dist: str) -> str | None:

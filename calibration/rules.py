@@ -28,6 +28,7 @@ PATTERNS = {
     "activation_matmul": "MatMul without a constant (initializer) input: attention Q.K^T and P.V",
     "lm_head": "MatMul named */lm_head/* (decoder), when keep_lm_head",
     "icm_attention": "MatMul named */attn/* in icm_content/icm_relation: the ICM's pooling and cross-attention",
+    "sensitive": "MatMul named */<name>/* for a name in the mode's keep_matmuls (decoder): measured sensitive",
 }
 ICM_ROLES = ("icm_content", "icm_relation")
 
@@ -57,7 +58,7 @@ class Plan:
         }
 
 
-def plan_graph(model, role: str, keep_lm_head: bool = True) -> Plan:
+def plan_graph(model, role: str, keep_lm_head: bool = True, keep_matmuls: tuple[str, ...] = ()) -> Plan:
     """Classify every MatMul of `model` (an onnx.ModelProto, Gemm already rewritten) for the graph `role`."""
     constants = {t.name for t in model.graph.initializer}
     quantize, keep = [], {}
@@ -71,6 +72,8 @@ def plan_graph(model, role: str, keep_lm_head: bool = True) -> Plan:
             keep[name] = "lm_head"
         elif role in ICM_ROLES and "/attn/" in name:
             keep[name] = "icm_attention"
+        elif role == "decoder" and any(f"/{k}/" in name for k in keep_matmuls):
+            keep[name] = "sensitive"
         else:
             quantize.append(name)
     return Plan(role=role, quantize=tuple(quantize), keep=keep)

@@ -21,7 +21,8 @@ import torch
 from retrv.export.graphs import embedder_sub_models, sub_models
 from retrv.export.onnx_export import OPSET, export_onnx, validate_onnx
 from retrv.export.optimum_embedder import export_optimum_embedder, is_optimum_folder
-from retrv.model.files import checkpoint_file, source_fingerprint
+from retrv.model.config import read_generation_config
+from retrv.model.files import checkpoint_file, read_json, source_fingerprint
 from retrv.model.loading import load_checkpoint
 from retrv.runtime.errors import CheckpointError, InputError
 from retrv.runtime.fsutil import atomic_dir
@@ -110,7 +111,10 @@ def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
         for sub in sub_models(model):
             _export_sub(sub, oracles[sub.spec.role], cfg, tmp, precision, files, validation)
         # The PyTorch backend compares the fingerprint with its --checkpoint (runtime.backends.open_backend).
-        extra = {"source_checkpoint": ckpt.name, "source_fingerprint": source_fingerprint(ckpt)}
+        extra = {"source_checkpoint": ckpt.name, "source_fingerprint": source_fingerprint(ckpt),
+                 # what the checkpoint asked of decoding; the runtime and --verify decode greedily regardless
+                 "checkpoint_generation_config": read_generation_config(ckpt),
+                 "random_weights": bool(read_json(checkpoint_file(ckpt, "config.json")).get("retrv_random_weights"))}
         if embedder is not None and is_optimum_folder(embedder):  # CLIP / SigLIP / a text encoder from optimum
             extra["embedder"] = export_optimum_embedder(Path(embedder), tmp, files, validation)
         elif embedder is not None:

@@ -27,6 +27,16 @@ def verification_images():
     return [synthetic_image(11, (150, 220)), synthetic_image(12, (260, 120))]
 
 
+def plain_greedy_config(transformers, eos: list[int], pad: int | None):
+    """The oracle's decoding: plain greedy, whatever the checkpoint's generation_config.json asks for. The Instruct
+    releases ship do_sample/top_k/top_p/temperature and repetition_penalty 1.05; inherited, the last one changes
+    the argmax and the oracle stops being greedy. Every sampling knob is set to its neutral value explicitly."""
+    return transformers.GenerationConfig(
+        do_sample=False, num_beams=1, repetition_penalty=1.0, temperature=1.0, top_k=0, top_p=1.0,
+        no_repeat_ngram_size=0, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=eos,
+        pad_token_id=pad if pad is not None else eos[0])
+
+
 def _transformers_greedy(ckpt: Path, gen: Generator, prompt: str, images) -> list[int] | None:
     try:
         import transformers
@@ -49,9 +59,12 @@ def _transformers_greedy(ckpt: Path, gen: Generator, prompt: str, images) -> lis
     ids = torch.tensor([gen.render(prompt, grids)])
     if images:
         kwargs["mm_token_type_ids"] = (ids == gen.cfg.tokens.image_token_id).int()
+    greedy = plain_greedy_config(transformers, list(gen.cfg.tokens.eos_token_ids), gen.cfg.tokens.pad_token_id)
+    # Replaced on the model as well as passed: transformers fills the fields of a passed config that equal the
+    # library defaults from the model's own generation_config (repetition_penalty=1.0 would become 1.05).
+    ref.generation_config = greedy
     with torch.no_grad():
-        out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW_TOKENS,
-                           do_sample=False, eos_token_id=list(gen.cfg.tokens.eos_token_ids), **kwargs)
+        out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=greedy, **kwargs)
     return out[0, ids.shape[1]:].tolist()
 
 

@@ -130,6 +130,34 @@ def _parse_hf_config(cfg: Any, retrv_cfg: Any, where: str) -> ModelConfig:
     return ModelConfig(text=text_cfg, vision=vision_cfg, tokens=tokens, icm=icm, model_type=model_type)
 
 
+# What a generation_config.json may ask of decoding. The Instruct releases ship do_sample=true, top_k=1,
+# top_p=0.001, temperature=0.1 and repetition_penalty=1.05: recorded in the pack (what the checkpoint asked for),
+# never applied by `--verify`, whose oracle is plain greedy (retrv.export.verify).
+DECODING_FIELDS = ("do_sample", "num_beams", "temperature", "top_k", "top_p", "repetition_penalty",
+                   "no_repeat_ngram_size", "length_penalty", "max_new_tokens", "max_length")
+
+
+def read_generation_config(checkpoint_dir: str | Path) -> dict:
+    """The decoding settings a checkpoint's generation_config.json asks for ({} without the file). Values are
+    recorded as given (JSON scalars only); the file's token ids are read by `read_config`."""
+    root = Path(checkpoint_dir)
+    path = root / "generation_config.json"
+    if not os.path.lexists(path):
+        return {}
+    data = read_json(checkpoint_file(root, path.name))
+    out = {}
+    for key in DECODING_FIELDS:
+        value = data.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if not (key == "do_sample" and isinstance(value, bool)):
+                raise CheckpointError(f"{path}: {key} is {value!r}; expected a number"
+                                      f"{' or true/false' if key == 'do_sample' else ''}")
+        out[key] = value
+    return out
+
+
 def read_config(checkpoint_dir: str | Path) -> ModelConfig:
     """Read `config.json` (and `retrv_config.json` when present) from a checkpoint directory. Every file must lie
     inside the directory (`retrv.model.files.checkpoint_file`)."""

