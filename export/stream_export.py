@@ -97,9 +97,9 @@ def plan_slots(cfg: ModelConfig, graphs: StreamGraphs, tensors: dict[str, Tensor
 class DataWriter:
     """Append-only external data files, one per graph; every tensor starts on an ALIGN boundary."""
 
-    def __init__(self, folder: Path, progress=None) -> None:
-        self.folder, self.files, self.progress = folder, {}, progress
-        self.tensors = 0
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.files = folder, {}
+        self.bytes = 0
 
     def _file(self, name: str):
         if name not in self.files:
@@ -115,11 +115,7 @@ class DataWriter:
         offset = f.tell()
         for a in arrays:
             f.write(memoryview(np.ascontiguousarray(a)).cast("B"))
-            if self.progress is not None:
-                self.progress.update(a.nbytes)
-        self.tensors += 1
-        if self.progress is not None:
-            self.progress.set_postfix(tensors=self.tensors, refresh=False)
+        self.bytes += f.tell() - offset
         return offset, f.tell() - offset
 
     def close(self) -> None:
@@ -198,7 +194,7 @@ def convert(info: TensorInfo, slot: Slot, precision: str, quant, writer: DataWri
     slot.written[ref.init] = (data, offset, length, ref.shape, dtype)
 
 
-def write_embedding(info: TensorInfo, folder: Path, precision: str, progress=None) -> int:
+def write_embedding(info: TensorInfo, folder: Path, precision: str) -> int:
     """embed_tokens.npy written in row chunks; -> the byte offset of its data (after the .npy header)."""
     dtype = np.dtype(NP_DTYPE[precision])
     with open(folder / EMBED_FILE, "wb") as f:
@@ -207,8 +203,6 @@ def write_embedding(info: TensorInfo, folder: Path, precision: str, progress=Non
         offset = f.tell()
         for chunk in _row_chunks(info, dtype):
             f.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
-            if progress is not None:
-                progress.update(chunk.nbytes)
     return offset
 
 

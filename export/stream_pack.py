@@ -23,10 +23,11 @@ log = logging.getLogger(__name__)
 
 
 def _progress(total: int):
+    """Tensors written, with the bytes so far beside them; shown when retrv logs progress (`retrv -v`)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing weights",
-                disable=not logging.getLogger("retrv").isEnabledFor(logging.INFO), leave=False)
+    return tqdm(total=total, unit="tensor", desc="streaming weights",
+                disable=not logging.getLogger("retrv").isEnabledFor(logging.INFO))
 
 
 def export_streaming(ckpt: Path, out: Path, precision: str, quant, verify: bool) -> Path:
@@ -39,19 +40,21 @@ def export_streaming(ckpt: Path, out: Path, precision: str, quant, verify: bool)
     graphs = build_graphs(cfg, precision)  # before any weight is read: the template is its only memory
     slots, shared = plan_slots(cfg, graphs, tensors, quant, ckpt)
     with atomic_dir(out) as tmp:
-        total = sum(tensors[name].numel for name in slots) * (2 if precision == "fp16" else 4)
-        with _progress(total) as bar:
-            embed_offset = write_embedding(tensors[EMBED_PARAM], tmp, precision, bar)
-            writer = DataWriter(tmp, bar)
+        jobs = [(name, slot) for name in sorted(slots, key=lambda n: (str(tensors[n].file), tensors[n].start))
+                for slot in slots[name]  # file order: each shard is read front to back once
+                if slot.ref is not None and not (slot.ref.param == "lm_head.weight" and shared)]
+        with _progress(len(jobs) + 1) as bar:
+            embed_offset = write_embedding(tensors[EMBED_PARAM], tmp, precision)
+            embed_bytes = (tmp / EMBED_FILE).stat().st_size - embed_offset
+            bar.update(1)
+            writer = DataWriter(tmp)
             try:
-                # file order: each shard is read front to back once
-                for name in sorted(slots, key=lambda n: (str(tensors[n].file), tensors[n].start)):
-                    for slot in slots[name]:
-                        if slot.ref is not None and not (slot.ref.param == "lm_head.weight" and shared):
-                            convert(tensors[name], slot, precision, quant, writer)
+                for name, slot in jobs:
+                    convert(tensors[name], slot, precision, quant, writer)
+                    bar.update(1)
+                    bar.set_postfix_str(f"{(writer.bytes + embed_bytes) / 2**30:.2f} GiB written", refresh=False)
             finally:
                 writer.close()
-        embed_bytes = (tmp / EMBED_FILE).stat().st_size - embed_offset
         files, validation = {}, dict(graphs.validation)
         quantized = quant is not None
         for fname, model in graphs.models.items():

@@ -315,7 +315,6 @@ def check_truncated(ckpt: Path, precision: str, quant) -> dict:
     from retrv.export.stream_pack import export_streaming
     from retrv.export.torch_backend import TorchBackend
     from retrv.export.verify import MAX_NEW_TOKENS, verification_images
-    from retrv.model.loading import load_checkpoint
     from retrv.runtime.backends.ort import OrtBackend
     from retrv.runtime.generate import Generator
 
@@ -328,7 +327,7 @@ def check_truncated(ckpt: Path, precision: str, quant) -> dict:
         ort_tokens = {k: gen.generate(p, im, MAX_NEW_TOKENS).token_ids for k, (p, im) in cases.items()}
         del gen
         gc.collect()
-        model = load_checkpoint(small, dtype=torch.float32)
+        model = load_unmapped(small)
         if quant is not None:  # compare with the weights the pack holds: dequantized INT4 projections
             _load_dequantized(model, pack)
         gen = Generator.from_pack(pack, TorchBackend(model))
@@ -345,6 +344,32 @@ def check_truncated(ckpt: Path, precision: str, quant) -> dict:
         del gen, model
         gc.collect()
     return report
+
+
+def load_unmapped(ckpt: Path):
+    """`load_checkpoint` in fp32 without memory-mapping the shards (their pages would count on top of the model):
+    each tensor is read into its own buffer and assigned."""
+    import torch
+
+    from retrv.model.config import read_config
+    from retrv.model.files import ICM_NAME, checkpoint_file
+    from retrv.model.loading import read_tensors
+    from retrv.model.qwen import Qwen2_5_VL
+
+    cfg = read_config(ckpt)
+    with torch.device("meta"):
+        model = Qwen2_5_VL(cfg)
+    tensors = checkpoint_tensors(ckpt)
+    state = {}
+    for name, _ in model.named_parameters():
+        if name.startswith("icm."):
+            continue
+        src = EMBED_PARAM if name == LM_HEAD and LM_HEAD not in tensors else name
+        state[name] = state[src] if src in state else torch.from_numpy(read_rows(tensors[src]))
+    if model.icm is not None:
+        state.update({f"icm.{k}": v for k, v in read_tensors(checkpoint_file(ckpt, ICM_NAME), torch.float32).items()})
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
 
 
 def _load_dequantized(model, pack: Pack) -> None:
