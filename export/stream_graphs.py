@@ -38,6 +38,10 @@ from retrv.model.vision import VisionTower
 log = logging.getLogger(__name__)
 
 TEMPLATE_VOCAB = 64  # the LM head's rows only size one MatMul; 64 keeps the template small at any vocabulary
+# Widths that appear in weight shapes only, never in a traced constant (the MLPs' hidden width, the merger's
+# hidden width): the template uses 16 and the replicated initializers take the real shapes. Heads, head_dim and
+# the hidden size stay real: reshapes freeze them. At 7B this makes the template ~50M parameters instead of 330M.
+TEMPLATE_WIDTH = 16
 TRANSFORMS = ("identity", "transpose", "reshape")  # how a graph initializer is derived from its checkpoint tensor
 
 
@@ -65,11 +69,14 @@ class _Template(nn.Module):
         v = cfg.vision
         full = set(v.fullatt_block_indexes)
         self.kinds = [k for k in ("window", "full") if any((i in full) == (k == "full") for i in range(v.depth))]
-        vt = replace(v, depth=len(self.kinds), fullatt_block_indexes=tuple(
+        vt = replace(v, depth=len(self.kinds), intermediate_size=TEMPLATE_WIDTH, fullatt_block_indexes=tuple(
             j for j, k in enumerate(self.kinds) if k == "full"))
-        tt = replace(cfg.text, num_hidden_layers=1, vocab_size=TEMPLATE_VOCAB)
+        tt = replace(cfg.text, num_hidden_layers=1, vocab_size=TEMPLATE_VOCAB, intermediate_size=TEMPLATE_WIDTH)
         self.cfg = SimpleNamespace(vision=vt, text=tt, icm=None)
         self.visual = VisionTower(vt)
+        merged = self.visual.merger.merged
+        self.visual.merger.mlp = nn.Sequential(nn.Linear(merged, TEMPLATE_WIDTH), nn.GELU(),
+                                               nn.Linear(TEMPLATE_WIDTH, vt.out_hidden_size))
         with torch.device("meta"):  # the embedding table is not part of any graph: never allocated
             self.language_model = TextModel(tt)
         self.language_model.embed_tokens = nn.Embedding(1, tt.hidden_size)
@@ -218,8 +225,22 @@ def _weights_named(found, prefix_of_block: str | None, to_block: str | None) -> 
     return out
 
 
-def _finish(model, graph_file: str, nodes, found, renamed: dict[str, tuple[str, str, str]], spec) -> list[WeightRef]:
-    """Replace nodes and initializers; weight initializers become data-less placeholders (filled by the writer)."""
+def _real_shape(template_shape: tuple, param_shape: tuple, transform: str) -> tuple[int, ...]:
+    """An initializer's shape in the full graph, from its parameter's real shape and how it was folded."""
+    if transform == "identity":
+        return tuple(param_shape)
+    if transform == "transpose":
+        return (int(np.prod(param_shape[1:])), param_shape[0])
+    if int(np.prod(template_shape)) != int(np.prod(param_shape)):
+        raise ExportError(f"template initializer of shape {template_shape} reshapes a parameter of shape "
+                          f"{param_shape}; expected only unshrunk widths to be reshaped")
+    return tuple(template_shape)
+
+
+def _finish(model, graph_file: str, nodes, found, renamed: dict[str, tuple[str, str, str]], spec,
+            real: dict[str, tuple]) -> list[WeightRef]:
+    """Replace nodes and initializers; weight initializers become data-less placeholders (filled by the writer)
+    at the real model's shapes (`real`: parameter name -> shape)."""
     import onnx
     from onnx import TensorProto
 
@@ -229,7 +250,7 @@ def _finish(model, graph_file: str, nodes, found, renamed: dict[str, tuple[str, 
     keep = [i for i in g.initializer if i.name not in found]
     refs, inits = [], []
     for new, (tmpl, param, transform) in renamed.items():
-        shape = shapes[tmpl]
+        shape = _real_shape(shapes[tmpl], real[param], transform)
         t = TensorProto(name=new, data_type=dtypes[tmpl], dims=shape)
         inits.append(t)
         refs.append(WeightRef(graph_file, new, param, transform, shape))
@@ -243,7 +264,7 @@ def _finish(model, graph_file: str, nodes, found, renamed: dict[str, tuple[str, 
     return refs
 
 
-def replicate_decoder(model, found, cfg: ModelConfig, spec: GraphSpec) -> list[WeightRef]:
+def replicate_decoder(model, found, cfg: ModelConfig, spec: GraphSpec, real: dict) -> list[WeightRef]:
     """The one-layer template decoder (traced) -> the full-depth decoder, in place; returns its weight slots."""
     g = model.graph
     layer = _members(g.node, "/language_model/layers.0/")
@@ -275,11 +296,7 @@ def replicate_decoder(model, found, cfg: ModelConfig, spec: GraphSpec) -> list[W
     for n in others:
         n.input[:] = [rest.get(v, v) for v in n.input]
     _lm_head_as_gemm(nodes, renamed)
-    refs = _finish(model, spec.filename, nodes, found, renamed, spec)
-    head = next(i for i in model.graph.initializer if i.name == "lm_head.weight")
-    head.dims[:] = [cfg.text.vocab_size, cfg.text.hidden_size]
-    return [r if r.param != "lm_head.weight" else replace(r, shape=(cfg.text.vocab_size, cfg.text.hidden_size))
-            for r in refs]
+    return _finish(model, spec.filename, nodes, found, renamed, spec, real)
 
 
 def _lm_head_as_gemm(nodes, renamed) -> None:
@@ -295,7 +312,7 @@ def _lm_head_as_gemm(nodes, renamed) -> None:
     tmpl, param, transform = renamed.pop(old)
     if transform != "transpose":
         raise ExportError(f"decoder template: LM head folded as {transform}; expected a transposed MatMul weight")
-    renamed["lm_head.weight"] = (tmpl, param, "identity")
+    renamed["lm_head.weight"] = (tmpl, param, "identity")  # (vocab, hidden): the real shape, set by _finish
     for k, n in enumerate(nodes):
         if n.op_type == "MatMul" and n.input[1] == old:
             nodes[k] = helper.make_node("Gemm", [n.input[0], "lm_head.weight"], list(n.output), name=n.name, transB=1)
@@ -303,7 +320,7 @@ def _lm_head_as_gemm(nodes, renamed) -> None:
     raise ExportError("decoder template: no MatMul reads the LM head; expected logits = MatMul(hidden, W^T)")
 
 
-def replicate_vision(model, found, cfg: ModelConfig, kinds: list[str], spec: GraphSpec) -> list[WeightRef]:
+def replicate_vision(model, found, cfg: ModelConfig, kinds: list[str], spec: GraphSpec, real: dict) -> list[WeightRef]:
     g = model.graph
     blocks = [_members(g.node, f"/visual/blocks.{j}/") for j in range(len(kinds))]
     others = [n for n in g.node if not n.name.startswith("/visual/blocks.")]
@@ -337,7 +354,7 @@ def replicate_vision(model, found, cfg: ModelConfig, kinds: list[str], spec: Gra
         renamed[new] = (tmpl, found[tmpl][0], found[tmpl][1])
     for n in others:
         n.input[:] = [rest.get(v, v) for v in n.input]
-    return _finish(model, spec.filename, nodes, found, renamed, spec)
+    return _finish(model, spec.filename, nodes, found, renamed, spec, real)
 
 
 @dataclass
@@ -355,6 +372,10 @@ def build_graphs(cfg: ModelConfig, precision: str, validate: bool = True) -> Str
     import onnx
 
     dtype = torch.float16 if precision == "fp16" else torch.float32
+    with torch.device("meta"):  # the real shapes, without their memory
+        from retrv.model.qwen import Qwen2_5_VL
+
+        real = {n: tuple(p.shape) for n, p in Qwen2_5_VL(cfg).named_parameters()}
     template = _Template(cfg, dtype)
     fdt = FLOAT_NAMES[dtype]
     subs = [SubModel(vision_spec(template.cfg, fdt), VisionGraph(template)),
@@ -375,9 +396,9 @@ def build_graphs(cfg: ModelConfig, precision: str, validate: bool = True) -> Str
             prefixes = ("visual.",) if role == "vision" else ("language_model.", "lm_head.")
             found = _identify(model, prefixes, sub.spec.filename, template)
             if role == "vision":
-                refs = replicate_vision(model, found, cfg, template.kinds, real_spec)
+                refs = replicate_vision(model, found, cfg, template.kinds, real_spec, real)
             else:
-                refs = replicate_decoder(model, found, cfg, real_spec)
+                refs = replicate_decoder(model, found, cfg, real_spec, real)
             models[real_spec.filename], specs[real_spec.filename] = model, real_spec
             weights += refs
     del template, oracle

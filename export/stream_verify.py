@@ -64,9 +64,33 @@ def _expected(info: TensorInfo, ref: dict) -> np.ndarray:
     return w.reshape(shape) if ref["transform"] == "reshape" else w
 
 
+def _index(flat: int, shape) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.unravel_index(flat, shape))
+
+
 def _first_bad(got: np.ndarray, want: np.ndarray, tol) -> int | None:
     bad = np.flatnonzero(~(np.abs(got.astype(np.float32) - want) <= tol))
     return int(bad[0]) if bad.size else None
+
+
+def _check_rows(pack_dir: Path, tensor, info: TensorInfo, where: str) -> None:
+    """A float weight stored in the checkpoint's own layout, compared bit for bit in row chunks."""
+    loc = {e.key: e.value for e in tensor.external_data}
+    dtype = np.dtype(ONNX_NP[tensor.data_type])
+    rows = info.shape[0] if info.shape else 1
+    per_row = int(np.prod(info.shape[1:], dtype=np.int64)) if len(info.shape) > 1 else 1
+    if int(loc["length"]) != rows * per_row * dtype.itemsize:
+        raise ExportValidationError(f"{where}: stored {loc['length']} bytes; expected {rows * per_row * dtype.itemsize}")
+    step = max(1, (32 << 20) // (per_row * 4))
+    for r in range(0, rows, step):
+        n = min(step, rows - r)
+        got = np.fromfile(pack_dir / loc["location"], dtype=dtype, count=n * per_row,
+                          offset=int(loc["offset"]) + r * per_row * dtype.itemsize)
+        want = read_rows(info, r, n).reshape(-1).astype(dtype)
+        if not np.array_equal(got.view(np.uint8), want.view(np.uint8)):
+            bad = _first_bad(got, want.astype(np.float32), 0.0) or 0
+            raise ExportValidationError(f"{where} differs at flat element {r * per_row + bad}: pack {got[bad]!r}, "
+                                        f"checkpoint {want[bad]!r}")
 
 
 def check_weights(pack_dir: str | Path, ckpt: str | Path) -> dict:
@@ -86,15 +110,19 @@ def check_weights(pack_dir: str | Path, ckpt: str | Path) -> dict:
     for ref in weights:
         inits = graphs.setdefault(ref["graph"], _initializers(pack_dir / ref["graph"]))
         info = by_source[ref["source"]]
-        want = _expected(info, ref)
         where = f"{ref['graph']}: weight '{ref['init']}' (checkpoint tensor '{info.name}' in {info.file.name})"
+        if ref["quant"] is None and ref["transform"] != "transpose":  # tables: compared in row chunks
+            _check_rows(pack_dir, inits[ref["init"]], info, where)
+            checked += 1
+            continue
+        want = _expected(info, ref)
         if ref["quant"] == "int4":
             w = want.T if ref["transform"] == "transpose" else want  # (N, K)
             got, scales = int4_weight(pack_dir, inits, ref["init"], w.shape[1])
             step = np.repeat(np.abs(scales), quant.get("block_size", 32), axis=1)[:, :w.shape[1]]
             bad = _first_bad(got, w, step * 1.001 + 1e-6)  # round-to-nearest: within one step of its block
             if bad is not None:
-                raise ExportValidationError(f"{where} differs at element {np.unravel_index(bad, w.shape)}: pack "
+                raise ExportValidationError(f"{where} differs at element {_index(bad, w.shape)}: pack "
                                             f"{got.flat[bad]:.6g}, checkpoint {w.flat[bad]:.6g} (beyond one INT4 "
                                             f"step {step.flat[bad]:.3g})")
         else:
@@ -102,7 +130,7 @@ def check_weights(pack_dir: str | Path, ckpt: str | Path) -> dict:
             cast = want.astype(got.dtype)
             if got.shape != cast.shape or not np.array_equal(got.view(np.uint8), cast.view(np.uint8)):
                 bad = _first_bad(got, cast.astype(np.float32), 0.0) if got.shape == cast.shape else 0
-                raise ExportValidationError(f"{where} differs at element {np.unravel_index(bad or 0, cast.shape)}: "
+                raise ExportValidationError(f"{where} differs at element {_index(bad or 0, cast.shape)}: "
                                             f"pack {got.flat[bad or 0]!r}, checkpoint {cast.flat[bad or 0]!r}")
         checked += 1
         del want, got
@@ -206,7 +234,7 @@ def check_layers(pack_dir: str | Path, ckpt: str | Path, layers: list[int] | Non
     from retrv.export.graphs import decoder_spec, sample_inputs
     from retrv.model.decoder import causal_bias, mrope_cos_sin
 
-    pack_dir = Path(pack_dir)
+    pack_dir, ckpt = Path(pack_dir), Path(ckpt)
     pack = Pack.open(pack_dir)
     cfg = pack.model_config
     entry = pack.manifest.files["decoder.onnx"]
@@ -274,13 +302,14 @@ def write_safetensors(infos: list[tuple[str, TensorInfo]], path: Path) -> None:
 
 
 def truncated_copy(ckpt: Path, out: Path, layers: int = TRUNCATED_LAYERS) -> Path:
-    """The checkpoint's first `layers` decoder layers and its vision blocks up to and including the first
-    full-attention one (both attention kinds), everything else whole (embedding, head, norms, merger, tokenizer)."""
+    """The checkpoint's first `layers` decoder layers and its vision blocks up to the first of each attention kind
+    (window, full), everything else whole (embedding, head, norms, merger, tokenizer)."""
     from retrv.model.config import read_config
 
     cfg = read_config(ckpt)
     full = sorted(cfg.vision.fullatt_block_indexes)
-    depth = min(cfg.vision.depth, (full[0] + 1) if full else 1)
+    window = [i for i in range(cfg.vision.depth) if i not in full]
+    depth = max(kind[0] for kind in (full, window) if kind) + 1  # the first block of each attention kind
     layers = min(layers, cfg.text.num_hidden_layers)
     out.mkdir(parents=True)
     keep = []
@@ -364,10 +393,14 @@ def load_unmapped(ckpt: Path):
     for name, _ in model.named_parameters():
         if name.startswith("icm."):
             continue
+        if name == EMBED_PARAM:  # unused by TorchBackend (the generator embeds with the pack's table): 1 row
+            state[name] = torch.zeros(1, cfg.text.hidden_size)
+            continue
         src = EMBED_PARAM if name == LM_HEAD and LM_HEAD not in tensors else name
-        state[name] = state[src] if src in state else torch.from_numpy(read_rows(tensors[src]))
+        state[name] = torch.from_numpy(read_rows(tensors[src]))
     if model.icm is not None:
         state.update({f"icm.{k}": v for k, v in read_tensors(checkpoint_file(ckpt, ICM_NAME), torch.float32).items()})
+    model.language_model.embed_tokens = torch.nn.Embedding(1, cfg.text.hidden_size, device="meta")
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
