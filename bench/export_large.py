@@ -2,13 +2,13 @@
 streaming path to an fp16 pack and to an INT4 pack, each verified (`--verify`'s checks) and the INT4 one generating;
 the peak RSS of every step, as `/usr/bin/time -v` reports it, against the checkpoint's bytes (the limit: 50%).
 
-    python bench/export_large.py [--workdir DIR] [--layers 28] [--vision-depth 32] [--traced-baseline]
+    python bench/export_large.py [--workdir DIR] [--shape 7b|3b] [--layers 28] [--vision-depth 32] [--traced-baseline]
 
 Full depth (the defaults) is ~16.6 GB of checkpoint plus ~11 GB for the larger pack: the bench checks `df` first,
 deletes each pack before the next and the checkpoint at the end (unless --keep). `--layers 2 --vision-depth 8`
-is a ~3.6 GB variant for development. `--traced-baseline` also runs the traced (non-streaming) export of the same
-checkpoint to fp16 as the baseline, in the same run (only sensible for the small variant: it holds ~4x the fp32
-weights). Kept out of the test suite (minutes, GBs of disk); tests/export/test_stream_export.py runs the same path
+is a ~3.5 GB variant for development. `--traced-baseline` also runs the traced (non-streaming) export of the same
+checkpoint to fp16 as the baseline, in the same run (only for small variants: it holds ~4x the fp32 weights;
+`--shape 3b --layers 2` is 2.4 GB of checkpoint, ~10 GB for the traced export). Kept out of the test suite (minutes, GBs of disk); tests/export/test_stream_export.py runs the same path
 on a small config.
 """
 
@@ -26,16 +26,20 @@ from pathlib import Path
 
 import numpy as np
 
-# Qwen2.5-VL-7B-Instruct's released config (the vocabulary and widths; layers and vision depth are flags).
-SHAPE_7B = dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
-                mrope_section=[16, 24, 24], vocab_size=152064)
+# Qwen2.5-VL-7B/3B-Instruct's released configs (vocabulary and widths; layers and vision depth are flags).
+SHAPES = {
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
+               mrope_section=[16, 24, 24], vocab_size=152064, tie_word_embeddings=False),
+    "3b": dict(hidden_size=2048, intermediate_size=11008, num_attention_heads=16, num_key_value_heads=2,
+               mrope_section=[16, 24, 24], vocab_size=151936, tie_word_embeddings=True),
+}
 VISION_7B = dict(hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112)
 FULL_ATTENTION = [7, 15, 23, 31]
 SHARD_BYTES = 4 << 30  # as the released checkpoints are sharded (~4 GB each)
 CHUNK = 1 << 24  # random values generated per call: 64 MB of fp32
 
 
-def write_checkpoint(out: Path, layers: int, vision_depth: int, seed: int = 0) -> int:
+def write_checkpoint(out: Path, layers: int, vision_depth: int, shape: str = "7b", seed: int = 0) -> int:
     """Random bf16 weights with the released names and shapes, written shard by shard with an index; no tensor is
     ever whole in memory. -> total bytes of the shards."""
     import torch
@@ -47,13 +51,14 @@ def write_checkpoint(out: Path, layers: int, vision_depth: int, seed: int = 0) -
                                   write_tokenizer_files, VOCAB_SIZE)
 
     full = [i for i in FULL_ATTENTION if i < vision_depth]
-    config, _, ids = tiny_config("tiny", num_hidden_layers=layers, **SHAPE_7B,
+    config, _, ids = tiny_config("tiny", num_hidden_layers=layers, **SHAPES[shape],
                                  vision=dict(VISION_7B, depth=vision_depth, fullatt_block_indexes=full))
     config["torch_dtype"] = "bfloat16"
-    config["vision_config"]["out_hidden_size"] = SHAPE_7B["hidden_size"]
+    config["vision_config"]["out_hidden_size"] = SHAPES[shape]["hidden_size"]
     with torch.device("meta"):
         model = Qwen2_5_VL(parse_hf_config(config, None))
-    tensors = [(module_to_hf_name(n), tuple(p.shape)) for n, p in model.state_dict().items()]
+    tensors = [(module_to_hf_name(n), tuple(p.shape)) for n, p in model.state_dict().items()
+               if not (n == "lm_head.weight" and config["tie_word_embeddings"])]  # tied (3B): no lm_head tensor
     del model
     out.mkdir(parents=True)
     shards, cur, size = [], [], 0
@@ -115,6 +120,7 @@ def timed(argv: list[str]) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--shape", default="7b", choices=sorted(SHAPES))
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--vision-depth", type=int, default=32)
     ap.add_argument("--traced-baseline", action="store_true")
@@ -130,9 +136,10 @@ def main() -> int:
     ckpt, pack = work / "ckpt", work / "pack"
     py, rows = sys.executable, []
     t0 = time.perf_counter()
-    weights = write_checkpoint(ckpt, args.layers, args.vision_depth)
+    weights = write_checkpoint(ckpt, args.layers, args.vision_depth, args.shape)
     rows.append({"step": "write checkpoint", "seconds": round(time.perf_counter() - t0, 1), "peak_rss": None})
-    print(f"checkpoint: {weights / 1e9:.2f} GB bf16 ({args.layers} layers, vision depth {args.vision_depth})",
+    print(f"checkpoint: {weights / 1e9:.2f} GB bf16 ({args.shape}-shaped, {args.layers} layers, vision depth "
+          f"{args.vision_depth})",
           flush=True)
     verify = ("from retrv.export.stream_verify import verify_streamed_pack as v; import json; "
               "print(json.dumps(v({p!r}, {c!r})))")
@@ -163,7 +170,7 @@ def main() -> int:
     shutil.rmtree(pack, ignore_errors=True)
     if not args.keep:
         shutil.rmtree(ckpt)
-    print(json.dumps({"checkpoint_bytes": weights, "layers": args.layers, "vision_depth": args.vision_depth,
+    print(json.dumps({"checkpoint_bytes": weights, "shape": args.shape, "layers": args.layers, "vision_depth": args.vision_depth,
                       "limit_bytes": weights // 2, "steps": rows}))
     return 0
 

@@ -28,7 +28,7 @@ from retrv.runtime.pack import Pack
 log = logging.getLogger(__name__)
 
 LAYER_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int4": 5e-2}  # x the output's scale, as in onnx_export
-TRUNCATED_LAYERS = 2  # "the first few layers" of the greedy check's copy
+TRUNCATED_LAYERS = 1  # the greedy check's copy: its fp32 LM head already costs 2.2 GB at 7B; layers are (2)'s job
 ONNX_NP = {1: np.float32, 10: np.float16, 2: np.uint8}
 
 
@@ -97,7 +97,7 @@ def check_weights(pack_dir: str | Path, ckpt: str | Path) -> dict:
     """Every weight of a streamed pack against the checkpoint; raise `ExportValidationError` naming the first
     weight that differs (graph, initializer, checkpoint tensor, element, values)."""
     pack_dir, ckpt = Path(pack_dir), Path(ckpt)
-    pack = Pack.open(pack_dir)
+    pack = Pack.open(pack_dir, verify="size")  # just written; (1) reads the bytes anyway
     weights = pack.manifest.extra.get("streaming", {}).get("weights")
     if not weights:
         raise ExportValidationError(f"{pack_dir}: no streaming weight map in the manifest; expected a pack from "
@@ -235,7 +235,7 @@ def check_layers(pack_dir: str | Path, ckpt: str | Path, layers: list[int] | Non
     from retrv.model.decoder import causal_bias, mrope_cos_sin
 
     pack_dir, ckpt = Path(pack_dir), Path(ckpt)
-    pack = Pack.open(pack_dir)
+    pack = Pack.open(pack_dir, verify="size")  # just written; (1) reads the bytes anyway
     cfg = pack.model_config
     entry = pack.manifest.files["decoder.onnx"]
     precision = entry.precision
@@ -351,6 +351,15 @@ def check_truncated(ckpt: Path, precision: str, quant) -> dict:
              "two_images": ("Which picture shows more circles?", verification_images())}
     with tempfile.TemporaryDirectory(prefix="retrv-truncated-") as work:
         small = truncated_copy(ckpt, Path(work) / "ckpt")
+        # fp32 even for an fp16 pack: ONNX Runtime's CPU provider keeps an fp16 graph's weights twice (fp16 and
+        # their fp32 casts); the fp16 numerics are (2)'s check, layer by layer
+        precision = "fp32" if quant is None else precision
+        if quant is not None:  # MatMulNBits computing in fp32 (level 0): the same dequantized weights as the
+            # PyTorch side, so tokens must be equal; level 4 quantizes activations per block, and on random
+            # weights that flips near-ties. What the pack's own level does to quality is the gate's question.
+            from dataclasses import replace as _replace
+
+            quant = _replace(quant, accuracy_level=0)
         pack = Pack.open(export_streaming(small, Path(work) / "pack", precision, quant, verify=False))
         gen = Generator.from_pack(pack, OrtBackend(pack, provider="cpu", cache_dir=None))
         ort_tokens = {k: gen.generate(p, im, MAX_NEW_TOKENS).token_ids for k, (p, im) in cases.items()}
@@ -420,7 +429,7 @@ def _load_dequantized(model, pack: Pack) -> None:
 
 
 def verify_streamed_pack(pack_dir: Path, ckpt: Path) -> dict:
-    pack = Pack.open(pack_dir)
+    pack = Pack.open(pack_dir, verify="size")  # just written; (1) reads the bytes anyway
     entry = pack.manifest.files["decoder.onnx"]
     quant = None
     if entry.quantization:
