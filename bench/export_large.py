@@ -125,6 +125,7 @@ def main() -> int:
     ap.add_argument("--vision-depth", type=int, default=32)
     ap.add_argument("--traced-baseline", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint")
+    ap.add_argument("--exports-only", action="store_true", help="skip the verify and generate steps")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="retrv-large-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -157,6 +158,8 @@ def main() -> int:
         ("generate int4", [py, "-c", generate.format(p=str(pack))]),
     ]
     for name, argv in steps:
+        if args.exports_only and not name.startswith("export"):
+            continue
         if name.startswith("export") and pack.exists():
             shutil.rmtree(pack)  # each pack deleted before the next: disk
         r = timed(argv)
