@@ -105,8 +105,22 @@ def write_checkpoint(out: Path, layers: int, vision_depth: int, shape: str = "7b
     return total
 
 
+def code_state() -> str:
+    """The commit the step's code came from (+ "-dirty" when the worktree differs): the steps import retrv at start."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True).stdout
+    except OSError:
+        return "unknown"
+    return head.strip() + ("-dirty" if dirty.strip() else "")
+
+
 def timed(argv: list[str]) -> dict:
-    """Run one step under /usr/bin/time -v: -> seconds, peak RSS (bytes), the tail of its output."""
+    """Run one step under /usr/bin/time -v: -> seconds, peak RSS (bytes), the tail of its output, when it started
+    and from which commit."""
+    started, code = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), code_state()
     t0 = time.perf_counter()
     out = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True)
     secs = time.perf_counter() - t0
@@ -114,7 +128,7 @@ def timed(argv: list[str]) -> dict:
     if out.returncode:
         raise SystemExit(f"step failed: {' '.join(argv)}\n{out.stderr[-3000:]}")
     return {"seconds": round(secs, 1), "peak_rss": int(peak.group(1)) * 1024 if peak else None,
-            "stdout": out.stdout.strip()[-400:]}
+            "stdout": out.stdout.strip()[-400:], "started": started, "code": code}
 
 
 def main() -> int:
@@ -168,8 +182,9 @@ def main() -> int:
             r["pack_bytes"] = sum(p.stat().st_size for p in pack.iterdir())
         rows.append(r)
         ratio = f"{r['peak_rss'] / weights:.2f}" if r["peak_rss"] else "-"
-        print(f"{name:<32}{r['seconds']:>8} s  peak RSS {r['peak_rss'] / 1e9:6.2f} GB = {ratio} x checkpoint",
-              flush=True)
+        print(f"{name:<32}{r['seconds']:>8} s  peak RSS {r['peak_rss'] / 1e9:6.2f} GB = {ratio} x checkpoint "
+              f"(started {r['started']}, code {r['code']})", flush=True)
+        print(json.dumps(r), flush=True)
     shutil.rmtree(pack, ignore_errors=True)
     if not args.keep:
         shutil.rmtree(ckpt)
