@@ -28,8 +28,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     require("onnx", "export")
     from retrv.export.pack_export import export_pack
 
+    from retrv.calibration.cli import build_config
+
+    stream = {"auto": None, "on": True, "off": False}[args.stream]
     path = export_pack(args.checkpoint, args.pack, precision=args.precision, embedder=args.embedder,
-                       verify=args.verify)
+                       verify=args.verify, quantize=build_config(args), stream=stream)
     print(f"wrote pack {path}")
     return 0
 
@@ -121,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from retrv.calibration.cli import MODES, add_mode_options  # stdlib-only module: the parser stays light
+
     exp = sub.add_parser("export", help="checkpoint -> verified ONNX pack")
     exp.add_argument("checkpoint", help="Hugging Face Qwen2.5-VL directory (safetensors)")
     exp.add_argument("pack", help="output pack directory: new, empty or a pack (replaced atomically)")
@@ -128,7 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--embedder", default=None,
                      help="the coarse stage's embedder: a Qwen2.5-VL-family checkpoint, or a CLIP / SigLIP / text encoder folder written by `optimum-cli export onnx` (default: the reranker's own backbone)")
     exp.add_argument("--verify", action="store_true",
-                     help="also require identical greedy tokens from the pack, PyTorch and transformers")
+                     help="also require identical greedy tokens from the pack, PyTorch and transformers "
+                          "(streamed: every weight against the checkpoint, each layer against PyTorch, greedy on a "
+                          "truncated copy)")
+    exp.add_argument("--quantize", dest="mode", default=None, choices=MODES,
+                     help="write a quantized pack (the modes and flags of `retrv quantize`)")
+    exp.add_argument("--stream", default="auto", choices=["auto", "on", "off"],
+                     help="read the checkpoint tensor by tensor and write weights as they come (auto: checkpoints "
+                          "of 1 GiB or more)")
+    add_mode_options(exp)
     exp.set_defaults(func=_cmd_export)
 
     gen = sub.add_parser("generate", help="greedy generation through a pack (no torch needed)")

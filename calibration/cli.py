@@ -49,6 +49,14 @@ def register(subparsers) -> argparse.ArgumentParser:
     q.add_argument("pack", help="fp32 pack directory (from `retrv export`)")
     q.add_argument("out", help="output pack directory: new, empty, or a pack (replaced atomically)")
     q.add_argument("--mode", required=True, choices=MODES)
+    add_mode_options(q)
+    q.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    q.set_defaults(func=run)
+    return q
+
+
+def add_mode_options(q: argparse.ArgumentParser) -> None:
+    """The per-mode flags, shared by `retrv quantize` and `retrv export --quantize` (same names, same meaning)."""
     q.add_argument("--calib", default=None, metavar="CORPUS",
                    help="M-BEIR candidate JSONL, or a folder with captions.csv (image,caption) and images/: "
                         "calibration items (int8-static, int4 --algo gptq) and the gate's held-out items (all modes)")
@@ -69,13 +77,21 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="keep the LM head in fp32 (default: on)")
     q.add_argument("--calib-items", type=int, default=None,
                    help=f"calibration items (default {_default('int8-static', 'num_calib')})")
-    q.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    q.set_defaults(func=run)
-    return q
+
+
+OPTION_FLAGS = ("calib", "method", "activations", "max_drop", "block_size", "algo", "keep_lm_head", "calib_items")
 
 
 def build_config(args: argparse.Namespace):
+    """The mode's config from the flags; None when no mode was chosen (`retrv export` without --quantize), where
+    a per-mode flag is refused rather than ignored."""
     from retrv.calibration.config import CONFIGS
+
+    if args.mode is None:
+        given = [f for f in OPTION_FLAGS if getattr(args, f) is not None]
+        if given:
+            raise InputError(f"--{given[0].replace('_', '-')}: applies with --quantize MODE; got no --quantize")
+        return None
 
     for flag, modes in MODE_FLAGS.items():
         if getattr(args, flag) is not None and args.mode not in modes:

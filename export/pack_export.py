@@ -21,8 +21,8 @@ import torch
 from retrv.export.graphs import embedder_sub_models, sub_models
 from retrv.export.onnx_export import OPSET, export_onnx, validate_onnx
 from retrv.export.optimum_embedder import export_optimum_embedder, is_optimum_folder
-from retrv.model.config import read_generation_config
-from retrv.model.files import checkpoint_file, read_json, source_fingerprint
+from retrv.model.config import source_record
+from retrv.model.files import checkpoint_file, source_fingerprint, weight_files
 from retrv.model.loading import load_checkpoint
 from retrv.runtime.errors import CheckpointError, InputError
 from retrv.runtime.fsutil import atomic_dir
@@ -34,10 +34,11 @@ from retrv.runtime.rerank.formats import ListwiseFormat
 
 log = logging.getLogger(__name__)
 
+STREAM_ABOVE = 1 << 30  # checkpoints this size or larger stream (the traced path holds ~4x their fp32 bytes)
 PRECISIONS = ("fp32", "fp16")  # fp16: weights, activations and KV in fp16; norms, rotary, softmax in fp32 inside
 
 
-def _versions() -> dict[str, str | None]:
+def versions() -> dict[str, str | None]:
     out = {}
     for dist in ("retrv-edge", "torch", "onnx", "onnxruntime", "transformers"):
         try:
@@ -63,7 +64,7 @@ def _export_embedder(ckpt: Path, tmp: Path, precision: str, files: dict, validat
     """A separate coarse-stage embedder (a LamRA-style Qwen2.5-VL checkpoint): its vision tower, pooled-embedding
     graph, embedding table and tokenizer, beside the reranker's. Other families (Qwen2-VL) are refused by the
     checkpoint reader with the model_type it found; CLIP/SigLIP come as optimum exports (optimum_embedder.py)."""
-    tokenizer, processor = _tokenizer_and_processor(ckpt, "--embedder ")
+    tokenizer, processor = tokenizer_and_processor(ckpt, "--embedder ")
     oracle = load_checkpoint(ckpt, dtype=torch.float32)
     model = copy.deepcopy(oracle).half() if precision == "fp16" else oracle
     oracles = {s.spec.role: s for s in embedder_sub_models(oracle)}
@@ -78,7 +79,7 @@ def _export_embedder(ckpt: Path, tmp: Path, precision: str, files: dict, validat
     return {"model": model.cfg.to_dict(), "preprocessor": processor.to_dict(), "source_checkpoint": ckpt.name}
 
 
-def _tokenizer_and_processor(ckpt: Path, flag: str = "") -> tuple[Path, ImageProcessorConfig]:
+def tokenizer_and_processor(ckpt: Path, flag: str = "") -> tuple[Path, ImageProcessorConfig]:
     """The checkpoint's tokenizer.json path and image processor; both must be regular files inside `ckpt` (a
     symlink out of it is refused, never copied into the pack)."""
     for name in ("tokenizer.json", "preprocessor_config.json"):
@@ -92,8 +93,14 @@ def _tokenizer_and_processor(ckpt: Path, flag: str = "") -> tuple[Path, ImagePro
     return tokenizer, processor
 
 
+def checkpoint_bytes(ckpt: Path) -> int:
+    return sum(p.stat().st_size for p in weight_files(ckpt))
+
+
 def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32", embedder: str | Path | None = None,
-                verify: bool = False) -> Path:
+                verify: bool = False, quantize=None, stream: bool | None = None) -> Path:
+    """`quantize`: a calibration config (`retrv quantize`'s modes); `stream`: True/False forces the path, None
+    streams checkpoints of STREAM_ABOVE bytes or more (see docs/ARCHITECTURE.md, "Streaming export")."""
     if precision not in PRECISIONS:
         raise InputError(f"--precision: got {precision!r}; expected one of {list(PRECISIONS)}")
     out = check_output(out, "pack", {"the checkpoint being exported": checkpoint,
@@ -101,7 +108,18 @@ def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
     ckpt = Path(checkpoint)
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt}: not a directory; expected a Hugging Face checkpoint directory")
-    tokenizer, processor = _tokenizer_and_processor(ckpt)
+    if stream is None:
+        stream = checkpoint_bytes(ckpt) >= STREAM_ABOVE
+    if stream:
+        if embedder is not None:
+            raise InputError("--embedder: not supported by the streaming export (checkpoints of "
+                             f"{STREAM_ABOVE / 2**30:.0f} GiB or more); expected no --embedder")
+        from retrv.export.stream_pack import export_streaming
+
+        return export_streaming(ckpt, out, precision, quantize, verify)
+    if quantize is not None:
+        return _export_then_quantize(ckpt, out, precision, embedder, verify, quantize)
+    tokenizer, processor = tokenizer_and_processor(ckpt)
     oracle = load_checkpoint(ckpt, dtype=torch.float32)  # every graph is checked against the fp32 model
     model = copy.deepcopy(oracle).half() if precision == "fp16" else oracle
     oracles = {s.spec.role: s for s in sub_models(oracle)}
@@ -111,10 +129,7 @@ def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
         for sub in sub_models(model):
             _export_sub(sub, oracles[sub.spec.role], cfg, tmp, precision, files, validation)
         # The PyTorch backend compares the fingerprint with its --checkpoint (runtime.backends.open_backend).
-        extra = {"source_checkpoint": ckpt.name, "source_fingerprint": source_fingerprint(ckpt),
-                 # what the checkpoint asked of decoding; the runtime and --verify decode greedily regardless
-                 "checkpoint_generation_config": read_generation_config(ckpt),
-                 "random_weights": bool(read_json(checkpoint_file(ckpt, "config.json")).get("retrv_random_weights"))}
+        extra = {"source_checkpoint": ckpt.name, "source_fingerprint": source_fingerprint(ckpt), **source_record(ckpt)}
         if embedder is not None and is_optimum_folder(embedder):  # CLIP / SigLIP / a text encoder from optimum
             extra["embedder"] = export_optimum_embedder(Path(embedder), tmp, files, validation)
         elif embedder is not None:
@@ -133,7 +148,7 @@ def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
             preprocessor=processor.to_dict(),
             prompt_template=asdict(ChatTemplate()),
             opset=OPSET,
-            created_by=_versions(),
+            created_by=versions(),
             files=files,
             validation=validation,
             extra=extra,
@@ -148,3 +163,40 @@ def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
         del model, oracle
     log.info("wrote pack %s", out)
     return out
+
+
+def _export_then_quantize(ckpt: Path, out: Path, precision: str, embedder, verify: bool, quantize) -> Path:
+    """Small checkpoints: the traced fp32 pack, then `retrv quantize` with the same config, into `out`."""
+    import tempfile
+
+    from retrv.calibration.quantize import quantize_pack
+
+    if precision != "fp32":
+        raise InputError(f"--precision {precision} with --quantize {quantize.mode}: quantization starts from fp32 "
+                         f"weights; expected --precision fp32")
+    with tempfile.TemporaryDirectory(prefix="retrv-export-") as work:
+        fp32 = export_pack(ckpt, Path(work) / "fp32", "fp32", embedder, verify, stream=False)
+        quantize_pack(fp32, out, quantize)
+    return out
+
+
+def export_icm_graphs(ckpt: Path, cfg, tmp: Path, precision: str, files: dict, validation: dict) -> None:
+    """The streaming path's ICM graphs: the ICM is loaded alone (its own file; a few percent of the model) and
+    traced and validated like any graph."""
+    from types import SimpleNamespace
+
+    from retrv.export.graphs import FLOAT_NAMES, IcmContentGraph, IcmRelationGraph, SubModel, icm_content_spec, \
+        icm_relation_spec
+    from retrv.model.files import ICM_NAME
+    from retrv.model.icm import ICM
+    from retrv.model.loading import read_tensors
+
+    oracle = ICM(cfg.icm)
+    oracle.load_state_dict(read_tensors(checkpoint_file(ckpt, ICM_NAME), torch.float32), strict=True, assign=True)
+    oracle.eval()
+    icm = copy.deepcopy(oracle).half() if precision == "fp16" else oracle
+    fdt = FLOAT_NAMES[torch.float16 if precision == "fp16" else torch.float32]
+    shell, ref = SimpleNamespace(icm=icm), SimpleNamespace(icm=oracle)
+    for spec_fn, graph in ((icm_content_spec, IcmContentGraph), (icm_relation_spec, IcmRelationGraph)):
+        sub = SubModel(spec_fn(cfg, fdt), graph(shell))
+        _export_sub(sub, SubModel(sub.spec, graph(ref)), cfg, tmp, precision, files, validation)

@@ -180,3 +180,12 @@ def read_config(checkpoint_dir: str | Path) -> ModelConfig:
             except CheckpointError as e:
                 raise CheckpointError(f"{gen_path}: {e}") from None
     return parsed
+
+
+def source_record(checkpoint_dir: str | Path) -> dict:
+    """What a pack's manifest records of its checkpoint besides the fingerprint: the decoding settings its
+    generation_config.json asks for (the runtime and --verify decode greedily regardless) and whether its config
+    declares random weights (then quality gates report and do not refuse)."""
+    root = Path(checkpoint_dir)
+    return {"checkpoint_generation_config": read_generation_config(root),
+            "random_weights": bool(read_json(checkpoint_file(root, "config.json")).get("retrv_random_weights"))}

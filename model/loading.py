@@ -58,6 +58,11 @@ def _read_tensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return out
 
 
+def read_tensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file, converted to `dtype` (a shard or icm.safetensors)."""
+    return _read_tensors(path, dtype)
+
+
 def _assign(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
     expected = module.state_dict()
     for name, t in tensors.items():
