@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         ref = score_pack(fp32, rows)
         rows_out.append({"mode": "fp32", "perplexity": ref.perplexity, "ppl_change_pct": 0.0, "top1": 1.0,
                          "gate_drop": None, "gate_limit": None, "gate": "-", "decode_ms_per_token": _decode_ms(fp32),
-                         "pack_mb": _size(fp32) / 1e6})
+                         "pack_mb": _size(fp32) / 1e6, "load_avg_1min": os.getloadavg()[0]})
         print(rows_out[-1], flush=True)
         for name, config in _modes(captions.parent if args.static else None).items():
             out = work / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                              "ppl_change_pct": 100 * (s.perplexity / ref.perplexity - 1),
                              "top1": top1_agreement(ref, s), "gate_drop": gate["drop"], "gate_limit": limit, "gate": passed,
                              "decode_ms_per_token": _decode_ms(out), "pack_mb": _size(out) / 1e6,
-                             "quantize_s": secs})
+                             "quantize_s": secs, "load_avg_1min": os.getloadavg()[0]})
             print(rows_out[-1], flush=True)
             shutil.rmtree(out)
     result = {"text": f"{captions.name}: {args.rows} rows x {args.seq_len} tokens ({ref.positions} predicted "

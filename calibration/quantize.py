@@ -137,7 +137,9 @@ def _int8_weight(config: Int8WeightOnlyConfig, job: Job) -> dict:
     return {"format": "QOperator (com.microsoft MatMulNBits)", "algo": "rtn", "bits": 8,
             "block_size": config.block_size, "symmetric": config.symmetric, "zero_point": zero_point,
             "accuracy_level": config.accuracy_level,
-            "activations": "float" if config.accuracy_level in (0, 1) else f"accuracy_level {config.accuracy_level}"}
+            "activations": "float" if config.accuracy_level in (0, 1) else
+            ("int8 per block inside the kernel (accuracy_level 4)" if config.accuracy_level == 4 else
+             f"accuracy_level {config.accuracy_level}")}
 
 
 @register_handler(Int8StaticConfig)

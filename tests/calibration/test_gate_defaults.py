@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from retrv.calibration.cli import register
-from retrv.calibration.config import Int4WeightOnlyConfig, Int8DynamicConfig, Int8StaticConfig
+from retrv.calibration.config import Int4WeightOnlyConfig, Int8DynamicConfig, Int8StaticConfig, Int8WeightOnlyConfig
 from retrv.calibration.quantize import gate_limit
 from retrv.runtime.errors import InputError
 from retrv.runtime.pack import Pack
@@ -20,6 +20,8 @@ def test_each_mode_gates_by_default_with_its_own_limit():
     assert gate_limit(Int4WeightOnlyConfig(), REAL) == (0.25, "default for --mode int4 --algo rtn (calibrated on real weights)")
     assert gate_limit(Int8DynamicConfig(), REAL)[0] == Int8DynamicConfig.default_max_drop == 0.3
     assert Int8StaticConfig.default_max_drop == 0.3
+    assert gate_limit(Int8WeightOnlyConfig(), REAL) == (0.15, "default for --mode int8-weight (calibrated on real "
+                                                              "weights)")
     assert gate_limit(Int8DynamicConfig(max_drop=0.02), REAL) == (0.02, "--max-drop")
     assert gate_limit(Int8DynamicConfig(max_drop=None), REAL) == (None, "report only (asked)")
 
@@ -48,3 +50,12 @@ def test_cli_max_drop_default_none_and_number():
 def test_bad_keep_matmuls_is_refused_by_name():
     with pytest.raises(InputError, match="keep_matmuls: got 'down_proj'"):
         Int8DynamicConfig(keep_matmuls="down_proj")
+
+
+def test_cli_int8_weight_takes_a_block_size_and_refuses_int4_flags():
+    config = _parse(["--mode", "int8-weight", "--block-size", "64"])
+    assert isinstance(config, Int8WeightOnlyConfig) and config.block_size == 64 and config.max_drop == "default"
+    with pytest.raises(InputError, match="--algo: applies to --mode int4; got --mode int8-weight"):
+        _parse(["--mode", "int8-weight", "--algo", "hqq"])
+    with pytest.raises(InputError, match="--block-size: got 24"):
+        Int8WeightOnlyConfig(block_size=24)
