@@ -70,26 +70,44 @@ def read_header(path: Path) -> list[TensorInfo]:
     return sorted(out, key=lambda t: t.start)
 
 
-def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
-    """Raw tensor bytes (as `_RAW[dtype]`) -> float32, exactly (bf16 is the top half of an fp32)."""
+def to_float32(raw: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+    """Raw tensor bytes (as `_RAW[dtype]`) -> float32, exactly (bf16 is the top half of an fp32); into `out` (a
+    float32 array of raw's size) when given, with no temporary beyond it."""
+    if out is None:
+        out = np.empty(raw.shape, dtype=np.float32)
     if dtype == "BF16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    return raw.astype(np.float32, copy=False)
+        bits = out.view(np.uint32)
+        np.copyto(bits, raw, casting="unsafe")
+        bits <<= 16
+        return out
+    np.copyto(out, raw, casting="unsafe")
+    return out
+
+
+READ_CHUNK = 32 << 20  # raw bytes read and converted at a time: a tensor's float32 copy is its only whole buffer
 
 
 def read_rows(info: TensorInfo, row0: int = 0, rows: int | None = None) -> np.ndarray:
-    """Rows [row0, row0 + rows) of the tensor (all rows by default) as float32, read into a fresh buffer."""
+    """Rows [row0, row0 + rows) of the tensor (all rows by default) as float32, read into a fresh buffer in
+    chunks (peak: the float32 result plus one chunk)."""
     shape = info.shape or (1,)
     rows = shape[0] - row0 if rows is None else rows
     row_elems = int(np.prod(shape[1:], dtype=np.int64))
     item = np.dtype(_RAW[info.dtype]).itemsize
-    raw = np.empty(rows * row_elems, dtype=_RAW[info.dtype])
+    total = rows * row_elems
+    out = np.empty(total, dtype=np.float32)
+    step = max(1, READ_CHUNK // item)
     with open(info.file, "rb", buffering=0) as f:
         f.seek(info.start + row0 * row_elems * item)
-        got = f.readinto(memoryview(raw).cast("B"))
-    if got != raw.nbytes:
-        raise CheckpointError(f"{info.file}: tensor '{info.name}' is truncated (read {got} of {raw.nbytes} bytes)")
-    return to_float32(raw, info.dtype).reshape((rows, *shape[1:]) if info.shape else ())
+        for e in range(0, total, step):
+            n = min(step, total - e)
+            raw = np.empty(n, dtype=_RAW[info.dtype])
+            got = f.readinto(memoryview(raw).cast("B"))
+            if got != raw.nbytes:
+                raise CheckpointError(f"{info.file}: tensor '{info.name}' is truncated (read "
+                                      f"{e * item + got} of {total * item} bytes)")
+            to_float32(raw, info.dtype, out[e:e + n])
+    return out.reshape((rows, *shape[1:]) if info.shape else ())
 
 
 def read_tensor(info: TensorInfo) -> np.ndarray:

@@ -4,8 +4,8 @@
    same cast, INT4 weights dequantized within one quantization step of their block, the embedding table too.
 2. Every decoder layer in ONNX Runtime (the pack's own nodes and bytes, cut out of decoder.onnx) against the
    PyTorch layer loaded alone with that layer's weights (`check_layers`).
-3. Greedy generation on a truncated copy of the checkpoint (its first layers, its vision blocks up to the first
-   full-attention one), streamed through the same path, through ONNX Runtime and then PyTorch, one at a time
+3. Greedy generation on a truncated copy of the checkpoint (its first layer, the first vision block of each
+   attention kind), streamed through the same path, through ONNX Runtime and then PyTorch, one at a time
    (`check_truncated`).
 """
 
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 LAYER_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int4": 5e-2}  # x the output's scale, as in onnx_export
 TRUNCATED_LAYERS = 1  # the greedy check's copy: its fp32 LM head already costs 2.2 GB at 7B; layers are (2)'s job
+VERIFY_SESSION_CONFIG = {"session.disable_prepacking": "1"}
 ONNX_NP = {1: np.float32, 10: np.float16, 2: np.uint8}
 
 
@@ -302,14 +303,16 @@ def write_safetensors(infos: list[tuple[str, TensorInfo]], path: Path) -> None:
 
 
 def truncated_copy(ckpt: Path, out: Path, layers: int = TRUNCATED_LAYERS) -> Path:
-    """The checkpoint's first `layers` decoder layers and its vision blocks up to the first of each attention kind
-    (window, full), everything else whole (embedding, head, norms, merger, tokenizer)."""
+    """The checkpoint's first `layers` decoder layers and two of its vision blocks, the first of each attention
+    kind (window, full), renumbered 0 and 1 in their order; everything else whole (embedding, head, norms,
+    merger, tokenizer)."""
     from retrv.model.config import read_config
 
     cfg = read_config(ckpt)
     full = sorted(cfg.vision.fullatt_block_indexes)
     window = [i for i in range(cfg.vision.depth) if i not in full]
-    depth = max(kind[0] for kind in (full, window) if kind) + 1  # the first block of each attention kind
+    chosen = sorted(kind[0] for kind in (full, window) if kind)  # the first block of each attention kind
+    renumber = {old: new for new, old in enumerate(chosen)}
     layers = min(layers, cfg.text.num_hidden_layers)
     out.mkdir(parents=True)
     keep = []
@@ -318,15 +321,20 @@ def truncated_copy(ckpt: Path, out: Path, layers: int = TRUNCATED_LAYERS) -> Pat
         parts = info.name.split(".")
         if "layers" in parts and int(parts[parts.index("layers") + 1]) >= layers:
             continue
-        if "blocks" in parts and int(parts[parts.index("blocks") + 1]) >= depth:
-            continue
-        keep.append((info.name, info))
+        name = info.name
+        if "blocks" in parts:
+            at = parts.index("blocks") + 1
+            if int(parts[at]) not in renumber:
+                continue
+            parts[at] = str(renumber[int(parts[at])])
+            name = ".".join(parts)
+        keep.append((name, info))
     write_safetensors(keep, out / "model.safetensors")
     config = json.loads((ckpt / "config.json").read_text())
     text = config.get("text_config", config) if "num_hidden_layers" not in config else config
     text["num_hidden_layers"] = layers
-    config["vision_config"]["depth"] = depth
-    config["vision_config"]["fullatt_block_indexes"] = [i for i in full if i < depth]
+    config["vision_config"]["depth"] = len(chosen)
+    config["vision_config"]["fullatt_block_indexes"] = [renumber[i] for i in full if i in renumber]
     (out / "config.json").write_text(json.dumps(config, indent=2))
     for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "generation_config.json",
                  "retrv_config.json", "icm.safetensors", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -361,9 +369,13 @@ def check_truncated(ckpt: Path, precision: str, quant) -> dict:
 
             quant = _replace(quant, accuracy_level=0)
         pack = Pack.open(export_streaming(small, Path(work) / "pack", precision, quant, verify=False))
-        gen = Generator.from_pack(pack, OrtBackend(pack, provider="cpu", cache_dir=None))
+        # one copy of each weight: no prepacked duplicates, no arena holding the largest transients
+        backend = OrtBackend(pack, provider="cpu", cache_dir=None, session_config=VERIFY_SESSION_CONFIG,
+                             cpu_arena=False)
+        gen = Generator.from_pack(pack, backend)
         ort_tokens = {k: gen.generate(p, im, MAX_NEW_TOKENS).token_ids for k, (p, im) in cases.items()}
-        del gen
+        backend.close()
+        del gen, backend
         gc.collect()
         model = load_unmapped(small)
         if quant is not None:  # compare with the weights the pack holds: dequantized INT4 projections

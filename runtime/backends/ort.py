@@ -55,13 +55,16 @@ class OrtRunner(Runner):
     then runs."""
 
     def __init__(self, path: Path, spec: dict, sha256: str, providers: list[str], threads: int | None,
-                 cache_dir: Path | None) -> None:
+                 cache_dir: Path | None, session_config: dict[str, str] | None = None, cpu_arena: bool = True) -> None:
         super().__init__(path.name, spec)
         ort = require("onnxruntime", "runtime")
         self.path, self.providers = path, providers
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or physical_cores()
         opts.log_severity_level = 3
+        opts.enable_cpu_mem_arena = cpu_arena
+        for key, value in (session_config or {}).items():
+            opts.add_session_config_entry(key, value)
         source = path
         if cache_dir is not None:
             tag = f"{path.stem}-{sha256[:16]}-ort{ort.__version__}-{providers[0].replace('ExecutionProvider', '').lower()}"
@@ -107,8 +110,12 @@ class OrtBackend(GraphBackend):
     name = "ort"
 
     def __init__(self, pack, provider: str = "auto", threads: int | None = None,
-                 cache_dir: Path | None | str = "default") -> None:
+                 cache_dir: Path | None | str = "default", session_config: dict[str, str] | None = None,
+                 cpu_arena: bool = True) -> None:
+        """`session_config`: ONNX Runtime session config entries (e.g. {"session.disable_prepacking": "1"}, as
+        `--verify` sets to keep one copy of each weight); `cpu_arena=False`: no CPU memory arena."""
         super().__init__(pack)
+        self.session_config, self.cpu_arena = dict(session_config or {}), cpu_arena
         self.providers = choose_providers(provider)
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self.threads = threads
@@ -118,7 +125,7 @@ class OrtBackend(GraphBackend):
         path = self.pack.file(role)
         entry = self.pack.manifest.files[path.name]
         return OrtRunner(path, {"inputs": entry.inputs, "outputs": entry.outputs}, entry.sha256,
-                         self.providers, self.threads, self.cache_dir)
+                         self.providers, self.threads, self.cache_dir, self.session_config, self.cpu_arena)
 
     # -- decoder with the cache kept in OrtValues ---------------------------------------------------------------
     def start(self, batch: int) -> DecoderState:
