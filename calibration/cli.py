@@ -88,7 +88,9 @@ def build_config(args: argparse.Namespace):
     from retrv.calibration.config import CONFIGS
 
     if args.mode is None:
-        given = [f for f in OPTION_FLAGS if getattr(args, f) is not None]
+        from retrv.calibration.config import DEFAULT_LIMIT
+
+        given = [f for f in OPTION_FLAGS if getattr(args, f) not in (None, DEFAULT_LIMIT)]
         if given:
             raise InputError(f"--{given[0].replace('_', '-')}: applies with --quantize MODE; got no --quantize")
         return None
