@@ -71,6 +71,35 @@ def _key_bias(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask[:, None, None, :] > 0, 0.0, mask_value())
 
 
+def _pool_attention(attn: CrossAttention, q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`attn(q, kv, bias)` for ONE query token per batch row, q (B, 1, C), kv (B, L, C), computed without
+    projecting the L keys and values. Per head h with q_h = (W_q q + b_q)_h:
+      score_j = q_h . (W_k,h x_j + b_k,h) = (W_k,h^T q_h) . x_j + const   (the constant cancels in softmax)
+      out_h   = sum_j p_j (W_v,h x_j + b_v,h) = W_v,h (sum_j p_j x_j) + b_v,h   (the p_j sum to 1)
+    so the cost per key is H dot products of length C instead of 2 C x C matrix-vector products."""
+    b, _, c = q.shape
+    h = attn.num_heads
+    d = c // h
+    qh = attn.q_proj(q).reshape(b, h, d).transpose(0, 1)  # (H, B, D)
+    qk = torch.matmul(qh, attn.k_proj.weight.reshape(h, d, c)).transpose(0, 1)  # (B, H, C)
+    scores = torch.matmul(qk, kv.transpose(1, 2)).float() * (d**-0.5) + bias[:, 0]  # (B, H, L); bias (B, 1, 1, L)
+    probs = torch.softmax(scores, dim=-1).to(kv.dtype)
+    mixed = torch.matmul(probs, kv).transpose(0, 1)  # (H, B, C): each head's weighted mean of the key tokens
+    out = torch.matmul(mixed, attn.v_proj.weight.reshape(h, d, c).transpose(1, 2))  # (H, B, D)
+    out = out.transpose(0, 1) + attn.v_proj.bias.reshape(h, d)  # (B, H, D)
+    return attn.o_proj(out.reshape(b, 1, c))
+
+
+def _pool(stack: CrossStack, query_vec: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor) -> torch.Tensor:
+    """`stack(query_vec expanded to (B, 1, C), kv, key bias of kv_mask)[:, 0]` with `_pool_attention`: (B, C)."""
+    q = query_vec.to(kv.dtype).expand(kv.shape[0], 1, -1)  # (B, 1, C)
+    bias = _key_bias(kv_mask)
+    for layer in stack.layers:
+        q = q + _pool_attention(layer.attn, layer.norm_q(q), layer.norm_kv(kv), bias)
+        q = q + layer.mlp(layer.norm_mlp(q))
+    return stack.norm(q)[:, 0]
+
+
 class ICM(nn.Module):
     def __init__(self, cfg: ICMConfig) -> None:
         super().__init__()
@@ -93,6 +122,21 @@ class ICM(nn.Module):
         r = self.relation_attn(cand, q_tokens, _key_bias(query_mask[None].expand(k, -1)))  # (K, L, C)
         pooled_q = self.rel_query.to(cand.dtype).expand(k, 1, -1)
         return self.relation_pool(pooled_q, r, _key_bias(cand_mask))[:, 0]
+
+    def relation_shared(self, cand: torch.Tensor, cand_mask: torch.Tensor, query: torch.Tensor,
+                        query_mask: torch.Tensor) -> torch.Tensor:
+        """`relation` without repeated work (what the exported graph runs): equal to it up to float reassociation.
+
+        - ATT2: the K candidates' tokens are one batch of K*L queries over the one query, so the query tokens' norm
+          and key/value projections run once per layer instead of once per candidate (`relation` expands the
+          query over K first). Rows are independent in every op of a block, so flattening changes nothing else.
+        - ATT1': each block's single pooled query is folded into its key and value projections
+          (`_pool_attention`): per candidate token that costs H dot products instead of two C x C projections.
+        """
+        k, length, c = cand.shape
+        bias = _key_bias(query_mask[None])  # (1, 1, 1, Lq)
+        r = self.relation_attn(cand.reshape(1, k * length, c), query[None], bias).reshape(k, length, c)  # (K, L, C)
+        return _pool(self.relation_pool, self.rel_query, r, cand_mask)
 
     def forward(self, cand, cand_mask, query, query_mask) -> torch.Tensor:
         """(K, L, C) candidates and an (Lq, C) query -> (K, 2, C): [t_con, t_rel] per candidate."""
