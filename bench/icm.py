@@ -31,8 +31,10 @@ def parts_of(node: str) -> str:
     """ONNX node name (`/icm/relation_attn/layers.0/attn/k_proj/MatMul`) -> the part of the ICM it belongs to."""
     p = node.strip("/").split("/")
     p = p[1:] if p and p[0] == "icm" else p
+    if p and p[0].split("_")[0] in ("attn", "mlp", "norm"):  # the folded pooling, called outside its stack
+        return "ATT1' relation_pool (folded) " + ("attn" if p[0].startswith("attn") else "mlp + norms")
     if not p or p[0] not in ("relation_attn", "relation_pool"):
-        return "other (reshapes, masks, casts, folded pooling)"
+        return "other (reshapes, masks, casts)"
     stack = "ATT2 relation_attn" if p[0] == "relation_attn" else "ATT1' relation_pool"
     if len(p) < 3 or not p[1].startswith("layers."):
         return f"{stack}: final norm"

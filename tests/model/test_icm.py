@@ -43,7 +43,8 @@ def test_relation_shared_equals_the_reference(icm, k):
 
 def test_relation_shared_projects_the_query_once_and_never_the_candidates_in_the_pool(icm):
     """The work the change removes: ATT2's key/value projections see the Lq query rows once per layer whatever K
-    (the reference projects K copies), and ATT1' projects no candidate token at all."""
+    (the reference projects K copies), and ATT1' projects no candidate token: its value projection sees one
+    mixed row per candidate and head (K * H), whatever the candidates' length L."""
     rows: dict[str, list[int]] = {}
     hooks = []
     for stack in ("relation_attn", "relation_pool"):
@@ -63,5 +64,6 @@ def test_relation_shared_projects_the_query_once_and_never_the_candidates_in_the
         for h in hooks:
             h.remove()
     assert reference["relation_attn.0.k_proj"] == [k * lq] and reference["relation_pool.0.k_proj"] == [k * 9]
-    assert {n: v for n, v in shared.items()} == {f"relation_attn.{i}.{p}": [lq] for i in (0, 1)
-                                                 for p in ("k_proj", "v_proj")}
+    heads = icm.cfg.num_heads
+    assert shared == {**{f"relation_attn.{i}.{p}": [lq] for i in (0, 1) for p in ("k_proj", "v_proj")},
+                      **{f"relation_pool.{i}.v_proj": [k * heads] for i in (0, 1)}}
