@@ -1,6 +1,7 @@
 """The baseline a user compares against: what they would write without retrv.
 
-Load the checkpoint in transformers (`Qwen2_5_VLForConditionalGeneration`, eager attention, fp32) and call
+Load the checkpoint in transformers (`Qwen2_5_VLForConditionalGeneration`, fp32; eager attention, or `attn="sdpa"`:
+PyTorch's scaled_dot_product_attention, what `from_pretrained` picks when nothing is asked for) and call
 `generate` once per query with the query and ALL K candidates' full image tokens in one prompt, greedy. Every
 candidate image is read from disk, preprocessed by transformers' image processor and encoded by the vision tower
 on every query: nothing is cached, and there is no ICM. That is the point of the comparison.
@@ -58,7 +59,7 @@ class _Clock:
 
 
 class TransformersBaseline:
-    def __init__(self, ckpt: str | Path, index_dir: str | Path) -> None:
+    def __init__(self, ckpt: str | Path, index_dir: str | Path, attn: str = "eager") -> None:
         import torch
         import transformers
 
@@ -72,7 +73,8 @@ class TransformersBaseline:
         ckpt = Path(ckpt)
         transformers.utils.logging.disable_progress_bar()
         self.model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            str(ckpt), dtype=torch.float32, attn_implementation="eager").eval()
+            str(ckpt), dtype=torch.float32, attn_implementation=attn).eval()
+        self.attn = attn
         try:  # what a user would call; AutoProcessor itself needs torchvision (see model/tiny_tokenizer.py)
             self.processor = transformers.AutoImageProcessor.from_pretrained(str(ckpt))
             self.processor_name = type(self.processor).__name__

@@ -22,7 +22,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -206,9 +206,11 @@ def start_workers(specs: dict[str, dict], log_dir: Path) -> dict[str, Worker]:
 
 
 def run_interleaved(workers: dict[str, Worker], queries: list[dict], warmup: list[dict],
-                    errors: dict[str, str], only: dict[str, bool] | None = None) -> dict[str, list[dict]]:
+                    errors: dict[str, str], only: dict[str, bool] | None = None, loads: list[dict] | None = None,
+                    log: Callable[[str], None] | None = None) -> dict[str, list[dict]]:
     """Warm-up queries first (discarded), then query i on every worker in turn, the first worker rotating each
-    round. A worker that fails is dropped from the rest of the run and its error kept in `errors`."""
+    round. A worker that fails is dropped from the rest of the run and its error kept in `errors`. `loads`: gets,
+    per timed query, the 1-minute load average read just before each configuration ran it (`log` prints it)."""
     live = [n for n, w in workers.items() if not w.error and (only is None or only.get(n, True))]
     for n, w in workers.items():
         if w.error:
@@ -230,12 +232,27 @@ def run_interleaved(workers: dict[str, Worker], queries: list[dict], warmup: lis
     for i, q in enumerate(queries):
         order = list(live)
         order = order[i % max(1, len(order)):] + order[: i % max(1, len(order))]
+        before: dict[str, float] = {}
         for n in order:
             if n in live:
+                before[n] = load_1min()
                 reply = ask(n, q)
                 if reply is not None:
                     out[n].append(reply)
+        if loads is not None:
+            loads.append(before)
+        if log is not None:
+            log(f"    query {i + 1}/{len(queries)}, 1-min load before each: "
+                + ", ".join(f"{n} {v:.2f}" for n, v in before.items()))
     return out
+
+
+def load_1min() -> float:
+    """os.getloadavg()'s 1-minute figure (-1 where the platform has none)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return -1.0
 
 
 def memory(workers: dict[str, Worker]) -> dict[str, dict]:

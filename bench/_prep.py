@@ -57,6 +57,34 @@ def fp32_pack(workdir: Path, ckpt: Path, name: str) -> tuple[Path, dict]:
                   lambda out: export_pack(ckpt, out) and None)
 
 
+def legacy_icm_pack(workdir: Path, pack: Path, ckpt: Path, name: str) -> tuple[Path, dict]:
+    """`pack` with its icm_relation.onnx as exported before issue 20 (the query expanded over the K candidates,
+    `IcmRelationReference`); every other file unchanged. What a pack made by the earlier code runs, so one run can
+    time the ICM step before and after the change (and show such a pack still loads)."""
+    def build(out: Path) -> dict:
+        import torch
+
+        from retrv.export.graphs import IcmRelationReference, SubModel, icm_relation_spec
+        from retrv.export.onnx_export import export_onnx, validate_onnx
+        from retrv.model.loading import load_checkpoint
+        from retrv.runtime.pack import MANIFEST_NAME, Manifest, describe_file, write_manifest
+
+        shutil.copytree(pack, out)
+        model = load_checkpoint(ckpt, dtype=torch.float32)
+        sub = SubModel(icm_relation_spec(model.cfg), IcmRelationReference(model))
+        export_onnx(sub, model.cfg, out / sub.spec.filename)
+        report = validate_onnx(sub, model.cfg, out / sub.spec.filename)
+        m = Manifest.from_dict(json.loads((out / MANIFEST_NAME).read_text()))
+        entry = m.files[sub.spec.filename]
+        files = {**m.files, sub.spec.filename: describe_file(out, sub.spec.filename, entry.role, precision="fp32",
+                                                             inputs=entry.inputs, outputs=entry.outputs)}
+        write_manifest(out, Manifest(**{**m.__dict__, "files": files,
+                                        "extra": {**m.extra, "bench_legacy_icm_relation": True}}))
+        return {"icm_relation_validation": report["max_abs_diff"]}
+
+    return cached(workdir, name, {"pack": str(pack), "manifest": (pack / "manifest.json").read_text()}, build)
+
+
 def quantized_pack(workdir: Path, pack: Path, mode: str, name: str) -> tuple[Path | None, dict]:
     """INT8 (ONNX Runtime dynamic: no calibration set needed, every graph) or INT4 (MatMulNBits RTN, decoder only)
     through `calibration.quantize.quantize_pack`. -> (None, {"error": ...}) when quantization fails."""

@@ -5,7 +5,8 @@ init kinds:
    "suppress_eos": bool}
       the project's Retriever: ONNX Runtime on a pack, or the PyTorch fallback (TorchBackend on the checkpoint the
       pack was exported from). use_icm=false: Retrv-R1 without the ICM (full cached candidate tokens).
-  {"kind": "baseline", "ckpt", "index"}: transformers generate over full tokens (_baseline.py).
+  {"kind": "baseline", "ckpt", "index", "attn": "eager"|"sdpa"}: transformers generate over full tokens
+      (_baseline.py), with that attention implementation.
   "threads": intra-op threads (torch.set_num_threads / ONNX Runtime intra_op_num_threads); absent: each library's
   default (every core this process may use, for both).
 ops: query, index (reopen another index), mem, exit.
@@ -113,7 +114,7 @@ class BaselineConfig:
             import torch
 
             torch.set_num_threads(msg["threads"])
-        self.b = TransformersBaseline(msg["ckpt"], msg["index"])
+        self.b = TransformersBaseline(msg["ckpt"], msg["index"], msg.get("attn", "eager"))
 
     def open_index(self, path: str) -> None:
         self.b.open_index(path)
@@ -136,7 +137,8 @@ def main() -> int:
                 config = BaselineConfig(msg) if msg["kind"] == "baseline" else RetrieverConfig(msg)
                 reply({"load_s": time.perf_counter() - t0, "rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb(),
                        "modules": modules(), "pid": os.getpid(),
-                       **({"processor": config.b.processor_name} if msg["kind"] == "baseline" else {})})
+                       **({"processor": config.b.processor_name, "attn": config.b.attn}
+                          if msg["kind"] == "baseline" else {})})
             elif op == "index":
                 config.open_index(msg["path"])
                 reply({"ok": True})

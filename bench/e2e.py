@@ -1,15 +1,24 @@
 """End-to-end benchmark: the project's reranking runtime against the transformers baseline, in one run.
 
-    python bench/e2e.py [--quick] [--preset mid|tiny] [--ks 10 20 50] [--sizes 112 224 448] [--json OUT]
+    python bench/e2e.py [--quick] [--preset mid|tiny] [--ks 50] [--sizes 112 224 448] [--json OUT]
+
+`python bench/e2e.py` with no flags IS the pinned protocol of docs/BENCHMARKS.md for its K part (PROTOCOL below:
+mid preset, K=50, 20 timed queries after 1 warm-up, think 32, inspect 3, 224-px candidates, 1 intra-op thread in
+every configuration, queries interleaved, the 1-minute load average read and printed before each configuration
+runs each query, p50 and p95). The JSON records the protocol, this run's values and whether they matched.
 
 Configurations, each in its own worker process (peak memory is per process; _common.py):
   transformers   Qwen2_5_VLForConditionalGeneration.generate, eager, fp32, query + all K candidates' full image
                  tokens in one prompt, every candidate image re-read and re-encoded per query (THE BASELINE)
+  transformers-sdpa   the same with attn_implementation="sdpa" (torch's scaled_dot_product_attention), the
+                 attention transformers picks when none is asked for: what a user gets (the second baseline)
   torch          the project's Retriever on its PyTorch fallback (TorchBackend), ICM, token cache
   ort-fp32/int8/int4   the project's Retriever on ONNX Runtime packs, ICM, token cache; INT8 = ONNX Runtime
                  dynamic quantization of every graph, INT4 = MatMulNBits RTN on the decoder (calibration.quantize)
   ort-fp32-full  ONNX Runtime fp32 without the ICM (full cached candidate tokens): splits the gain into what the
                  cache/runtime buys and what the ICM buys
+  ort-int8-icm-v1  (--legacy-icm) the INT8 pack with the ICM relation graph as exported before issue 20 (the query
+                 expanded over the K candidates): the ICM step before vs after, in the same run
 All rerank the K candidates in ONE window (window = K), with Budget(think, inspect); the baseline generates think
 + the tokens the project spends closing the reasoning and writing the answer. Queries are interleaved across the
 configurations (query i goes to every worker before query i+1) after one warm-up query per K.
@@ -37,12 +46,19 @@ import _prep
 
 LABELS = {
     "transformers": "transformers eager, full tokens (baseline)",
+    "transformers-sdpa": "transformers SDPA (its default), full tokens (second baseline)",
     "torch": "retrv PyTorch fallback, ICM",
     "ort-fp32": "retrv ONNX Runtime fp32, ICM",
     "ort-int8": "retrv ONNX Runtime INT8, ICM",
     "ort-int4": "retrv ONNX Runtime INT4, ICM",
     "ort-fp32-full": "retrv ONNX Runtime fp32, no ICM (full cached tokens)",
+    "ort-int8-icm-v1": "retrv ONNX Runtime INT8, ICM graph before issue 20 (query expanded over K)",
 }
+# The pinned protocol of the K part (docs/BENCHMARKS.md): the defaults of the flags below, written once here.
+# 20 queries: p95 of 20 samples is the 19th-20th order statistic, the fewest that make a p95 mean something;
+# 1 thread per configuration: on the shared 2-core machine 2 threads per process oversubscribe the cores.
+PROTOCOL = {"preset": "mid", "ks": [50], "queries": 20, "warmup": 1, "think": 32, "inspect": 3, "size": 224,
+            "corpus": 50, "threads": 1}
 BASELINE = "transformers"
 DEFAULT_CKPT = REPO / "model" / "default"
 KS_RECALL = (1, 5, 10)
@@ -96,13 +112,14 @@ def specs(names: list[str], ckpt: Path, packs: dict, indexes: dict, ort_cache: P
     common = {"threads": threads or None, "suppress_eos": random_weights}
     out = {}
     for n in names:
-        if n == "transformers":
-            out[n] = {"kind": "baseline", "ckpt": str(ckpt), "index": str(indexes["fp32"]), **common}
+        if n in ("transformers", "transformers-sdpa"):
+            out[n] = {"kind": "baseline", "ckpt": str(ckpt), "index": str(indexes["fp32"]),
+                      "attn": "sdpa" if n.endswith("sdpa") else "eager", **common}
         elif n == "torch":
             out[n] = {"kind": "retriever", "backend": "torch", "pack": str(packs["fp32"]),
                       "index": str(indexes["fp32"]), "ckpt": str(ckpt), **common}
         else:
-            key = n.split("-")[1]
+            key = "int8-icm-v1" if n == "ort-int8-icm-v1" else n.split("-")[1]
             if packs.get(key) is None or indexes.get(key) is None:
                 continue
             out[n] = {"kind": "retriever", "backend": "ort", "pack": str(packs[key]), "index": str(indexes[key]),
@@ -140,10 +157,13 @@ def k_sweep(args, workdir: Path, ckpt: Path, packs: dict, pack_errors: dict, log
                                                    f"{args.preset}-index-{key}-{args.size}px-n{args.corpus}")
     log(f"  corpus {cinfo['images']} images at {args.size} px; indexes: "
         + ", ".join(f"{k} {v.get('build_s')} s" for k, v in iinfo.items()))
-    names = ["transformers", "torch", "ort-fp32", "ort-int8", "ort-int4", "ort-fp32-full"]
+    names = ["transformers", "transformers-sdpa", "torch", "ort-fp32", "ort-int8", "ort-int4", "ort-fp32-full"]
+    if args.legacy_icm and packs.get("int8-icm-v1") is not None:
+        names.append("ort-int8-icm-v1")
     workers = start_workers(specs(names, ckpt, packs, indexes, workdir / "ort-cache", args.threads, True),
                             workdir / "logs")
     errors = dict(pack_errors)
+    loads: dict[str, list] = {}
     photos = json.loads((corpus_dir / "queries.json").read_text())
     rows: dict[str, dict] = {n: {"label": LABELS[n], "by_k": {}} for n in names}
     phases: dict[str, dict] = {}
@@ -151,14 +171,15 @@ def k_sweep(args, workdir: Path, ckpt: Path, packs: dict, pack_errors: dict, log
     try:
         for i, k in enumerate(args.ks):
             n_answer = answer_tokens(packs["fp32"] / "tokenizer.json", k)
-            n_q = args.queries if k < 50 else args.queries_large
+            n_q = args.queries
             # Warm-up before the first K only: later K find the process warm (one slow first query at a new
             # shape moves a p50 of 3-5 samples little), and a warm-up at K=50 costs the baseline a minute.
             warm = query_msgs(_warm(photos, args.warmup if i == 0 else 0), k, args.think, args.inspect, True,
                               n_answer)
             msgs = query_msgs(photos[:n_q], k, args.think, args.inspect, True, n_answer)
             t0 = time.perf_counter()
-            replies = run_interleaved(workers, msgs, warm, errors)
+            loads[str(k)] = []
+            replies = run_interleaved(workers, msgs, warm, errors, loads=loads[str(k)], log=log)
             mem = memory(workers)
             for n, rs in replies.items():
                 if rs:
@@ -172,7 +193,8 @@ def k_sweep(args, workdir: Path, ckpt: Path, packs: dict, pack_errors: dict, log
     for n in names:
         rows[n]["load"] = load.get(n)
     return {"image_px": args.size, "corpus": cinfo, "indexes": iinfo, "think": args.think, "inspect": args.inspect,
-            "window": "K (one window)", "threads": args.threads or "library default", "phases": phases,
+            "window": "K (one window)", "threads": {n: args.threads or "library default" for n in workers},
+            "phases": phases, "load_before_each_configuration": loads,
             "rows": {n: r for n, r in rows.items() if r["by_k"]}, "errors": errors}
 
 
@@ -309,25 +331,40 @@ def default_section(args, workdir: Path, log) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------- main
+def protocol_record(args) -> dict:
+    """The pinned protocol, this run's values of it, and whether they match (a deviating run is labelled so)."""
+    used = {"preset": args.preset, "ks": list(args.ks), "queries": args.queries, "warmup": args.warmup,
+            "think": args.think, "inspect": args.inspect, "size": args.size, "corpus": args.corpus,
+            "threads": args.threads}
+    deviations = {k: {"protocol": v, "this_run": used[k]} for k, v in PROTOCOL.items() if used[k] != v}
+    return {"pinned": dict(PROTOCOL), "this_run": used, "followed": not deviations, "deviations": deviations,
+            "interleaved": "each query runs through every configuration before the next query",
+            "load": "1-minute os.getloadavg() read and printed before each configuration runs each query",
+            "percentiles": ["p50", "p95"], "document": "docs/BENCHMARKS.md, 'Pinned protocol'"}
+
+
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="K=10 only, 2 queries, no image-size sweep (~2 minutes)")
-    ap.add_argument("--preset", default="mid", choices=("tiny", "mid"))
-    ap.add_argument("--ks", type=int, nargs="+", default=[10, 20, 50])
-    ap.add_argument("--size", type=int, default=224, help="candidate image side in px for the K sweep")
+    ap.add_argument("--preset", default=PROTOCOL["preset"], choices=("tiny", "mid"))
+    ap.add_argument("--ks", type=int, nargs="+", default=PROTOCOL["ks"], help="e.g. 10 20 50 for the curve")
+    ap.add_argument("--size", type=int, default=PROTOCOL["size"], help="candidate image side in px for the K sweep")
     ap.add_argument("--sizes", type=int, nargs="*", default=[112, 224, 448])
     ap.add_argument("--size-k", type=int, default=10)
     ap.add_argument("--size-corpus", type=int, default=20, help="photos per image size (>= --size-k)")
-    ap.add_argument("--threads", type=int, default=1,
+    ap.add_argument("--threads", type=int, default=PROTOCOL["threads"],
                     help="intra-op threads of every configuration (0: each library's default, every core). 1 by "
                          "default: on a shared 2-core machine 2 threads per process oversubscribe the cores")
-    ap.add_argument("--corpus", type=int, default=50, help="photos in the candidate pool (>= max K)")
-    ap.add_argument("--queries", type=int, default=None, help="timed queries per configuration, K < 50 (8; quick 2)")
-    ap.add_argument("--queries-large", type=int, default=None, help="timed queries at K >= 50 (4; quick 2)")
+    ap.add_argument("--corpus", type=int, default=PROTOCOL["corpus"], help="photos in the candidate pool (>= max K)")
+    ap.add_argument("--queries", type=int, default=None,
+                    help=f"timed queries per configuration and K ({PROTOCOL['queries']}; quick 2)")
     ap.add_argument("--size-queries", type=int, default=None, help="timed queries per image size (4; quick 2)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed warm-up queries per configuration and K")
-    ap.add_argument("--think", type=int, default=32)
-    ap.add_argument("--inspect", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=PROTOCOL["warmup"],
+                    help="untimed warm-up queries per configuration (before the first K)")
+    ap.add_argument("--think", type=int, default=PROTOCOL["think"])
+    ap.add_argument("--inspect", type=int, default=PROTOCOL["inspect"])
+    ap.add_argument("--legacy-icm", action="store_true",
+                    help="also time the INT8 pack with the ICM relation graph as exported before issue 20")
     ap.add_argument("--default-ckpt", default=str(DEFAULT_CKPT))
     ap.add_argument("--default-k", type=int, default=10)
     ap.add_argument("--default-think", type=int, default=128, help="the runtime's default, as the card evaluates")
@@ -346,13 +383,13 @@ def parse(argv=None):
     def pick(value, full, fast):
         return value if value is not None else (fast if quick else full)
 
-    args.queries, args.queries_large = pick(args.queries, 8, 2), pick(args.queries_large, 4, 2)
+    args.queries = pick(args.queries, PROTOCOL["queries"], 2)
     args.size_queries = pick(args.size_queries, 4, 2)
     args.default_queries = pick(args.default_queries, 200, 10)  # R@1 to about +-3 points (one standard error)
     args.sweep_think = pick(args.sweep_think, [0, 16, 32, 64, 128], [0, 32])
     args.sweep_inspect = pick(args.sweep_inspect, [0, 3], [0, 3])
-    if quick:
-        args.ks, args.sizes = [min(args.ks)], []
+    if quick:  # K=10 unless --ks says otherwise
+        args.ks, args.sizes = ([10] if args.ks == PROTOCOL["ks"] else [min(args.ks)]), []
     if args.corpus < max(args.ks):
         ap.error(f"--corpus {args.corpus}: expected >= the largest K ({max(args.ks)})")
     if args.sizes and args.size_corpus < args.size_k:
@@ -371,10 +408,16 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - t_start:6.0f} s] {msg}", flush=True)
 
     result = {"meta": {"machine_before": machine(), "versions": versions(), "argv": sys.argv[1:],
-                       "quick": args.quick, "preset": args.preset}}
+                       "quick": args.quick, "preset": args.preset}, "protocol": protocol_record(args)}
+    if not result["protocol"]["followed"]:
+        log(f"NOT the pinned protocol: {result['protocol']['deviations']}")
     log(f"preparing the {args.preset} checkpoint, packs (fp32, INT8, INT4) in {workdir}")
     ckpt = _prep.checkpoint(workdir, args.preset)
     packs, pinfo, pack_errors = prepare_model(workdir, ckpt, log)
+    if args.legacy_icm and packs.get("int8") is not None:
+        legacy_fp32, _ = _prep.legacy_icm_pack(workdir, packs["fp32"], ckpt, f"{args.preset}-pack-fp32-icm-v1")
+        packs["int8-icm-v1"], pinfo["int8-icm-v1"] = _prep.quantized_pack(workdir, legacy_fp32, "int8",
+                                                                          f"{args.preset}-pack-int8-icm-v1")
     result["packs"] = pinfo
     if "k" not in args.skip:
         log(f"latency vs K {args.ks} ({args.size} px candidates)")

@@ -14,8 +14,9 @@ from pathlib import Path
 from report import BASELINE, ORDER, STAGES, _p, _stage
 
 COLORS = {"transformers": "#444444", "torch": "#d62728", "ort-fp32": "#1f77b4", "ort-int8": "#2ca02c",
-          "ort-int4": "#9467bd", "ort-fp32-full": "#ff7f0e"}
-STYLE = {"transformers": "--"}
+          "ort-int4": "#9467bd", "ort-fp32-full": "#ff7f0e", "transformers-sdpa": "#888888",
+          "ort-int8-icm-v1": "#98df8a"}
+STYLE = {"transformers": "--", "transformers-sdpa": ":"}
 
 
 def _plt():

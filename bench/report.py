@@ -16,7 +16,9 @@ from pathlib import Path
 from _common import REPO, fmt, ratio
 
 BASELINE = "transformers"
-ORDER = ["transformers", "torch", "ort-fp32", "ort-int8", "ort-int4", "ort-fp32-full"]
+SDPA = "transformers-sdpa"  # the second baseline: transformers' default attention
+ORDER = ["transformers", "transformers-sdpa", "torch", "ort-fp32", "ort-int8", "ort-int4", "ort-fp32-full",
+         "ort-int8-icm-v1"]
 STAGES = [("coarse", ("embed", "search")), ("images/cache", ("images", "cache")), ("vision", ("vision",)),
           ("icm", ("icm",)), ("prefill", ("prefill",)), ("decode", ("decode",)), ("other", ("other",))]
 
@@ -46,16 +48,17 @@ def _rows(section: dict, key: str, point: str) -> list[tuple[str, dict]]:
 # -------------------------------------------------------------------------------------------------- tables
 def k_table(e2e: dict) -> tuple[list[str], list[list[str]]]:
     sec = e2e.get("k_sweep") or {}
-    head = ["K", "configuration", "p50 ms", "p95 ms", "speed-up (p50)"] + [s for s, _ in STAGES] + \
+    head = ["K", "configuration", "p50 ms", "p95 ms", "speed-up (p50)", "vs SDPA (p50)"] + [s for s, _ in STAGES] + \
            ["decoder tokens", "token reduction", "images encoded", "peak RSS MB", "RSS ratio"]
     body = []
     ks = sorted({int(k) for r in sec.get("rows", {}).values() for k in r["by_k"]})
     for k in ks:
         rows = _rows(sec, "by_k", str(k))
-        base = dict(rows).get(BASELINE)
+        base, sdpa = dict(rows).get(BASELINE), dict(rows).get(SDPA)
         for n, a in rows:
             body.append([str(k), sec["rows"][n]["label"], fmt(_p(a), ".0f"), fmt(_p(a, q="p95"), ".0f"),
-                         _x(ratio(_p(base), _p(a)))] + [fmt(_stage(a, keys), ".0f") for _, keys in STAGES] +
+                         _x(ratio(_p(base), _p(a))), _x(ratio(_p(sdpa), _p(a)))] +
+                        [fmt(_stage(a, keys), ".0f") for _, keys in STAGES] +
                         [fmt(a["tokens"].get("total_tokens"), ".0f"),
                          _x(ratio(base and base["tokens"].get("total_tokens"), a["tokens"].get("total_tokens"))),
                          fmt(a["tokens"].get("images_encoded"), ".0f"), fmt(a.get("peak_rss_mb"), ".0f"),
@@ -169,7 +172,8 @@ def index_table(e2e: dict) -> tuple[list[str], list[list[str]]]:
 
 
 # ----------------------------------------------------------------------------------------------- headline
-SHORT = {"torch": "PyTorch fallback", "ort-fp32": "ONNX Runtime fp32", "ort-int8": "ONNX Runtime INT8",
+SHORT = {"transformers-sdpa": "transformers SDPA", "ort-int8-icm-v1": "INT8 with the pre-issue-20 ICM graph",
+         "torch": "PyTorch fallback", "ort-fp32": "ONNX Runtime fp32", "ort-int8": "ONNX Runtime INT8",
          "ort-int4": "ONNX Runtime INT4", "ort-fp32-full": "ONNX Runtime fp32 WITHOUT the ICM (full cached tokens)"}
 
 
@@ -185,10 +189,13 @@ def headline(e2e: dict) -> list[str]:
             out.append(f"K={k}: the transformers baseline is missing ({sec.get('errors', {}).get(BASELINE)}); "
                        f"no ratios")
         else:
-            speed = "; ".join(f"{SHORT.get(n, n)} {_x(ratio(_p(base), _p(a)))} (p50 {_p(a):,.0f} ms)"
-                              for n, a in rows.items() if n != BASELINE)
+            sdpa = rows.get(SDPA)
+            speed = "; ".join(f"{SHORT.get(n, n)} {_x(ratio(_p(base), _p(a)))}"
+                              + (f" / {_x(ratio(_p(sdpa), _p(a)))}" if sdpa and n != SDPA else "")
+                              + f" (p50 {_p(a):,.0f} ms)" for n, a in rows.items() if n != BASELINE)
+            vs = (f" / over transformers SDPA (p50 {_p(sdpa):,.0f} ms)" if sdpa else "")
             out.append(f"End-to-end speed-up at K={k} over transformers eager with full tokens (p50 {_p(base):,.0f} "
-                       f"ms per query), same run: {speed}.")
+                       f"ms per query){vs}, same run: {speed}.")
             icm, full = rows.get("ort-fp32"), rows.get("ort-fp32-full")
             if icm and full:
                 out.append(f"Of that, at K={k}: the runtime and token cache without the ICM give "

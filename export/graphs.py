@@ -194,9 +194,20 @@ class IcmContentGraph(nn.Module):
 
 
 class IcmRelationGraph(nn.Module):
+    """The exported relation step: the query side computed once and broadcast over the K candidates
+    (`ICM.relation_shared`). Same inputs and outputs as before, so packs exported earlier keep working as they are;
+    validated against `IcmRelationReference`."""
+
     def __init__(self, model: Qwen2_5_VL) -> None:
         super().__init__()
         self.icm = model.icm
+
+    def forward(self, cand_tokens, cand_mask, query_tokens, query_mask):
+        return self.icm.relation_shared(cand_tokens, cand_mask, query_tokens, query_mask)
+
+
+class IcmRelationReference(IcmRelationGraph):
+    """The oracle: `ICM.relation` as the paper writes it (the query expanded over the K candidates)."""
 
     def forward(self, cand_tokens, cand_mask, query_tokens, query_mask):
         return self.icm.relation(cand_tokens, cand_mask, query_tokens, query_mask)
@@ -211,9 +222,10 @@ class SubModel:
 FLOAT_NAMES = {torch.float32: "float32", torch.float16: "float16"}
 
 
-def sub_models(model: Qwen2_5_VL) -> list[SubModel]:
+def sub_models(model: Qwen2_5_VL, reference: bool = False) -> list[SubModel]:
     """The pack's graphs for `model`; float inputs/outputs take the model's dtype (fp32 or fp16), except the
-    decoder's logits and the embedding, which stay fp32 (argmax ties and cosine scores need the precision)."""
+    decoder's logits and the embedding, which stay fp32 (argmax ties and cosine scores need the precision).
+    `reference`: the oracles the exported graphs are validated against (`IcmRelationReference`)."""
     cfg = model.cfg
     fdt = FLOAT_NAMES[model.dtype]
     subs = [
@@ -223,7 +235,7 @@ def sub_models(model: Qwen2_5_VL) -> list[SubModel]:
     if model.icm is not None:
         subs += [
             SubModel(icm_content_spec(cfg, fdt), IcmContentGraph(model)),
-            SubModel(icm_relation_spec(cfg, fdt), IcmRelationGraph(model)),
+            SubModel(icm_relation_spec(cfg, fdt), (IcmRelationReference if reference else IcmRelationGraph)(model)),
         ]
     return subs
 

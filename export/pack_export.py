@@ -122,7 +122,7 @@ def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
     tokenizer, processor = tokenizer_and_processor(ckpt)
     oracle = load_checkpoint(ckpt, dtype=torch.float32)  # every graph is checked against the fp32 model
     model = copy.deepcopy(oracle).half() if precision == "fp16" else oracle
-    oracles = {s.spec.role: s for s in sub_models(oracle)}
+    oracles = {s.spec.role: s for s in sub_models(oracle, reference=True)}
     cfg = model.cfg
     with atomic_dir(out) as tmp:
         files, validation = {}, {}
@@ -185,8 +185,8 @@ def export_icm_graphs(ckpt: Path, cfg, tmp: Path, precision: str, files: dict, v
     traced and validated like any graph."""
     from types import SimpleNamespace
 
-    from retrv.export.graphs import FLOAT_NAMES, IcmContentGraph, IcmRelationGraph, SubModel, icm_content_spec, \
-        icm_relation_spec
+    from retrv.export.graphs import FLOAT_NAMES, IcmContentGraph, IcmRelationGraph, IcmRelationReference, SubModel, \
+        icm_content_spec, icm_relation_spec
     from retrv.model.files import ICM_NAME
     from retrv.model.icm import ICM
     from retrv.model.loading import read_tensors
@@ -197,6 +197,7 @@ def export_icm_graphs(ckpt: Path, cfg, tmp: Path, precision: str, files: dict, v
     icm = copy.deepcopy(oracle).half() if precision == "fp16" else oracle
     fdt = FLOAT_NAMES[torch.float16 if precision == "fp16" else torch.float32]
     shell, ref = SimpleNamespace(icm=icm), SimpleNamespace(icm=oracle)
-    for spec_fn, graph in ((icm_content_spec, IcmContentGraph), (icm_relation_spec, IcmRelationGraph)):
+    for spec_fn, graph, oracle_graph in ((icm_content_spec, IcmContentGraph, IcmContentGraph),
+                                         (icm_relation_spec, IcmRelationGraph, IcmRelationReference)):
         sub = SubModel(spec_fn(cfg, fdt), graph(shell))
-        _export_sub(sub, SubModel(sub.spec, graph(ref)), cfg, tmp, precision, files, validation)
+        _export_sub(sub, SubModel(sub.spec, oracle_graph(ref)), cfg, tmp, precision, files, validation)

@@ -73,7 +73,7 @@ class TorchBackend(Backend):
         if self.model.icm is None:
             return super().icm_relation(cand_tokens, cand_mask, query_tokens, query_mask)
         with self.torch.no_grad():
-            return self._np(self.model.icm.relation(
+            return self._np(self.model.icm.relation_shared(
                 self._t(cand_tokens), self._t(cand_mask), self._t(query_tokens), self._t(query_mask)))
 
     def start(self, batch: int) -> DecoderState:

@@ -28,8 +28,10 @@ class CrossAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim, bias=True)
         self.o_proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor | None, fold: bool = False) -> torch.Tensor:
         # q: (B, Sq, C); kv: (B, Sk, C); bias broadcastable to (B, H, Sq, Sk)
+        if fold:  # (through forward, so exported node names keep this module's scope: calibration/rules.py)
+            return _pool_attention(self, q, kv, bias)
         b, sq, c = q.shape
         sk = kv.shape[1]
         h = self.num_heads
@@ -71,6 +73,37 @@ def _key_bias(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask[:, None, None, :] > 0, 0.0, mask_value())
 
 
+def _pool_attention(attn: CrossAttention, q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`attn(q, kv, bias, fold=True)`: `attn(q, kv, bias)` for ONE query token per batch row, q (B or 1, 1, C), kv (B, L, C), computed without
+    projecting the L keys and values. Per head h with q_h = (W_q q + b_q)_h:
+      score_j = q_h . (W_k,h x_j + b_k,h) = (W_k,h^T q_h) . x_j + const   (the constant cancels in softmax)
+      out_h   = sum_j p_j (W_v,h x_j + b_v,h) = W_v,h (sum_j p_j x_j) + b_v,h   (the p_j sum to 1)
+    so the cost per key is H dot products of length C instead of 2 C x C matrix-vector products. The per-head
+    products use the whole 2-D weights on head-masked rows (H x more work on B rows, nothing per key), so that
+    the quantizers, which rewrite MatMuls with a constant 2-D weight, still find every weight."""
+    c = q.shape[-1]
+    h = attn.num_heads
+    heads = (torch.arange(c) // (c // h) == torch.arange(h)[:, None]).to(q.dtype)  # (H, C): head h's columns
+    qh = attn.q_proj(q) * heads  # (B, H, C): row h keeps q_h only
+    qk = torch.matmul(qh, attn.k_proj.weight)  # (B, H, C): W_k,h^T q_h
+    scores = torch.matmul(qk, kv.transpose(1, 2)).float() * ((c // h) ** -0.5) + bias[:, 0]  # (B, H, L)
+    probs = torch.softmax(scores, dim=-1).to(kv.dtype)
+    mixed = torch.matmul(probs, kv)  # (B, H, C): each head's weighted mean of the key tokens
+    out = (attn.v_proj(mixed) * heads).sum(1, keepdim=True)  # (B, 1, C): head h's block of W_v mixed_h + b_v
+    return attn.o_proj(out)
+
+
+def _pool(stack: CrossStack, query_vec: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor) -> torch.Tensor:
+    """`stack(query_vec expanded to (B, 1, C), kv, key bias of kv_mask)[:, 0]` with `_pool_attention`: (B, C).
+    The first block's query side is the learned vector itself, computed at batch 1 and broadcast."""
+    q = query_vec.to(kv.dtype)[None, None]  # (1, 1, C)
+    bias = _key_bias(kv_mask)
+    for layer in stack.layers:
+        q = q + layer.attn(layer.norm_q(q), layer.norm_kv(kv), bias, fold=True)  # (B, 1, C) from here on
+        q = q + layer.mlp(layer.norm_mlp(q))
+    return stack.norm(q)[:, 0]
+
+
 class ICM(nn.Module):
     def __init__(self, cfg: ICMConfig) -> None:
         super().__init__()
@@ -93,6 +126,21 @@ class ICM(nn.Module):
         r = self.relation_attn(cand, q_tokens, _key_bias(query_mask[None].expand(k, -1)))  # (K, L, C)
         pooled_q = self.rel_query.to(cand.dtype).expand(k, 1, -1)
         return self.relation_pool(pooled_q, r, _key_bias(cand_mask))[:, 0]
+
+    def relation_shared(self, cand: torch.Tensor, cand_mask: torch.Tensor, query: torch.Tensor,
+                        query_mask: torch.Tensor) -> torch.Tensor:
+        """`relation` without repeated work (what the exported graph runs): equal to it up to float reassociation.
+
+        - ATT2: the K candidates' tokens are one batch of K*L queries over the one query, so the query tokens' norm
+          and key/value projections run once per layer instead of once per candidate (`relation` expands the
+          query over K first). Rows are independent in every op of a block, so flattening changes nothing else.
+        - ATT1': each block's single pooled query is folded into its key and value projections
+          (`_pool_attention`): per candidate token that costs H dot products instead of two C x C projections.
+        """
+        k, length, c = cand.shape
+        bias = _key_bias(query_mask[None])  # (1, 1, 1, Lq)
+        r = self.relation_attn(cand.reshape(1, k * length, c), query[None], bias).reshape(k, length, c)  # (K, L, C)
+        return _pool(self.relation_pool, self.rel_query, r, cand_mask)
 
     def forward(self, cand, cand_mask, query, query_mask) -> torch.Tensor:
         """(K, L, C) candidates and an (Lq, C) query -> (K, 2, C): [t_con, t_rel] per candidate."""

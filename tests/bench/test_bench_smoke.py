@@ -37,7 +37,10 @@ def test_quick_run_on_the_tiny_preset_writes_results_tables_and_plots(tmp_path):
     e2e = json.loads((tmp_path / "results" / "e2e.json").read_text())
     rows = e2e["k_sweep"]["rows"]
     assert e2e["k_sweep"]["errors"] == {}, e2e["k_sweep"]["errors"]
-    assert set(rows) == {"transformers", "torch", "ort-fp32", "ort-int8", "ort-int4", "ort-fp32-full"}
+    assert set(rows) == {"transformers", "transformers-sdpa", "torch", "ort-fp32", "ort-int8", "ort-int4",
+                         "ort-fp32-full"}
+    assert e2e["k_sweep"]["load_before_each_configuration"]["4"][0].keys() == rows.keys()
+    assert not e2e["protocol"]["followed"] and "ks" in e2e["protocol"]["deviations"]
     for name, row in rows.items():
         point = row["by_k"]["4"]
         assert point["latency_ms"]["total"]["n"] == 1 and point["latency_ms"]["total"]["p50"] > 0, name
