@@ -146,7 +146,7 @@ def import_llama_cpp():
     except ImportError as e:
         return None, (f"llama_cpp not importable ({e}); install the bench extra: CMAKE_BUILD_PARALLEL_LEVEL=2 "
                       f"pip install -e '.[bench]' (builds llama.cpp from source, docs/BENCHMARKS.md)")
-    except OSError as e:  # the package is there but its shared library is not loadable
+    except (OSError, RuntimeError) as e:  # the package is there but its shared library is not loadable
         return None, f"llama_cpp installed but libllama did not load: {e}"
     return llama_cpp, None
 

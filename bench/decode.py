@@ -62,7 +62,7 @@ class BenchError(Exception):
     """A step of the bench failed: one line for the user, no traceback."""
 
 
-def _mode(quantize_args: str | None) -> str | None:
+def mode_of(quantize_args: str | None) -> str | None:
     if quantize_args is None:
         return None
     words = shlex.split(quantize_args)
@@ -325,7 +325,7 @@ def run(args, work: Path, captions: Path) -> int:
     packs, reports = prepare_packs(args, work)
     specs = {}
     for name, path in packs.items():
-        mode = _mode(args.packs[name])
+        mode = mode_of(args.packs[name])
         specs[name] = {"engine": "retrv", "path": str(path), "quantize_args": args.packs[name],
                        "pair": f"llama.cpp {GGUF_FOR_MODE.get(mode, '?')}", "bytes_per_token": pack_decode_bytes(path),
                        "gate": (reports.get(name) or {}).get("gate")}

@@ -63,8 +63,8 @@ def test_a_pack_given_by_flags_pairs_with_the_gguf_of_its_mode(bench):
     args = bench.parse_args(["--pack", "int4-head=--mode int4 --block-size 32 --no-keep-lm-head", "--only", "fp32",
                              "int4-head"])
     assert args.packs == {"fp32": None, "int4-head": "--mode int4 --block-size 32 --no-keep-lm-head"}
-    assert bench.GGUF_FOR_MODE[bench._mode(args.packs["int4-head"])] == "Q4_1"
-    assert bench.GGUF_FOR_MODE[bench._mode(None)] == "F32"
+    assert bench.GGUF_FOR_MODE[bench.mode_of(args.packs["int4-head"])] == "Q4_1"
+    assert bench.GGUF_FOR_MODE[bench.mode_of(None)] == "F32"
     with pytest.raises(SystemExit):
         bench.parse_args(["--only", "int9"])
 
