@@ -221,14 +221,15 @@ def markdown_table(result: dict) -> str:
         share = specs[n]["bytes_per_token"] / (r["ms_per_token"] / 1e3) / 1e9 / bw[str(t)]
         return f"{r['ms_per_token']:.1f} ({100 * share:.0f}%)"
 
-    head = "| | " + " | ".join(_cell(a, b and f"llama.cpp {b}") for a, b in pairs) + " |"
+    plural = lambda t: f"{t} thread{'s' if int(t) > 1 else ''}"  # noqa: E731
+    head = "| | " + " | ".join(_cell(f"retrv {a}", b) for a, b in pairs) + " |"
     lines = [head, "| --- " * (len(pairs) + 1) + "|"]
     for t in threads:
-        lines.append(f"| decode ms/token, {t} thread{'s' if t > 1 else ''} (share of {bw[str(t)]:.1f} GB/s read) | "
+        lines.append(f"| decode ms/token, {plural(t)} (share of {bw[str(t)]:.1f} GB/s read) | "
                      + " | ".join(_cell(ms(a, t), b and ms(b, t)) for a, b in pairs) + " |")
     top = str(max(threads))
     pf = lambda n: f"{timing[top][n]['prefill_tok_s']:.0f}" if n in timing[top] else "-"  # noqa: E731
-    lines.append(f"| prefill tok/s, {top} threads | " + " | ".join(_cell(pf(a), b and pf(b)) for a, b in pairs) + " |")
+    lines.append(f"| prefill tok/s, {plural(top)} | " + " | ".join(_cell(pf(a), b and pf(b)) for a, b in pairs) + " |")
     mb = lambda n: f"{specs[n]['bytes_per_token'] / 1e6:.0f}"  # noqa: E731
     lines.append("| weight MB read per token | " + " | ".join(_cell(mb(a), b and mb(b)) for a, b in pairs) + " |")
     if ppl:
@@ -241,12 +242,12 @@ def markdown_table(result: dict) -> str:
             continue
         ratio.append(" / ".join(f"{timing[str(t)][a]['ms_per_token'] / timing[str(t)][b]['ms_per_token']:.2f}x"
                                 for t in threads))
-    lines.append(f"| retrv ms/token over llama.cpp's ({' / '.join(map(str, threads))} threads) | "
+    lines.append(f"| retrv ms/token over llama.cpp's ({' / '.join(map(str, threads))} thread(s)) | "
                  + " | ".join(ratio) + " |")
     m = result.get("greedy_match", {})
     if m:
         g = lambda a: f"{m[a]['same']}/{m[a]['of']}" if a in m else "-"  # noqa: E731
-        lines.append(f"| greedy tokens equal ({top} threads) | " + " | ".join(g(a) for a, _ in pairs) + " |")
+        lines.append(f"| greedy tokens equal ({plural(top)}) | " + " | ".join(g(a) for a, _ in pairs) + " |")
     return "\n".join(lines)
 
 

@@ -49,7 +49,7 @@ def test_decode_bench_on_the_tiny_pack_skips_llama_cpp_with_the_reason(bench, ti
     assert len(result["protocol"]["prompt_ids"]) == 40
     assert result["perplexity"]["positions"] == 2 * 7 and result["perplexity"]["by_engine"]["fp32"] > 1
     assert result["engines"]["fp32"]["bytes_per_token"] > 0 and result["bandwidth_gbs"]["1"] > 0
-    assert "| fp32 |" in result["table"] and "share of" in result["table"]
+    assert "| retrv fp32 |" in result["table"] and "share of" in result["table"]
     assert (tmp_path / "pareto.png").stat().st_size > 1000
 
 
@@ -102,5 +102,27 @@ def test_the_table_prints_each_pair_with_its_bandwidth_share(bench):
     # 100 MB in 10 ms = 10 GB/s: half of 20 GB/s with 1 thread, a quarter of 40 with 2
     assert "| decode ms/token, 1 thread (share of 20.0 GB/s read) | 10.0 (50%) / 20.0 (25%) |" in table
     assert "| decode ms/token, 2 threads (share of 40.0 GB/s read) | 10.0 (25%) / 20.0 (12%) |" in table
-    assert "| prefill tok/s, 2 threads | 900 / 600 |" in table and "| 0.50x / 0.50x |" in table
+    assert "| prefill tok/s, 2 threads | 900 / 600 |" in table and "| 0.50x / 0.50x |" in table and "| retrv fp32 / llama.cpp F32 |" in table
     assert "| greedy tokens equal (2 threads) | 120/128 |" in table and "19.410 / 19.400" in table
+
+
+@pytest.mark.slow
+def test_llama_cpp_engine_decodes_and_scores_the_shipped_gguf(bench):
+    """Where the `bench` extra is installed: the llama.cpp side on the real Q4_1 file (greedy ids, a perplexity)."""
+    from _decode_engines import LlamaEngine, gguf_decode_bytes, import_llama_cpp
+
+    L, why_not = import_llama_cpp()
+    if L is None:
+        pytest.skip(why_not)
+    from retrv.model.graft import default_gguf
+
+    gguf = default_gguf()
+    engine = LlamaEngine(L, gguf, threads=1, n_ctx=64)
+    try:
+        run = engine.run(list(range(1, 17)), 3)
+        assert len(run.tokens) == 3 and all(0 <= t < engine.n_vocab for t in run.tokens)
+        assert engine.run(list(range(1, 17)), 3).tokens == run.tokens  # the cache is cleared between runs
+        assert 1.0 < engine.perplexity(np.arange(100, 116).reshape(1, 16)) < 1e6
+    finally:
+        engine.close()
+    assert 90e6 < gguf_decode_bytes(gguf) < 100e6  # 96.6 MB: Q4_1 layers and the Q8_0 tied embedding, read whole
