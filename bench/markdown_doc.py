@@ -186,7 +186,7 @@ def write_markdown(e2e: dict, ann: dict | None, md_path: Path, img_dir: Path, im
             + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),
             f"- model: `{preset}` preset of `retrv.model.tiny` with random weights (seed 0) and a random ICM"
             + (" (hidden 512, 8 decoder layers, 2 KV heads, 4-layer vision tower of width 256; 24.7 M decoder "
-               "parameters, the config of `bench/decode.py`)" if preset == "mid" else ""),
+               "parameters, the config of `bench/decode.py --mid`)" if preset == "mid" else ""),
             f"- candidates: {ks.get('corpus', {}).get('images', '?')} photos from "
             f"{ks.get('corpus', {}).get('source', '?')}, centre-cropped to {ks.get('image_px', '?')} px squares "
             f"(JPEG); queries: their first captions (text-only queries); think budget {ks.get('think')}, inspect "
@@ -257,7 +257,7 @@ def write_markdown(e2e: dict, ann: dict | None, md_path: Path, img_dir: Path, im
         "budget, not the same text.",
         "- Few timed queries per point (see the `n` of every stage in `bench/results/e2e.json`): p95 is close to the "
         "maximum seen. The machine was shared and loaded (load averages above); interleaving spreads the load over "
-        "all configurations but absolute numbers are slower than on an idle machine (compare `bench/decode.py`).",
+        "all configurations but absolute numbers are slower than on an idle machine (compare `bench/decode.py --mid`).",
         "- The baseline preprocesses with transformers' image processor (`AutoProcessor` needs torchvision, which "
         "is not installed); the project's own numpy preprocessing produces the same pixels.",
         "- Peak RSS includes loading and every smaller K (see above); it is per process, never mixed.",

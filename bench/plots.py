@@ -5,6 +5,7 @@
     latency_breakdown.png   share of each stage at the largest K: where the time goes
     latency_vs_image_size.png   p50 latency against candidate image size
     recall_vs_budget.png    Recall@1 against the think budget for each inspect budget (embedded default only)
+    decode_pareto.png       decode ms/token against perplexity, retrv packs and llama.cpp GGUFs (bench/decode.py)
 """
 
 from __future__ import annotations
@@ -158,6 +159,42 @@ def recall_vs_budget(e2e: dict, path: Path) -> Path | None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def decode_pareto(result: dict, path: Path) -> Path | None:
+    """bench/decode.py's result: ms/token (y) against perplexity (x) per engine and thread count; lower-left is
+    better on both. Filled markers: the largest thread count; hollow: the smallest."""
+    ppl = result.get("perplexity", {}).get("by_engine", {})
+    if not ppl:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    threads = sorted(result["timing"], key=int)
+    for engine, color, marker in (("retrv", "#1f77b4", "o"), ("llama.cpp", "#d62728", "s")):
+        names = [n for n, s in result["engines"].items() if s["engine"] == engine and n in ppl]
+        for t in threads:
+            pts = sorted((ppl[n], result["timing"][t][n]["ms_per_token"], n) for n in names
+                         if n in result["timing"][t])
+            if not pts:
+                continue
+            filled = t == threads[-1]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, linestyle="-" if filled
+                    else ":", markerfacecolor=color if filled else "none",
+                    label=f"{engine}, {t} thread{'s' if t != '1' else ''}")
+            if filled:
+                for x, y, n in pts:
+                    ax.annotate(n.replace("llama.cpp ", ""), (x, y), textcoords="offset points", xytext=(5, 4),
+                                fontsize=7, color=color)
+    ax.set_xlabel(f"perplexity on the captions ({result['perplexity']['positions']} positions, teacher-forced)")
+    ax.set_ylabel("decode ms/token (median)")
+    ax.set_title("SmolLM2-135M: retrv packs vs llama.cpp GGUFs (one run, shared 2-core machine)", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
