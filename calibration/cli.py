@@ -44,7 +44,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     q = subparsers.add_parser(
         "quantize", help="fp32 pack -> INT8 or INT4 pack, gated on accuracy against the fp32 pack",
         description="Quantize an fp32 pack with ONNX Runtime's quantization tools. Norms, rotary, softmax, the "
-                    "attention products, the ICM's attention and (by default) the LM head stay in float. "
+                    "attention products and the ICM's attention stay in float; the LM head follows --lm-head. "
                     "Fp16 packs come from `retrv export --precision fp16`.")
     q.add_argument("pack", help="fp32 pack directory (from `retrv export`)")
     q.add_argument("out", help="output pack directory: new, empty, or a pack (replaced atomically)")
