@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from retrv.app.commands import SEED_MAX, int_in, positive_int
+from retrv.app.commands import SEED_MAX, int_in, positive_int, thread_flags
 from retrv.runtime.errors import RetrvError
 
 
@@ -42,8 +42,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from retrv.runtime.generate import load_pack_generator
 
+    from retrv.app.commands import thread_kwargs
+
     kwargs = {"provider": args.provider} if args.provider else {}
-    gen = load_pack_generator(args.pack, backend=args.backend, **kwargs)
+    gen = load_pack_generator(args.pack, backend=args.backend, **kwargs, **thread_kwargs(args))
     result = gen.generate(args.prompt, images=args.image or [], max_new_tokens=args.max_new_tokens)
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -95,7 +97,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(f"retrv serve: http://{args.host}:{args.port} ({where}{', API key required' if api_key else ''})",
           file=sys.stderr)
     app_kwargs = dict(model_name=args.model_name, api_key=api_key, workers=args.workers, max_queue=args.max_queue,
-                      threads=args.threads, backend=args.backend,
+                      threads=args.threads, inter_op_threads=args.inter_op_threads, backend=args.backend,
                       cors_origins=tuple(args.cors_origin or ()))
     if args.ray:  # the same app as Ray Serve replicas (app/serve_ray.py)
         from retrv.app.serve_ray import check_shareable, serve_ray
@@ -153,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--backend", default="auto", choices=["auto", "ort"])
     gen.add_argument("--provider", default=None, choices=["auto", "cpu", "cuda"], help="ONNX Runtime provider")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
+    thread_flags(gen)
     gen.set_defaults(func=_cmd_generate)
 
     from retrv.app import commands
@@ -173,8 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "time (default 1: all cores on one query)")
     srv.add_argument("--max-queue", type=int_in(0, 10_000), default=8,
                      help="requests waiting per worker beyond the running one; the next gets 429 with Retry-After")
-    srv.add_argument("--threads", type=int_in(1, 1024), default=None,
-                     help="ONNX Runtime intra-op threads per worker (default: physical cores / workers)")
+    thread_flags(srv, "ONNX Runtime intra-op threads per worker (default: physical cores / workers)")
     srv.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
                      help="allow browser requests from this origin (repeatable; default: no CORS headers)")
     srv.add_argument("--api-key", default=None,

@@ -28,7 +28,12 @@ def _retriever(args):
 
 def _backend_kwargs(args) -> dict:
     _load_backend(args.backend)
-    return {"checkpoint": args.checkpoint, "provider": args.provider}
+    return {"checkpoint": args.checkpoint, "provider": args.provider, **thread_kwargs(args)}
+
+
+def thread_kwargs(args) -> dict:
+    """--threads / --inter-op-threads as `open_backend`'s keywords (ONNX Runtime's; other backends ignore them)."""
+    return {"threads": args.threads, "inter_op_threads": args.inter_op_threads}
 
 
 def _load_backend(name: str) -> None:
@@ -343,10 +348,23 @@ def deadline_ms(text: str) -> float:
         raise argparse.ArgumentTypeError(f"got {shown!r}; expected milliseconds > 0, at most 3600000") from None
 
 
+MAX_THREADS = 1024  # runtime.backends.ort.MAX_THREADS (not imported: the parser stays free of onnxruntime)
+
+
+def thread_flags(p, threads_help: str = "ONNX Runtime intra-op threads (default: the physical cores this process "
+                                         "may use, affinity and cgroup quota respected)") -> None:
+    """--threads and --inter-op-threads, the same on generate, search, eval, index and serve."""
+    p.add_argument("--threads", type=int_in(1, MAX_THREADS), default=None, help=threads_help)
+    p.add_argument("--inter-op-threads", type=int_in(1, MAX_THREADS), default=1,
+                   help="ONNX Runtime inter-op threads (default 1: each graph's nodes run in sequence; more runs "
+                        "independent nodes in parallel)")
+
+
 def _backend_flags(p) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "ort", "trt", "torch"])
     p.add_argument("--checkpoint", default=None, help="source checkpoint, for --backend torch")
     p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"], help="ONNX Runtime provider")
+    thread_flags(p)
 
 
 def _query_flags(p) -> None:

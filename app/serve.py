@@ -177,7 +177,7 @@ _ENDPOINTS = ("/v1/rerank", "/v2/rerank", "/v1/search", "/v1/documents", "/healt
 
 
 def create_app(pack, index=None, *, model_name: str | None = None, api_key: str | None = None, slots: int = 1,
-               max_queue: int = 8, threads: int | None = None, backend: str = "auto",
+               max_queue: int = 8, threads: int | None = None, inter_op_threads: int = 1, backend: str = "auto",
                limits: ServeLimits | None = None, engine: Engine | None = None, cors_origins: tuple = ()):
     """The FastAPI app (one worker process) over an open `pack` (a Pack or its path) and optional `index` (an Index
     or its path). The engine is opened (and the per-token cost measured) here, before the app is returned.
@@ -202,7 +202,8 @@ def create_app(pack, index=None, *, model_name: str | None = None, api_key: str 
         pack = pack if isinstance(pack, Pack) else Pack.open(pack)
         if index is not None and not isinstance(index, Index):
             index = Index.open(index, pack=pack)
-        engine = Engine(pack, index, backend=backend, threads=threads, limits=limits)
+        engine = Engine(pack, index, backend=backend, threads=threads, inter_op_threads=inter_op_threads,
+                        limits=limits)
     metrics = Metrics()
     pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="retrv-serve")
     admitted = [0]  # running + waiting; touched only on the event loop, so no lock

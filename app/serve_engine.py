@@ -192,14 +192,14 @@ class Engine:
     Runtime's `run()` is; each call builds its own decode session)."""
 
     def __init__(self, pack, index=None, backend: str = "auto", threads: int | None = None,
-                 limits: ServeLimits | None = None, cache_bytes: int = 256 << 20) -> None:
+                 limits: ServeLimits | None = None, cache_bytes: int = 256 << 20, inter_op_threads: int = 1) -> None:
         from retrv.runtime.backends import open_backend
         from retrv.runtime.retriever import Components, Retriever
         from retrv.runtime.rerank.loop import Reranker
 
         self.pack, self.index = pack, index
         self.limits = limits or ServeLimits()
-        be = open_backend(pack, backend, threads=threads)
+        be = open_backend(pack, backend, threads=threads, inter_op_threads=inter_op_threads)
         if index is not None:
             self.retriever = Retriever(pack, index, backend=be)
             self.c, self.reranker = self.retriever.c, self.retriever.reranker

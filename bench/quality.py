@@ -10,7 +10,7 @@ pack on the same text with the same code:
 - teacher-forced top-1 agreement with the fp32 pack on the same positions;
 - the accuracy gate `retrv quantize` ran (its default limit for the mode) and whether it passed;
 - decode ms/token: one sequence, 32 greedy tokens after a short prompt, median of 3;
-- pack size on disk.
+- pack size on disk (a tied INT8/INT4 head is stored once, as the embedding table too: `embed_tokens.nbits`).
 
 Baselines in the same run: the fp32 pack, and the previous defaults (int8-dynamic quantizing every MatMul; int4 RTN
 with ORT's integer zero points). The graft's weights are Q4_1 (block 32, asymmetric) dequantized: every INT4
@@ -40,11 +40,15 @@ def _modes(calib: Path | None):
     from retrv.calibration.config import Int4WeightOnlyConfig, Int8DynamicConfig, Int8StaticConfig, Int8WeightOnlyConfig
 
     modes = {
-        "int8-weight": Int8WeightOnlyConfig(),
+        "int8-weight (INT8 head)": Int8WeightOnlyConfig(),
+        "int8-weight, fp32 head": Int8WeightOnlyConfig(lm_head="fp32"),
         "int8-dynamic": Int8DynamicConfig(),
         "int8-dynamic, down_proj kept in fp32": Int8DynamicConfig(keep_matmuls=("down_proj",)),
-        "int4 rtn b32 float zero": Int4WeightOnlyConfig(),
-        "int4 rtn b32 int zero (previous default)": Int4WeightOnlyConfig(zero_point="int", max_drop=None),
+        "int4 rtn b32 float zero (INT8 head)": Int4WeightOnlyConfig(),
+        "int4 rtn b32 float zero, fp32 head": Int4WeightOnlyConfig(lm_head="fp32"),
+        "int4 rtn b32 float zero, INT4 head": Int4WeightOnlyConfig(lm_head="int4"),
+        "int4 rtn b32 int zero, fp32 head (an earlier default)": Int4WeightOnlyConfig(zero_point="int",
+                                                                                      lm_head="fp32"),
     }
     if calib is not None:
         modes["int8-static"] = Int8StaticConfig(calib=str(calib))
@@ -77,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--static", action="store_true", help="also int8-static, calibrated on the captions' folder")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "quality.json"))
+    ap.add_argument("--only", action="append", default=None, metavar="TEXT",
+                    help="measure only the modes whose name contains TEXT (repeatable; fp32 always runs)")
     args = ap.parse_args(argv)
 
     from dataclasses import replace
@@ -106,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
                          "gate_drop": None, "gate_limit": None, "gate": "-", "decode_ms_per_token": _decode_ms(fp32),
                          "pack_mb": _size(fp32) / 1e6, "load_avg_1min": os.getloadavg()[0]})
         print(rows_out[-1], flush=True)
-        for name, config in _modes(captions.parent if args.static else None).items():
+        modes = _modes(captions.parent if args.static else None)
+        for name, config in modes.items():
+            if args.only and not any(t in name for t in args.only):
+                continue
             out = work / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
             t0 = time.perf_counter()
             # report-only here so that every pack is measured; the mode's default limit is applied below
@@ -116,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             passed = "pass" if gate["drop"] <= limit else "REFUSED"
             secs = time.perf_counter() - t0
             s = score_pack(out, rows)
-            rows_out.append({"mode": name, "perplexity": s.perplexity,
+            rows_out.append({"mode": name, "lm_head": config.lm_head, "perplexity": s.perplexity,
                              "ppl_change_pct": 100 * (s.perplexity / ref.perplexity - 1),
                              "top1": top1_agreement(ref, s), "gate_drop": gate["drop"], "gate_limit": limit, "gate": passed,
                              "decode_ms_per_token": _decode_ms(out), "pack_mb": _size(out) / 1e6,

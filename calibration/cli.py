@@ -44,7 +44,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     q = subparsers.add_parser(
         "quantize", help="fp32 pack -> INT8 or INT4 pack, gated on accuracy against the fp32 pack",
         description="Quantize an fp32 pack with ONNX Runtime's quantization tools. Norms, rotary, softmax, the "
-                    "attention products, the ICM's attention and (by default) the LM head stay in float. "
+                    "attention products and the ICM's attention stay in float; the LM head follows --lm-head. "
                     "Fp16 packs come from `retrv export --precision fp16`.")
     q.add_argument("pack", help="fp32 pack directory (from `retrv export`)")
     q.add_argument("out", help="output pack directory: new, empty, or a pack (replaced atomically)")
@@ -73,13 +73,19 @@ def add_mode_options(q: argparse.ArgumentParser) -> None:
                    help=f"int4 / int8-weight block size (default {_default('int4', 'block_size')})")
     q.add_argument("--algo", default=None, choices=["rtn", "hqq", "gptq"],
                    help=f"int4 algorithm (default {_default('int4', 'algo')})")
+    q.add_argument("--lm-head", default=None, choices=["fp32", "int8", "int4"],
+                   help=f"the LM head: fp32, or 8-/4-bit MatMulNBits (blocks of 32) in any mode; a head tied to "
+                        f"the embedding is stored once (default: {_default('int4', 'lm_head')} for int4 and "
+                        f"int8-weight, {_default('int8-dynamic', 'lm_head')} otherwise)")
     q.add_argument("--keep-lm-head", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep the LM head in fp32 (default: on)")
+                   help="alias: --keep-lm-head is --lm-head fp32; --no-keep-lm-head is --lm-head int4 for "
+                        "--mode int4, int8 otherwise")
     q.add_argument("--calib-items", type=int, default=None,
                    help=f"calibration items (default {_default('int8-static', 'num_calib')})")
 
 
-OPTION_FLAGS = ("calib", "method", "activations", "max_drop", "block_size", "algo", "keep_lm_head", "calib_items")
+OPTION_FLAGS = ("calib", "method", "activations", "max_drop", "block_size", "algo", "lm_head", "keep_lm_head",
+                "calib_items")
 
 
 def build_config(args: argparse.Namespace):
@@ -100,9 +106,21 @@ def build_config(args: argparse.Namespace):
             raise InputError(f"--{flag.replace('_', '-')}: applies to --mode {' / '.join(modes)}; got --mode "
                              f"{args.mode}")
     given = {"calib": args.calib, "method": args.method, "activations": args.activations,
-             "block_size": args.block_size, "algo": args.algo, "keep_lm_head": args.keep_lm_head,
+             "block_size": args.block_size, "algo": args.algo, "lm_head": lm_head(args),
              "num_calib": args.calib_items}
     return CONFIGS[args.mode](max_drop=args.max_drop, **{k: v for k, v in given.items() if v is not None})
+
+
+def lm_head(args: argparse.Namespace) -> str | None:
+    """--lm-head, or what its alias --[no-]keep-lm-head stands for; both given is refused."""
+    if args.keep_lm_head is None:
+        return args.lm_head
+    alias = "fp32" if args.keep_lm_head else ("int4" if args.mode == "int4" else "int8")
+    if args.lm_head is not None:
+        flag = "--keep-lm-head" if args.keep_lm_head else "--no-keep-lm-head"
+        raise InputError(f"{flag}: an alias of --lm-head {alias}; got --lm-head {args.lm_head} too; expected one "
+                         f"of the two")
+    return alias
 
 
 def _mb(n: int) -> str:

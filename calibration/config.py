@@ -15,6 +15,10 @@ from retrv.runtime.errors import InputError
 METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_LIMIT = "default"  # QuantConfig.max_drop: the mode's calibrated default limit
 ALGOS = ("rtn", "hqq", "gptq")
+# The LM head: kept in fp32, or MatMulNBits (8 or 4 bits, blocks of LM_HEAD_BLOCK) through calibration.matrix,
+# whatever the mode's own format for the other MatMuls.
+LM_HEADS = ("fp32", "int8", "int4")
+LM_HEAD_BLOCK = 32  # llama.cpp's Q8_0/Q4_1 block; MatMulNBits' most tuned CPU path
 # MatMulNBits takes power-of-two blocks of at least 16 (ORT's contrib op spec).
 MIN_BLOCK = 16
 
@@ -39,7 +43,9 @@ class QuantConfig:
     images/): calibration items for the modes that calibrate, and the accuracy gate's held-out items for all."""
 
     calib: str | None = None
-    keep_lm_head: bool = True
+    # The LM head's format (LM_HEADS). Tied to the embedding, a quantized head is stored once and the runtime's
+    # embedding lookup dequantizes its rows (runtime/inputs/table.py). Covered by the mode's gate like the rest.
+    lm_head: str = "fp32"
     num_calib: int = 16  # calibration items; ORT's docs suggest tens to hundreds, decode-like steps multiply them
     num_heldout: int = 4  # gate items, never used for calibration
     gate_tokens: int = 16  # positions per gate item: the prefill's last position + 15 teacher-forced steps
@@ -63,6 +69,8 @@ class QuantConfig:
             raise InputError(f"--calib: got {self.calib!r}; expected a path")
         if self.calib is not None:
             object.__setattr__(self, "calib", str(self.calib))
+        if self.lm_head not in LM_HEADS:
+            raise InputError(f"--lm-head: got {self.lm_head!r}; expected one of {list(LM_HEADS)}")
         for name in ("num_calib", "num_heldout", "gate_tokens"):
             _check_positive(name, getattr(self, name))
         if self.max_drop != DEFAULT_LIMIT:
@@ -136,6 +144,9 @@ class Int8StaticConfig(QuantConfig):
             raise InputError(f"percentile: got {self.percentile!r}; expected a number in (50, 100]")
         if isinstance(self.decode_steps, bool) or not isinstance(self.decode_steps, int) or self.decode_steps < 0:
             raise InputError(f"decode_steps: got {self.decode_steps!r}; expected an integer >= 0")
+        if self.activations == "int8" and self.lm_head != "fp32":
+            raise InputError(f"--lm-head {self.lm_head}: with int8-static --activations int8 (TensorRT's QDQ form) "
+                             f"expected --lm-head fp32 (MatMulNBits is an ONNX Runtime contrib op TensorRT refuses)")
 
 
 @dataclass(frozen=True)
@@ -153,6 +164,9 @@ class Int4WeightOnlyConfig(QuantConfig):
     zero_point: str = "float"
     accuracy_level: int = 4
     decode_steps: int = 3  # GPTQ's calibration feeds, as for static INT8
+    # INT8 head: on the SmolLM2 graft it is most of the bytes a decoded token reads; measured there within the
+    # perplexity goal and the gate (docs/BENCHMARKS.md, "LM head").
+    lm_head: str = "int8"
     mode: ClassVar[str] = "int4"
     # 0.25 refuses the previous default's pack (ORT RTN, integer zeros: drop 0.333 on the graft) and passes
     # today's (float zeros; docs/BENCHMARKS.md).
@@ -191,12 +205,13 @@ class Int8WeightOnlyConfig(QuantConfig):
     1.32's CPU kernel then dequantizes the 8-bit weights on every call (measured on a 576x1536 matrix, one thread:
     17 ms against 0.6 ms for the fp32 MatMul and 0.03 ms at level 4).
 
-    Every graph's weight MatMuls, as int8-dynamic (the LM head kept by default). Measured on the SmolLM2 graft in
+    Every graph's weight MatMuls, as int8-dynamic; the LM head as 8-bit MatMulNBits too by default. Measured on the SmolLM2 graft in
     docs/BENCHMARKS.md."""
 
     block_size: int = 32
     symmetric: bool = False
     accuracy_level: int = 4
+    lm_head: str = "int8"  # as int4's (docs/BENCHMARKS.md, "LM head")
     mode: ClassVar[str] = "int8-weight"
     # the graft's measured drop: 0.042 (docs/BENCHMARKS.md); 0.15 leaves room for other prompt sets
     default_max_drop: ClassVar[float] = 0.15

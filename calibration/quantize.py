@@ -17,10 +17,16 @@ INT4 touches the decoder only: it is what decode reads per token (bandwidth-boun
 per image, compute-bound, mostly at index time; the ICM is small and carries all the reranker knows of each
 candidate; both stay fp32 in an INT4 pack (weight-only INT4 would save them bytes, not time).
 
-What stays in float inside a quantized graph is `rules.plan_graph`'s rule. The LM head is kept by default
-(`keep_lm_head=True`): the answer is read from its logits, its error lands on them undiluted by later layers,
-and GPTQ/AWQ practice keeps it in 16 bits. The price is its size: 152k x 3584 weights, about 8% of
-Qwen2.5-VL-7B's language model, stay fp32 (`--no-keep-lm-head` quantizes it too).
+What stays in float inside a quantized graph is `rules.plan_graph`'s rule. The LM head is never the mode's
+quantizer's: `config.lm_head` makes it fp32 or 8-/4-bit MatMulNBits (blocks of 32, `quantize_head`), whatever the
+mode. Its error lands on the logits undiluted by later layers (GPTQ/AWQ practice keeps it in 16 bits), but on a
+small model with a large vocabulary it is most of the bytes a decoded token reads (SmolLM2-135M: 28M of 135M
+parameters); int4 and int8-weight default to an INT8 head, measured on the real-weights graft within the perplexity
+goals and the mode's gate (docs/BENCHMARKS.md), int8-dynamic and int8-static keep it fp32. A head tied to the
+embedding is stored once (`share_head`): its quantized bytes go to `embed_tokens.nbits`, which the decoder reads as
+external data and the runtime's embedding lookup dequantizes row by row (runtime/inputs/table.py), and
+`embed_tokens.npy` is dropped. An untied embedding stays the fp32 `.npy`: only the rows of a prompt are read from it
+(memory-mapped), so quantizing it would save disk, not decode time.
 
 Fp16 packs come from `retrv export --precision fp16` (norms, rotary and softmax stay fp32 by construction); this
 module starts from an fp32 pack only.
@@ -44,6 +50,7 @@ from retrv.calibration.config import (  # noqa: F401 - re-exported: the public A
     ALGOS,
     DEFAULT_LIMIT,
     CONFIGS,
+    LM_HEAD_BLOCK,
     METHODS,
     Int4WeightOnlyConfig,
     Int8DynamicConfig,
@@ -54,6 +61,7 @@ from retrv.calibration.config import (  # noqa: F401 - re-exported: the public A
 from retrv.calibration.rules import Plan, plan_graph
 from retrv.runtime.errors import InputError, RetrvError, require
 from retrv.runtime.fsutil import atomic_dir
+from retrv.runtime.inputs.table import NBITS_FILE, NBITS_ROLE, PARTS, QuantizedTable
 from retrv.runtime.outputs import check_output
 from retrv.runtime.pack import EXTERNAL_DATA, Manifest, Pack, describe_file, write_manifest
 
@@ -331,6 +339,87 @@ def _synthetic_gate_items(folder: Path) -> list[readers.CalibItem]:
     return items
 
 
+# ------------------------------------------------------------------------------------------------------ LM head
+ALIGN = 4096  # each part of embed_tokens.nbits starts on a page, so ONNX Runtime can map it
+
+
+def _head_node(model):
+    """The decoder's LM head: the MatMul named */lm_head/* with a constant 2-D B, or None."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and "/lm_head/" in node.name and len(node.input) == 2 \
+                and node.input[1] in inits and len(inits[node.input[1]].dims) == 2:
+            return node, inits[node.input[1]]
+    return None, None
+
+
+def quantize_head(model, config: QuantConfig, table) -> dict | None:
+    """Replace the LM head MatMul of a decoder graph (onnx.ModelProto, in place) by MatMulNBits per
+    `config.lm_head`; `table` is the pack's (vocab, hidden) embedding, to tell a tied head. -> what was done (None
+    for an fp32 head)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from retrv.calibration.matrix import nbits_graph
+
+    if config.lm_head == "fp32":
+        return None
+    node, init = _head_node(model)
+    if node is None:
+        raise InputError(f"--lm-head {config.lm_head}: the decoder graph has no LM head MatMul (*/lm_head/* with a "
+                         f"constant weight); expected a pack from `retrv export`")
+    w = numpy_helper.to_array(init)  # (K=hidden, N=vocab)
+    tied = table is not None and tuple(table.shape) == w.shape[::-1] and bool(np.array_equal(w.T, table))
+    bits = 8 if config.lm_head == "int8" else 4
+    zero_point = "int" if bits == 8 else "float"  # ORT's 8-bit kernel takes integer zeros only; float: int4's default
+    level = getattr(config, "accuracy_level", 4)
+    nbits_graph(model, (node.name,), LM_HEAD_BLOCK, zero_point, level, bits=bits)
+    return {"format": "com.microsoft MatMulNBits", "bits": bits, "block_size": LM_HEAD_BLOCK,
+            "zero_point": zero_point, "accuracy_level": level, "node": f"{node.name}_Q{bits}",
+            "tied_to_embedding": tied, "stored_with_embedding": False}
+
+
+def share_head(graph: Path, head: dict, external: bool) -> dict:
+    """Move the quantized head's initializers of the written decoder `graph` into `embed_tokens.nbits` (beside it)
+    as ONNX external data; -> the table file's layout record (runtime/inputs/table.py reads it)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(graph))  # external data loaded: the whole graph is written again below
+    node = next((n for n in model.graph.node if n.name == head["node"]), None)
+    if node is None:
+        raise RetrvError(f"{graph.name}: the quantized LM head {head['node']!r} is missing after quantization; "
+                         f"expected the node quantize_head wrote")
+    inits = {t.name: t for t in model.graph.initializer}
+    record = {k: head[k] for k in ("bits", "block_size", "zero_point")}
+    shapes = {}
+    with open(graph.parent / NBITS_FILE, "wb") as f:
+        for part, name in zip(PARTS, node.input[1:]):
+            t = inits[name]
+            arr = numpy_helper.to_array(t)
+            shapes[part] = arr.shape
+            f.write(b"\0" * ((-f.tell()) % ALIGN))
+            offset = f.tell()
+            f.write(arr.tobytes())
+            record[part] = {"offset": offset, "bytes": arr.nbytes}
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+            del t.external_data[:]
+            for key, value in (("location", NBITS_FILE), ("offset", str(offset)), ("length", str(arr.nbytes))):
+                t.external_data.add(key=key, value=value)
+    if "zero_points" not in record:
+        record["zero_points"] = None
+    attrs = {a.name: a.i for a in node.attribute}
+    record.update(rows=attrs["N"], cols=attrs["K"], head=graph.name)
+    data = graph.with_name(graph.name + ".data")
+    if data.exists():
+        data.unlink()  # written anew: onnx appends to an existing file
+    onnx.save_model(model, str(graph), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=data.name)
+    QuantizedTable(graph.parent / NBITS_FILE, record)  # the record fits the file it describes
+    return record
+
+
 def _quantize_file(config: QuantConfig, src: Pack, name: str, tmp: Path, work: Path,
                    reader: Callable[[], readers.FeedReader]) -> dict:
     """One graph: canonicalise (Gemm -> MatMul + Add), plan the exclusions, quantize with the config's handler,
@@ -343,14 +432,26 @@ def _quantize_file(config: QuantConfig, src: Pack, name: str, tmp: Path, work: P
     external = any(e.data_of == name for e in src.manifest.files.values())
     model = onnx.load(str(src.path / name))
     ONNXModel(model).replace_gemm_with_matmul()  # MatMulNBits and MatMulInteger take MatMul only
-    plan = plan_graph(model, entry.role, config.keep_lm_head, getattr(config, "keep_matmuls", ()))
+    plan = plan_graph(model, entry.role, getattr(config, "keep_matmuls", ()))
+    head = None
+    if entry.role == "decoder":
+        import numpy as np
+
+        table = np.load(src.file("embed_tokens"), mmap_mode="r", allow_pickle=False) if src.has("embed_tokens") \
+            else None
+        head = quantize_head(model, config, table)
     canon = work / name
     onnx.save_model(model, str(canon), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=name + ".data")
     del model
     info = _HANDLERS[type(config)](config, Job(entry.role, canon, tmp / name, external, plan, reader))
+    table_record = None
+    if head is not None and head["tied_to_embedding"]:
+        table_record = share_head(tmp / name, head, external)
+        head["stored_with_embedding"] = True
     written = onnx.load(str(tmp / name), load_external_data=False)
-    record = {"mode": config.mode, **info, **plan.to_dict(), **count_matmuls(written)}
+    record = {"mode": config.mode, **info, **plan.to_dict(), **count_matmuls(written),
+              "lm_head": head or {"format": "fp32"}}
     if isinstance(config, Int8StaticConfig):
         record["qdq_check"] = form = qdq_form(written)
         trt = config.activations == "int8"
@@ -361,6 +462,9 @@ def _quantize_file(config: QuantConfig, src: Pack, name: str, tmp: Path, work: P
                                  inputs=entry.inputs, outputs=entry.outputs)}
     if (tmp / (name + ".data")).exists():
         files[name + ".data"] = describe_file(tmp, name + ".data", EXTERNAL_DATA, data_of=name)
+    if table_record is not None:
+        files[NBITS_FILE] = describe_file(tmp, NBITS_FILE, NBITS_ROLE, precision=config.lm_head,
+                                          quantization=table_record)
     return files
 
 
@@ -404,6 +508,10 @@ def quantize_pack(pack_dir: str | Path, out_dir: str | Path, config: QuantConfig
                 files[name] = describe_file(tmp, name, entry.role, precision=entry.precision,
                                             quantization=entry.quantization, inputs=entry.inputs,
                                             outputs=entry.outputs, data_of=entry.data_of)
+        if NBITS_FILE in files:  # the tied head's bytes are the table now: the .npy goes
+            for table in [n for n, e in files.items() if e.role == "embed_tokens"]:
+                (tmp / table).unlink()
+                del files[table]
         sizes = {name: (_graph_bytes(entries, name), _graph_bytes(files, name)) for name in targets}
 
         m = src.manifest

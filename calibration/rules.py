@@ -8,7 +8,8 @@ Softmax, the masks. Among the MatMuls, these are kept:
 - `activation_matmul`: a MatMul with no initializer input, i.e. the attention scores Q.K^T and context P.V.
   Both sides are activations (rotated keys, softmax probabilities) whose ranges change with every prompt, and
   they hold no weights, so quantizing them saves no bytes.
-- `lm_head`: node name contains `/lm_head/` (decoder): the logits the answer is read from (see `keep_lm_head`).
+- `lm_head`: node name contains `/lm_head/` (decoder): the logits the answer is read from. Never given to the mode's
+  quantizer: it stays fp32 or becomes MatMulNBits by the config's own `lm_head` setting (`quantize.quantize_head`).
 - `icm_attention`: node name contains `/attn/` in `icm_content` / `icm_relation`: the ICM's learned-query pooling
   and cross-attention, whose two tokens per candidate carry everything the LM learns about it.
 
@@ -26,7 +27,7 @@ FLOAT_BY_OP_TYPE = "RMSNorm (Pow/ReduceMean/Sqrt/Div/Mul), rotary (Cos/Sin/Neg/M
                    "types never given to the quantizer"
 PATTERNS = {
     "activation_matmul": "MatMul without a constant (initializer) input: attention Q.K^T and P.V",
-    "lm_head": "MatMul named */lm_head/* (decoder), when keep_lm_head",
+    "lm_head": "MatMul named */lm_head/* (decoder): not the mode's quantizer's; fp32 or MatMulNBits per --lm-head",
     "icm_attention": "MatMul named */attn/* in icm_content/icm_relation: the ICM's pooling and cross-attention",
     "sensitive": "MatMul named */<name>/* for a name in the mode's keep_matmuls (decoder): measured sensitive",
 }
@@ -58,7 +59,7 @@ class Plan:
         }
 
 
-def plan_graph(model, role: str, keep_lm_head: bool = True, keep_matmuls: tuple[str, ...] = ()) -> Plan:
+def plan_graph(model, role: str, keep_matmuls: tuple[str, ...] = ()) -> Plan:
     """Classify every MatMul of `model` (an onnx.ModelProto, Gemm already rewritten) for the graph `role`."""
     constants = {t.name for t in model.graph.initializer}
     quantize, keep = [], {}
@@ -68,7 +69,7 @@ def plan_graph(model, role: str, keep_lm_head: bool = True, keep_matmuls: tuple[
         name = node.name
         if not any(i in constants for i in node.input):
             keep[name] = "activation_matmul"
-        elif keep_lm_head and role == "decoder" and "/lm_head/" in name:
+        elif role == "decoder" and "/lm_head/" in name:
             keep[name] = "lm_head"
         elif role in ICM_ROLES and "/attn/" in name:
             keep[name] = "icm_attention"

@@ -34,7 +34,7 @@ ALIGN = 4096  # each tensor starts on a page in the data file, so ONNX Runtime c
 EMBED_FILE = "embed_tokens.npy"
 EMBED_PARAM = "language_model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
-# Decoder layer projections: the MatMuls INT4 quantizes (the LM head only with --no-keep-lm-head).
+# Decoder layer projections: the MatMuls INT4 quantizes (the LM head only with --lm-head int4).
 LAYER_MATMUL = re.compile(r"language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
 NP_DTYPE = {"fp32": np.float32, "fp16": np.float16}
 
@@ -81,7 +81,9 @@ def plan_slots(cfg: ModelConfig, graphs: StreamGraphs, tensors: dict[str, Tensor
             raise CheckpointError(f"{tensors[src].file}: tensor '{tensors[src].name}' has shape "
                                   f"{tensors[src].shape}; expected {want}")
     slots: dict[str, list[Slot]] = {EMBED_PARAM: [Slot(None)]}
-    keep_head = True if quant is None else quant.keep_lm_head
+    # This path quantizes the head only to INT4 (ORT's 4-bit kernel, row chunks); an INT8 head (the int4 default on
+    # the traced path) stays fp32 here, shared with the embedding, and the manifest says so (`check_quant`).
+    keep_head = True if quant is None else quant.lm_head != "int4"
     for ref in graphs.weights:
         q = None
         if quant is not None and ref.graph == "decoder.onnx" and (

@@ -66,6 +66,8 @@ def export_streaming(ckpt: Path, out: Path, precision: str, quant, verify: bool)
             record = None
             if q:
                 record = {"mode": quant.mode, "streamed": True, **quant.to_dict(),
+                          # what this path did with the head: INT4 when asked, else fp32 (no INT8 head here)
+                          "lm_head": "int4" if quant.lm_head == "int4" else "fp32",
                           "quantized_matmuls": sum(1 for s in mine if s.quant)}
             files[fname] = describe_file(
                 tmp, fname, spec.role, precision=quant.precision if q else precision, quantization=record,

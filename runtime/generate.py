@@ -20,6 +20,7 @@ from retrv.runtime.limits import Cap, cap, check_text, check_tokens, context_of
 from retrv.runtime.decode import DecodeSession
 from retrv.runtime.inputs.preprocess import ImageProcessorConfig
 from retrv.runtime.inputs.prompt import PromptTokenizer
+from retrv.runtime.inputs.table import open_table
 from retrv.runtime.inputs.vision import VisionEncoder
 from retrv.runtime.rerank.prompt import PromptBuilder
 
@@ -51,12 +52,12 @@ class Generator:
 
     @classmethod
     def from_pack(cls, pack, backend: Backend) -> "Generator":
-        table = np.load(pack.file("embed_tokens"), mmap_mode="r", allow_pickle=False)
+        table = open_table(pack)  # the .npy, or the quantized LM head's rows (a tied head stored once)
         return cls(backend, PromptTokenizer(pack.file("tokenizer")), pack.model_config, pack.preprocessor, table)
 
     # -- pieces the reranker reuses ------------------------------------------------------------------------------
     def lookup(self, ids) -> np.ndarray:
-        """Token ids -> (S, H) float32 embeddings from the (memory-mapped) table."""
+        """Token ids -> (S, H) float32 embeddings from the (memory-mapped or quantized) table."""
         return np.asarray(self.embed_table[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
 
     def encode_images(self, images) -> tuple[np.ndarray, np.ndarray]:

@@ -6,7 +6,7 @@
       tokenizer.json
       vision.onnx  icm_content.onnx  icm_relation.onnx  decoder.onnx  embedder.onnx  (+ *.onnx.data)
       embedder_image.onnx  embedder_text.onnx  embedder_tokenizer.json   (an embedder from optimum: CLIP, SigLIP)
-      embed_tokens.npy
+      embed_tokens.npy    (or embed_tokens.nbits: a tied LM head quantized, stored once; runtime/inputs/table.py)
 
 `Pack.open` treats the manifest as untrusted input and refuses, with a one-line `PackError` naming the file, a
 pack with a missing, truncated or modified file, a manifest that is not a JSON object, a manifest from a newer
@@ -51,8 +51,8 @@ MAX_MANIFEST_BYTES = 16 << 20
 
 # The roles the runtime knows. Other lower-case roles are accepted (a newer writer's additive files, TensorRT
 # engines) and may appear on several files; the roles here name exactly one file each, except external_data.
-SINGLE_ROLES = ("vision", "icm_content", "icm_relation", "decoder", "embedder", "embed_tokens", "tokenizer",
-                "embedder_image", "embedder_text")
+SINGLE_ROLES = ("vision", "icm_content", "icm_relation", "decoder", "embedder", "embed_tokens", "embed_tokens_nbits",
+                "tokenizer", "embedder_image", "embedder_text")
 EXTERNAL_DATA = "external_data"
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 METHODS = ("retrv-r1", "listwise")  # retrv-r1: the model has an ICM; listwise: every candidate in the prompt
@@ -339,6 +339,11 @@ class Pack:
                 _parse_config(manifest_path, "extra.embedder.model", spec.get("model"), ModelConfig)
                 _parse_config(manifest_path, "extra.embedder.preprocessor", spec.get("preprocessor"),
                               ImageProcessorConfig)
+        tables = [n for n, e in manifest.files.items() if e.role == "embed_tokens_nbits"]
+        if tables:  # its layout record must fit the file now, not at the first lookup
+            from retrv.runtime.inputs.table import QuantizedTable
+
+            QuantizedTable(root / tables[0], manifest.files[tables[0]].quantization)
         fingerprint = hashlib.sha256(manifest.canonical_json()).hexdigest()
         return cls(root, manifest, model_config, preprocessor, fingerprint)
 

@@ -20,6 +20,7 @@ from retrv.runtime.inputs.embedding import EmbedItem, Embedder
 from retrv.runtime.errors import InputError, PackError
 from retrv.runtime.limits import Cap, check_text, context_of
 from retrv.runtime.inputs.prompt import PromptTokenizer
+from retrv.runtime.inputs.table import open_table
 from retrv.runtime.inputs.vision import VisionEncoder
 from retrv.runtime.rerank.loop import Reranker, RerankResult
 from retrv.runtime.rerank.prompt import CandidateInput, PromptBuilder, QueryInput, pad_batch
@@ -35,7 +36,7 @@ class Components:
         self.cfg = pack.model_config
         self.processor = pack.preprocessor
         self.tokenizer = PromptTokenizer(pack.file("tokenizer"))
-        self.table = np.load(pack.file("embed_tokens"), mmap_mode="r", allow_pickle=False)
+        self.table = open_table(pack)  # the .npy, or the quantized LM head's rows (a tied head stored once)
         self.builder = PromptBuilder(self.tokenizer, self.cfg, self.table)
         self.vision = VisionEncoder(backend, self.cfg, self.processor)
         self.embedder = self._embedder(pack, backend)

@@ -18,12 +18,12 @@ BACKENDS = ("auto", "ort", "trt", "torch")
 
 
 def open_backend(pack, name: str = "auto", checkpoint: str | Path | None = None, provider: str = "auto",
-                 threads: int | None = None, cache_dir="default") -> Backend:
+                 threads: int | None = None, cache_dir="default", inter_op_threads: int = 1) -> Backend:
     """The backend `name` for an open `pack`.
 
     auto: TensorRT where the pack has engines built for this very device, else ONNX Runtime when installed, else
-    the PyTorch fallback (which needs the source `checkpoint`). `provider`, `threads` and `cache_dir` are ONNX
-    Runtime's (see `ort.OrtBackend`)."""
+    the PyTorch fallback (which needs the source `checkpoint`). `provider`, `threads`, `inter_op_threads` and
+    `cache_dir` are ONNX Runtime's (see `ort.OrtBackend`)."""
     if name not in BACKENDS:
         raise InputError(f"--backend: got {name!r}; expected one of {list(BACKENDS)}")
     if name == "trt" or (name == "auto" and _trt_ready(pack)):
@@ -40,7 +40,8 @@ def open_backend(pack, name: str = "auto", checkpoint: str | Path | None = None,
     if name == "ort":
         from retrv.runtime.backends.ort import OrtBackend
 
-        return OrtBackend(pack, provider=provider, threads=threads, cache_dir=cache_dir)
+        return OrtBackend(pack, provider=provider, threads=threads, cache_dir=cache_dir,
+                          inter_op_threads=inter_op_threads)
     factory = registered_backend("torch")
     if factory is None:  # the PyTorch fallback lives above the runtime (it needs the model): the app layer loads it
         raise MissingDependencyError("--backend torch: the PyTorch fallback is not loaded; expected `import "

@@ -1,8 +1,10 @@
 """ONNX Runtime backend: sessions created lazily per sub-model, options set on purpose, KV cache kept as OrtValues.
 
 - Providers: `auto` takes CUDA when this onnxruntime build has it, else CPU; or a name ("cpu", "cuda").
-- Threads: intra-op = physical cores (ORT's own default is close, but a container's cpu_count lies less than
-  ORT's probe; callers can override).
+- Threads: intra-op = the physical cores this process may run on (`physical_cores`: the affinity mask, so a
+  container's cpuset counts, one per hyper-threaded pair, capped by a cgroup CPU quota); inter-op = 1, sequential
+  execution: a decoder step is a chain of ops with nothing to run beside it. Callers can override both
+  (`--threads`, `--inter-op-threads`); docs/BENCHMARKS.md ("Threads") has the measurements behind the defaults.
 - Graph optimisation: the first open writes the optimised model to a cache keyed by the file's sha256, the ORT
   version and the provider; later opens load it and skip the (for a 7B decoder, many-second) optimisation.
 - KV cache: `present_*` outputs are bound with IO binding and stay OrtValues on the provider's device; the next
@@ -39,11 +41,47 @@ def choose_providers(provider: str = "auto") -> list[str]:
     return [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
 
 
-def physical_cores() -> int:
+MAX_THREADS = 1024  # far above any CPU this runs on; a typo such as 10000 is refused rather than spawned
+CPU_ROOT = Path("/sys/devices/system/cpu")
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
+
+
+def cgroup_cpu_limit(path: Path = CGROUP_CPU_MAX) -> int | None:
+    """CPUs' worth of time a cgroup v2 quota allows (ceil(quota / period)); None without a quota or the file."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        quota, period = path.read_text().split()[:2]
+        return None if quota == "max" else max(1, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        return None
+
+
+def physical_cores(cpu_root: Path = CPU_ROOT, cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """Cores this process may use: the CPUs of its affinity mask (a container's cpuset counts) with hyper-threaded
+    siblings counted once (a second thread on a core's sibling mostly competes for the same units in these
+    matmul-bound kernels), capped by the cgroup CPU quota (a container limited to 2 CPUs of a 64-core host gets 2)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        try:
+            topo = cpu_root / f"cpu{cpu}" / "topology"
+            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+        except OSError:  # no topology exposed: count the CPU
+            cores.add(("cpu", str(cpu)))
+    n = max(1, len(cores))
+    quota = cgroup_cpu_limit(cpu_max)
+    return min(n, quota) if quota else n
+
+
+def check_threads(name: str, value, allow_none: bool = True) -> int | None:
+    """A thread count from a caller: None (the default) or an integer in [1, MAX_THREADS]."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_THREADS:
+        raise InputError(f"{name}: got {value!r}; expected an integer from 1 to {MAX_THREADS}")
+    return value
 
 
 def default_cache_dir() -> Path:
@@ -55,12 +93,18 @@ class OrtRunner(Runner):
     then runs."""
 
     def __init__(self, path: Path, spec: dict, sha256: str, providers: list[str], threads: int | None,
-                 cache_dir: Path | None, session_config: dict[str, str] | None = None, cpu_arena: bool = True) -> None:
+                 cache_dir: Path | None, session_config: dict[str, str] | None = None, cpu_arena: bool = True,
+                 inter_op_threads: int = 1) -> None:
         super().__init__(path.name, spec)
         ort = require("onnxruntime", "runtime")
         self.path, self.providers = path, providers
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or physical_cores()
+        # One inter-op thread: sequential execution. More: ORT runs independent branches of a graph in parallel on
+        # a pool of that size (the vision tower's and ICM's graphs have a few; a decode step has none).
+        opts.inter_op_num_threads = inter_op_threads
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL if inter_op_threads == 1 else \
+            ort.ExecutionMode.ORT_PARALLEL
         opts.log_severity_level = 3
         opts.enable_cpu_mem_arena = cpu_arena
         for key, value in (session_config or {}).items():
@@ -111,21 +155,25 @@ class OrtBackend(GraphBackend):
 
     def __init__(self, pack, provider: str = "auto", threads: int | None = None,
                  cache_dir: Path | None | str = "default", session_config: dict[str, str] | None = None,
-                 cpu_arena: bool = True) -> None:
-        """`session_config`: ONNX Runtime session config entries (e.g. {"session.disable_prepacking": "1"}, as
-        `--verify` sets to keep one copy of each weight); `cpu_arena=False`: no CPU memory arena."""
+                 cpu_arena: bool = True, inter_op_threads: int = 1) -> None:
+        """`threads`: intra-op threads (default: `physical_cores()`); `inter_op_threads`: 1 (default) runs each
+        graph's nodes sequentially, more runs independent nodes in parallel. `session_config`: ONNX Runtime
+        session config entries (e.g. {"session.disable_prepacking": "1"}, as `--verify` sets to keep one copy of
+        each weight); `cpu_arena=False`: no CPU memory arena."""
+        self.threads = check_threads("--threads", threads)
+        self.inter_op_threads = check_threads("--inter-op-threads", inter_op_threads, allow_none=False)
         super().__init__(pack)
         self.session_config, self.cpu_arena = dict(session_config or {}), cpu_arena
         self.providers = choose_providers(provider)
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
-        self.threads = threads
         self.cache_dir = default_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None)
 
     def open_runner(self, role: str) -> OrtRunner:
         path = self.pack.file(role)
         entry = self.pack.manifest.files[path.name]
         return OrtRunner(path, {"inputs": entry.inputs, "outputs": entry.outputs}, entry.sha256,
-                         self.providers, self.threads, self.cache_dir, self.session_config, self.cpu_arena)
+                         self.providers, self.threads, self.cache_dir, self.session_config, self.cpu_arena,
+                         self.inter_op_threads)
 
     # -- decoder with the cache kept in OrtValues ---------------------------------------------------------------
     def start(self, batch: int) -> DecoderState:

@@ -187,7 +187,9 @@ def test_gptq_plumbing_keeps_the_exclusions(pack, corpus, tmp_path, monkeypatch)
     monkeypatch.setattr(quantize_module, "ort_gptq_propagates_error", lambda: True)
     report = quantize_pack(pack, tmp_path / "g", Int4WeightOnlyConfig(calib=str(corpus), algo="gptq", **GATE))
     q = Pack.open(report.out).manifest.files["decoder.onnx"].quantization
-    assert q["algo"] == "gptq" and q["kept_by_reason"]["lm_head"] == 1 and q["matmuls_quantized"] == 14
+    # 14 projections by GPTQ, and the head (kept from GPTQ) as int4's default 8-bit MatMulNBits
+    assert q["algo"] == "gptq" and q["kept_by_reason"]["lm_head"] == 1 and q["matmuls_quantized"] == 15
+    assert q["lm_head"]["bits"] == 8
     model = onnx.load(str(report.out / "decoder.onnx"))
     assert any(o.domain == "com.microsoft" for o in model.opset_import)
     assert all(a.i == 4 for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
@@ -197,8 +199,10 @@ def test_gptq_plumbing_keeps_the_exclusions(pack, corpus, tmp_path, monkeypatch)
 def test_sensitive_matmuls_stay_in_float(quantized, pack):
     model = onnx.load(str(quantized["int4-rtn"].out / "decoder.onnx"))
     matmuls = {n.name for n in model.graph.node if n.op_type == "MatMul"}
-    assert "/lm_head/MatMul" in matmuls  # keep_lm_head by default
-    assert all(n.endswith(("self_attn/MatMul", "self_attn/MatMul_1", "/lm_head/MatMul")) for n in matmuls)
+    assert "/lm_head/MatMul" not in matmuls  # int4's default head: 8-bit MatMulNBits, not the mode's 4 bits
+    head = [n for n in model.graph.node if "/lm_head/" in n.name]
+    assert [(n.op_type, {a.name: a.i for a in n.attribute}["bits"]) for n in head] == [("MatMulNBits", 8)]
+    assert all(n.endswith(("self_attn/MatMul", "self_attn/MatMul_1")) for n in matmuls)
     relation = Pack.open(quantized["int8-dynamic"].out).manifest.files["icm_relation.onnx"].quantization
     assert relation["kept_by_reason"]["icm_attention"] > 0
     kept = onnx.load(str(quantized["int8-dynamic"].out / "icm_relation.onnx"))
@@ -207,9 +211,9 @@ def test_sensitive_matmuls_stay_in_float(quantized, pack):
 
 
 def test_lm_head_can_be_quantized_too(pack, tmp_path):
-    report = quantize_pack(pack, tmp_path / "out", Int4WeightOnlyConfig(keep_lm_head=False, gate_tokens=2))
+    report = quantize_pack(pack, tmp_path / "out", Int4WeightOnlyConfig(lm_head="int4", gate_tokens=2))
     q = Pack.open(report.out).manifest.files["decoder.onnx"].quantization
-    assert "lm_head" not in q["kept_by_reason"]
+    assert q["lm_head"]["bits"] == 4 and q["matmuls_quantized"] == 15  # the 14 projections and the head
     assert report.gate["inputs"].startswith("built-in")  # no corpus: built-in held-out prompts
 
 
