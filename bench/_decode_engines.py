@@ -88,9 +88,13 @@ def pack_decode_bytes(pack_dir: str | Path, role: str = "decoder") -> int:
     runtime looks up outside the graph."""
     from retrv.runtime.pack import Pack
 
+    from retrv.runtime.inputs.table import open_table
+
     pack = Pack.open(pack_dir, verify="size")
-    table = np.load(pack.file("embed_tokens"), mmap_mode="r", allow_pickle=False)
-    return onnx_decode_bytes(pack.file(role))["total"] + table.shape[1] * table.dtype.itemsize
+    table = open_table(pack)
+    # a tied quantized head doubles as the table (embed_tokens.nbits): its rows are the head's bytes, counted above
+    row = table.shape[1] * table.dtype.itemsize if isinstance(table, np.ndarray) else 0
+    return onnx_decode_bytes(pack.file(role))["total"] + row
 
 
 def gguf_decode_bytes(path: str | Path) -> int:

@@ -61,6 +61,7 @@ def mid_main(argv: list[str] | None = None) -> int:
     from retrv.model import load_checkpoint
     from retrv.model.tiny import write_tiny_checkpoint
     from retrv.runtime.backends.ort import OrtBackend
+    from retrv.runtime.inputs.table import open_table
     from retrv.export.torch_backend import TorchBackend
     from retrv.runtime.pack import Pack
 
@@ -76,7 +77,7 @@ def mid_main(argv: list[str] | None = None) -> int:
     pack = Pack.open(pack_dir)
     model = load_checkpoint(ckpt)
     n_params = sum(p.numel() for p in model.language_model.parameters()) + model.lm_head.weight.numel()
-    table = np.load(pack.file("embed_tokens"), mmap_mode="r")
+    table = open_table(pack)
 
     results = {}
     with OrtBackend(pack, provider="cpu", threads=args.threads, cache_dir=work / "cache") as ort_b:

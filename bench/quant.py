@@ -91,6 +91,7 @@ def run(args: argparse.Namespace, work: Path, flickr: Path) -> int:
     from retrv.export.pack_export import export_pack
     from retrv.model.tiny import write_tiny_checkpoint
     from retrv.runtime.backends.ort import OrtBackend, physical_cores
+    from retrv.runtime.inputs.table import open_table
     from retrv.runtime.errors import RetrvError
     from retrv.runtime.pack import Pack
 
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace, work: Path, flickr: Path) -> int:
         files = pack.manifest.files
         size = sum(e.bytes for n, e in files.items() if n == "decoder.onnx" or e.data_of == "decoder.onnx")
         weights = decoder_weight_bytes(pack.file("decoder"))
-        table = np.load(pack.file("embed_tokens"), mmap_mode="r")
+        table = open_table(pack)
         with OrtBackend(pack, provider="cpu", threads=threads, cache_dir=None) as backend:
             timing = measure(backend, table, args.prompt_tokens, args.new_tokens, args.repeats)
         gate = pack.manifest.validation.get("gate", {})
