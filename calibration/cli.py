@@ -13,7 +13,8 @@ from retrv.runtime.errors import InputError
 
 MODES = ("int8-weight", "int8-dynamic", "int8-static", "int4")
 # flag -> the modes it applies to
-MODE_FLAGS = {"method": ("int8-static",), "activations": ("int8-static",), "block_size": ("int4", "int8-weight"), "algo": ("int4",)}
+MODE_FLAGS = {"method": ("int8-static",), "activations": ("int8-static",), "block_size": ("int4", "int8-weight"), "algo": ("int4",),
+              "zero_point": ("int4",)}
 
 
 def _fraction(text: str) -> float | str | None:
@@ -71,15 +72,21 @@ def add_mode_options(q: argparse.ArgumentParser) -> None:
                         "source checkpoint marks as random weights; 'none': report only)")
     q.add_argument("--block-size", type=int, default=None,
                    help=f"int4 / int8-weight block size (default {_default('int4', 'block_size')})")
-    q.add_argument("--algo", default=None, choices=["rtn", "hqq", "gptq"],
-                   help=f"int4 algorithm (default {_default('int4', 'algo')})")
+    q.add_argument("--algo", default=None, choices=["mse", "rtn", "hqq", "gptq"],
+                   help=f"int4 algorithm: mse (each block's scale and zero point searched for the least squared "
+                        f"error), rtn (round to nearest), hqq, gptq (default {_default('int4', 'algo')})")
+    q.add_argument("--zero-point", default=None, choices=["int", "float"],
+                   help=f"int4 zero points: int (uint8, ONNX Runtime's fast packed kernels) or float (--algo rtn "
+                        f"only; exact on Q4_1-sourced weights, but ONNX Runtime's CPU kernel dequantizes the whole "
+                        f"matrix on every call: several times slower decode) (default {_default('int4', 'zero_point')})")
     q.add_argument("--keep-lm-head", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the LM head in fp32 (default: on)")
     q.add_argument("--calib-items", type=int, default=None,
                    help=f"calibration items (default {_default('int8-static', 'num_calib')})")
 
 
-OPTION_FLAGS = ("calib", "method", "activations", "max_drop", "block_size", "algo", "keep_lm_head", "calib_items")
+OPTION_FLAGS = ("calib", "method", "activations", "max_drop", "block_size", "algo", "zero_point", "keep_lm_head",
+                "calib_items")
 
 
 def build_config(args: argparse.Namespace):
@@ -100,7 +107,8 @@ def build_config(args: argparse.Namespace):
             raise InputError(f"--{flag.replace('_', '-')}: applies to --mode {' / '.join(modes)}; got --mode "
                              f"{args.mode}")
     given = {"calib": args.calib, "method": args.method, "activations": args.activations,
-             "block_size": args.block_size, "algo": args.algo, "keep_lm_head": args.keep_lm_head,
+             "block_size": args.block_size, "algo": args.algo, "zero_point": args.zero_point,
+             "keep_lm_head": args.keep_lm_head,
              "num_calib": args.calib_items}
     return CONFIGS[args.mode](max_drop=args.max_drop, **{k: v for k, v in given.items() if v is not None})
 

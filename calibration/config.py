@@ -14,7 +14,7 @@ from retrv.runtime.errors import InputError
 
 METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_LIMIT = "default"  # QuantConfig.max_drop: the mode's calibrated default limit
-ALGOS = ("rtn", "hqq", "gptq")
+ALGOS = ("mse", "rtn", "hqq", "gptq")  # mse: RTN with a least-squares search per block (calibration.matrix)
 # MatMulNBits takes power-of-two blocks of at least 16 (ORT's contrib op spec).
 MIN_BLOCK = 16
 
@@ -142,15 +142,18 @@ class Int8StaticConfig(QuantConfig):
 class Int4WeightOnlyConfig(QuantConfig):
     """4-bit blockwise weights (MatMulNBits), activations in float. `accuracy_level=4` lets ONNX Runtime's CPU
     kernel quantize activations to int8 per block for the dot products (what onnxruntime-genai uses on CPU);
-    0 computes in fp32."""
+    0 computes in fp32.
+
+    `algo="mse"` (default): each block's scale and integer zero point searched for the least squared error
+    (llama.cpp k-quant style, calibration.matrix); "rtn": the block's min/max, rounded."""
 
     block_size: int = 32
-    algo: str = "rtn"
+    algo: str = "mse"
     symmetric: bool = False  # asymmetric blocks (a zero point each): lower error for the same bits
-    # rtn's asymmetric zero point: "float" (Q4_1/HQQ form, the block's min and max exact) or "int" (ORT's default
-    # quantizer's 4-bit integer zero). Measured on the SmolLM2 graft, block 32: perplexity +0.0% vs +15%
-    # (docs/BENCHMARKS.md; optimistic: the graft's weights are Q4_1 blocks already).
-    zero_point: str = "float"
+    # The asymmetric zero point: "int" (uint8, two a byte: ONNX Runtime's packed MLAS kernels) or "float" (Q4_1 /
+    # HQQ form, rtn only: both ends of a block exact, but ORT 1.32's CPU kernel dequantizes the whole matrix on
+    # every call for non-uint8 zeros: measured 4-6x slower decode on the graft, docs/BENCHMARKS.md).
+    zero_point: str = "int"
     accuracy_level: int = 4
     decode_steps: int = 3  # GPTQ's calibration feeds, as for static INT8
     mode: ClassVar[str] = "int4"
@@ -173,7 +176,9 @@ class Int4WeightOnlyConfig(QuantConfig):
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise InputError(f"accuracy_level: got {self.accuracy_level!r}; expected 0-4 (MatMulNBits)")
         if self.zero_point not in ("float", "int"):
-            raise InputError(f"zero_point: got {self.zero_point!r}; expected 'float' or 'int'")
+            raise InputError(f"--zero-point: got {self.zero_point!r}; expected 'int' or 'float'")
+        if self.zero_point == "float" and self.algo != "rtn":
+            raise InputError(f"--zero-point float: applies to --algo rtn; got --algo {self.algo}")
         if self.algo == "hqq" and self.symmetric:
             raise InputError("--algo hqq: symmetric blocks are not supported by ORT's HQQ; expected symmetric=False")
         super().__post_init__()

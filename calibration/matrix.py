@@ -19,6 +19,18 @@ and HQQ's): scale = (max - min) / 15, zero = -min / scale unrounded, so both end
 on disk up to the zero's width; measured on the SmolLM2 graft, 4 bits, "float" keeps perplexity where "int" loses
 15% (docs/BENCHMARKS.md) - partly because the graft's weights ARE Q4_1 blocks of 32, which "float" reproduces.
 At 8 bits the integer zero's rounding costs at most half a step of 255 and "int" is the form to use.
+
+Speed (ONNX Runtime 1.32's CPU kernel, contrib_ops/cpu/quantization/matmul_nbits.cc): zero points of any type but
+uint8 set `has_unquantized_zero_point_`, which skips the MLAS pre-packing and takes `ComputeBUnpacked`, a naive
+dequantization of the whole matrix on every call followed by an fp32 GEMM: "float" zeros are exact but the slowest
+form there is (measured 4-6x slower than "int" zeros on the graft's decode, docs/BENCHMARKS.md). "int" and
+"symmetric" take the packed MLAS kernels (SQNBIT_CompInt8 at accuracy_level 4, CompFp32 otherwise).
+
+Fit. "rtn" rounds to the block's min/max grid. "mse" (the default of `retrv quantize --mode int4`) searches each
+block's scale and integer zero point for the least squared error, the way llama.cpp's k-quants (make_qkx) do: for
+several candidate scales around (max - min) / levels and the zero points anchoring either end, round, then refit
+the scale by least squares on the rounded values, and keep the candidate with the smallest error. The "rtn"
+candidate is among them, so a block's error is never above RTN's. Vectorised over all blocks, in chunks.
 """
 
 from __future__ import annotations
@@ -30,7 +42,13 @@ import numpy as np
 from retrv.runtime.errors import InputError
 
 ZERO_POINTS = ("float", "int", "symmetric")
+FITS = ("rtn", "mse")
 BITS = (4, 8)
+# "mse": candidate scales (max - min) / d for d in levels + SEARCH_STEPS: llama.cpp's make_qkx2 range (levels - 1 ..
+# levels + 1) widened on the small-d side, where rounding the zero point needs the room. Step 0.25: on Gaussian
+# 576x1536 blocks of 32 the error equals step 0.125's to 3e-5 relative, at half the time.
+SEARCH_STEPS = tuple(-1.5 + 0.25 * i for i in range(11))
+SEARCH_CHUNK = 256  # blocks per vectorised step: (chunk, 2 x candidates, block) float32 stays in cache (~0.7 MB)
 LEVELS = 15  # 4 bits: 0..15
 
 
@@ -53,13 +71,19 @@ class QuantMatrix:
 Int4Matrix = QuantMatrix  # the 4-bit name callers know
 
 
-def quantize_int4(w: np.ndarray, block_size: int = 32, zero_point: str = "float") -> QuantMatrix:
-    """Round-to-nearest 4-bit blocks of one (K, N) weight matrix (ONNX MatMul's B)."""
-    return quantize_matrix(w, 4, block_size, zero_point)
+def quantize_int4(w: np.ndarray, block_size: int = 32, zero_point: str = "float", fit: str = "rtn") -> QuantMatrix:
+    """4-bit blocks of one (K, N) weight matrix (ONNX MatMul's B)."""
+    return quantize_matrix(w, 4, block_size, zero_point, fit)
 
 
-def quantize_matrix(w: np.ndarray, bits: int = 4, block_size: int = 32, zero_point: str = "float") -> QuantMatrix:
-    """Round-to-nearest `bits`-bit blocks (4 or 8) of one (K, N) weight matrix (ONNX MatMul's B)."""
+def quantize_matrix(w: np.ndarray, bits: int = 4, block_size: int = 32, zero_point: str = "float",
+                    fit: str = "rtn") -> QuantMatrix:
+    """`bits`-bit blocks (4 or 8) of one (K, N) weight matrix (ONNX MatMul's B), fitted by `fit` (module doc)."""
+    if fit not in FITS:
+        raise InputError(f"fit: got {fit!r}; expected one of {list(FITS)}")
+    if fit == "mse" and zero_point == "float":
+        raise InputError("fit: got 'mse' with float zero points; expected 'rtn' (float zeros already put both "
+                         "ends of a block on the grid) or zero_point 'int' / 'symmetric'")
     if bits not in BITS:
         raise InputError(f"bits: got {bits!r}; expected one of {list(BITS)} (MatMulNBits)")
     if zero_point not in ZERO_POINTS:
@@ -80,7 +104,11 @@ def quantize_matrix(w: np.ndarray, bits: int = 4, block_size: int = 32, zero_poi
     padded = np.zeros((blocks * block_size, n), np.float64)
     padded[:k] = w
     x = padded.T.reshape(n, blocks, block_size)  # (N, blocks, block)
-    if zero_point == "symmetric":  # ORT's convention: the signed extreme maps to -2^(bits-1), the zero point
+    if fit == "mse":
+        scale, zp, q = search_blocks(x.reshape(-1, block_size), levels, None if zero_point == "int" else half)
+        scale, q = scale.reshape(n, blocks, 1), q.reshape(n, blocks, block_size)
+        zeros = None if zero_point == "symmetric" else zp.reshape(n, blocks)
+    elif zero_point == "symmetric":  # ORT's convention: the signed extreme maps to -2^(bits-1), the zero point
         idx = np.abs(x).argmax(-1)[..., None]
         scale = np.take_along_axis(x, idx, -1) / -float(half)
         scale[scale == 0] = 1.0
@@ -114,6 +142,45 @@ def quantize_matrix(w: np.ndarray, bits: int = 4, block_size: int = 32, zero_poi
     return QuantMatrix(packed, scales, zpt, k, n, block_size, zero_point, bits)
 
 
+def search_blocks(x: np.ndarray, levels: int, fixed_zero: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Least-squares scale and integer zero point per row of `x` (blocks, block): -> (scale (blocks,) float64,
+    zero (blocks,) int, q (blocks, block) uint8), x ~ (q - zero) * scale with q and zero in 0..levels.
+    `fixed_zero`: the symmetric form's zero (2^(bits-1)), not searched."""
+    out_s = np.empty(len(x))
+    out_z = np.empty(len(x), np.int64)
+    out_q = np.empty(x.shape, np.uint8)
+    steps = (levels + np.asarray(SEARCH_STEPS)).astype(np.float32)  # (C,)
+    for a in range(0, len(x), SEARCH_CHUNK):
+        xs = x[a:a + SEARCH_CHUNK].astype(np.float32)  # (B, block); float32: the search is memory-bound
+        if fixed_zero is None:  # the grid contains 0 (an integer zero point): widen the range to include it
+            lo = np.minimum(xs.min(-1), 0.0)[:, None]  # (B, 1)
+            hi = np.maximum(xs.max(-1), 0.0)[:, None]
+            s0 = (hi - lo) / steps  # (B, C)
+            s0[s0 == 0] = 1.0
+            z = np.concatenate([np.round(-lo / s0), levels - np.round(hi / s0)], axis=1)  # anchor min, or max
+            s0 = np.concatenate([s0, s0], axis=1)  # (B, 2C)
+            z = np.clip(z, 0, levels)
+        else:  # the signed extreme on -fixed_zero (RTN's symmetric choice) or, over the candidates, inside it
+            ext = np.take_along_axis(xs, np.abs(xs).argmax(-1)[:, None], -1)  # (B, 1) signed extreme
+            s0 = -ext / (fixed_zero * steps / levels)  # (B, C); negative when the extreme is positive
+            s0[s0 == 0] = 1.0
+            z = np.full(s0.shape, float(fixed_zero))
+        q = np.clip(np.round(xs[:, None, :] / s0[..., None]) + z[..., None], 0, levels)  # (B, C', block)
+        v = q - z[..., None]
+        xv = (v * xs[:, None, :]).sum(-1)  # (B, C')
+        vv = (v * v).sum(-1)
+        safe = np.where(vv > 0, vv, 1.0)
+        err = np.where(vv > 0, -xv * xv / safe, 0.0)  # + sum x^2, the same for every candidate of a block
+        best = err.argmin(-1)  # (B,)
+        rows = np.arange(len(xs))
+        s = np.where(vv[rows, best] > 0, xv[rows, best] / safe[rows, best], s0[rows, best])
+        s[s == 0] = 1.0  # an all-zero block: any scale, q at the zero point
+        out_s[a:a + SEARCH_CHUNK] = s
+        out_z[a:a + SEARCH_CHUNK] = z[rows, best]
+        out_q[a:a + SEARCH_CHUNK] = q[rows, best]
+    return out_s, out_z, out_q
+
+
 def dequantize_int4(m: QuantMatrix) -> np.ndarray:
     """The (K, N) float32 weights `m` stands for (what MatMulNBits multiplies by); 4 or 8 bits."""
     return dequantize_matrix(m)
@@ -142,13 +209,14 @@ def dequantize_matrix(m: QuantMatrix) -> np.ndarray:
     return w.T.astype(np.float32)
 
 
-def int4_graph(model, quantize: tuple[str, ...], block_size: int, zero_point: str, accuracy_level: int) -> int:
+def int4_graph(model, quantize: tuple[str, ...], block_size: int, zero_point: str, accuracy_level: int,
+               fit: str = "rtn") -> int:
     """`nbits_graph` with 4 bits."""
-    return nbits_graph(model, quantize, block_size, zero_point, accuracy_level, bits=4)
+    return nbits_graph(model, quantize, block_size, zero_point, accuracy_level, bits=4, fit=fit)
 
 
 def nbits_graph(model, quantize: tuple[str, ...], block_size: int, zero_point: str, accuracy_level: int,
-                bits: int = 4) -> int:
+                bits: int = 4, fit: str = "rtn") -> int:
     """Replace each MatMul named in `quantize` (constant 2-D B) of an onnx.ModelProto by MatMulNBits (4 or 8
     bits), in place, one matrix at a time. Returns how many were replaced."""
     import onnx
@@ -166,7 +234,7 @@ def nbits_graph(model, quantize: tuple[str, ...], block_size: int, zero_point: s
         if node.name not in targets or b is None or len(b.dims) != 2:
             nodes.append(node)
             continue
-        m = quantize_matrix(numpy_helper.to_array(b).astype(np.float32), bits, block_size, zero_point)
+        m = quantize_matrix(numpy_helper.to_array(b).astype(np.float32), bits, block_size, zero_point, fit)
         base = b.name
         new = [numpy_helper.from_array(m.packed, base + f"_Q{bits}"),
                numpy_helper.from_array(m.scales, base + "_scales")]
