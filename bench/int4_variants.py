@@ -52,7 +52,9 @@ class Variant:
 VARIANTS = [
     Variant("int4 b32 float-zero rtn acc4 (previous default)", 4, 32, "float", "rtn", 4),
     Variant("int4 b32 int-zero rtn acc4 (ORT's RTN)", 4, 32, "int", "rtn", 4),
-    Variant("int4 b32 int-zero mse acc4 (new default)", 4, 32, "int", "mse", 4),
+    Variant("int4 b32 offset rtn acc4 (new default)", 4, 32, "offset", "rtn", 4),
+    Variant("int4 b32 offset rtn acc0", 4, 32, "offset", "rtn", 0),
+    Variant("int4 b32 int-zero mse acc4", 4, 32, "int", "mse", 4),
     Variant("int4 b32 int-zero mse acc1", 4, 32, "int", "mse", 1),
     Variant("int4 b32 int-zero mse acc0", 4, 32, "int", "mse", 0),
     Variant("int4 b32 symmetric rtn acc4", 4, 32, "symmetric", "rtn", 4),
@@ -100,7 +102,9 @@ def _variant_pack(fp32: Path, out: Path, v: Variant, cache: dict) -> None:
         t0 = time.perf_counter()
         nbits_graph(model, plan.quantize, v.block, v.zero_point, v.accuracy_level, bits=v.bits, fit=v.fit)
         cache[v.weights_key] = (model, time.perf_counter() - t0)
-    model, secs = cache[v.weights_key]
+    model = onnx.ModelProto()
+    model.CopyFrom(cache[v.weights_key][0])  # saving moves tensors to external data: keep the cached one whole
+    secs = cache[v.weights_key][1]
     for node in model.graph.node:
         if node.op_type == "MatMulNBits":
             for a in node.attribute:
@@ -199,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"fp32), 1 and 2 intra-op threads",
               "machine": "2 shared cores (other engineers' jobs running; load average per row)",
               "onnxruntime": __import__("onnxruntime").__version__, "rows": out_rows}
-    if only is None:
+    if out_rows:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print("| variant | perplexity | vs fp32 | top-1 | ms/token 1t | ms/token 2t | decoder MB | load |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -73,12 +73,15 @@ def add_mode_options(q: argparse.ArgumentParser) -> None:
     q.add_argument("--block-size", type=int, default=None,
                    help=f"int4 / int8-weight block size (default {_default('int4', 'block_size')})")
     q.add_argument("--algo", default=None, choices=["mse", "rtn", "hqq", "gptq"],
-                   help=f"int4 algorithm: mse (each block's scale and zero point searched for the least squared "
-                        f"error), rtn (round to nearest), hqq, gptq (default {_default('int4', 'algo')})")
-    q.add_argument("--zero-point", default=None, choices=["int", "float"],
-                   help=f"int4 zero points: int (uint8, ONNX Runtime's fast packed kernels) or float (--algo rtn "
-                        f"only; exact on Q4_1-sourced weights, but ONNX Runtime's CPU kernel dequantizes the whole "
-                        f"matrix on every call: several times slower decode) (default {_default('int4', 'zero_point')})")
+                   help=f"int4 algorithm: mse (each block's scale and zero point or minimum searched for the least "
+                        f"squared error, llama.cpp k-quant style), rtn (the block's min/max), hqq, gptq "
+                        f"(default {_default('int4', 'algo')})")
+    q.add_argument("--zero-point", default=None, choices=["int", "offset", "float"],
+                   help=f"int4 zero points (mse / rtn): offset (a float minimum per block, as llama.cpp's Q4_1, "
+                        f"on ONNX Runtime's fast packed kernel plus a small fp32 side product); int (uint8 zero "
+                        f"points, the fast kernel alone); float (--algo rtn: the same grid as offset, "
+                        f"but ONNX Runtime's CPU kernel dequantizes the whole matrix on every call: several times "
+                        f"slower decode) (default {_default('int4', 'zero_point')})")
     q.add_argument("--keep-lm-head", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the LM head in fp32 (default: on)")
     q.add_argument("--calib-items", type=int, default=None,

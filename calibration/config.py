@@ -14,7 +14,8 @@ from retrv.runtime.errors import InputError
 
 METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_LIMIT = "default"  # QuantConfig.max_drop: the mode's calibrated default limit
-ALGOS = ("mse", "rtn", "hqq", "gptq")  # mse: RTN with a least-squares search per block (calibration.matrix)
+ALGOS = ("mse", "rtn", "hqq", "gptq")
+ZERO_POINTS = ("int", "offset", "float")  # int4's asymmetric forms (calibration.matrix)  # mse: RTN with a least-squares search per block (calibration.matrix)
 # MatMulNBits takes power-of-two blocks of at least 16 (ORT's contrib op spec).
 MIN_BLOCK = 16
 
@@ -144,16 +145,18 @@ class Int4WeightOnlyConfig(QuantConfig):
     kernel quantize activations to int8 per block for the dot products (what onnxruntime-genai uses on CPU);
     0 computes in fp32.
 
-    `algo="mse"` (default): each block's scale and integer zero point searched for the least squared error
-    (llama.cpp k-quant style, calibration.matrix); "rtn": the block's min/max, rounded."""
+    Default: `algo="mse"`, `zero_point="offset"`: Q4_1-like blocks (scale and float minimum) whose scale and
+    minimum are searched for the least squared error (llama.cpp's make_qkx2), on ONNX Runtime's fast packed kernel,
+    the minimum added by a small side product (calibration.matrix). On the SmolLM2 graft (Q4_1 weights) it is exact:
+    +0.0% perplexity, where integer zero points (even searched) stay at +14% (docs/BENCHMARKS.md)."""
 
     block_size: int = 32
     algo: str = "mse"
     symmetric: bool = False  # asymmetric blocks (a zero point each): lower error for the same bits
-    # The asymmetric zero point: "int" (uint8, two a byte: ONNX Runtime's packed MLAS kernels) or "float" (Q4_1 /
-    # HQQ form, rtn only: both ends of a block exact, but ORT 1.32's CPU kernel dequantizes the whole matrix on
-    # every call for non-uint8 zeros: measured 4-6x slower decode on the graft, docs/BENCHMARKS.md).
-    zero_point: str = "int"
+    # The asymmetric form (calibration.matrix): "offset" (the Q4_1 grid on the fast kernel, + a side product),
+    # "int" (uint8 zero points: the fast kernel alone), "float" (rtn only: the Q4_1 grid, but ORT 1.32's CPU kernel
+    # dequantizes the whole matrix on every call for non-uint8 zeros: 4x slower decode on the graft).
+    zero_point: str = "offset"
     accuracy_level: int = 4
     decode_steps: int = 3  # GPTQ's calibration feeds, as for static INT8
     mode: ClassVar[str] = "int4"
@@ -175,10 +178,11 @@ class Int4WeightOnlyConfig(QuantConfig):
             raise InputError(f"--block-size: got {b!r}; expected a power of two >= {MIN_BLOCK} (MatMulNBits)")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise InputError(f"accuracy_level: got {self.accuracy_level!r}; expected 0-4 (MatMulNBits)")
-        if self.zero_point not in ("float", "int"):
-            raise InputError(f"--zero-point: got {self.zero_point!r}; expected 'int' or 'float'")
-        if self.zero_point == "float" and self.algo != "rtn":
-            raise InputError(f"--zero-point float: applies to --algo rtn; got --algo {self.algo}")
+        if self.zero_point not in ZERO_POINTS:
+            raise InputError(f"--zero-point: got {self.zero_point!r}; expected one of {list(ZERO_POINTS)}")
+        if self.zero_point == "float" and self.algo == "mse":
+            raise InputError("--zero-point float: applies to --algo rtn; got --algo mse (expected --zero-point "
+                             "offset, the same grid on the fast kernel)")
         if self.algo == "hqq" and self.symmetric:
             raise InputError("--algo hqq: symmetric blocks are not supported by ORT's HQQ; expected symmetric=False")
         super().__post_init__()

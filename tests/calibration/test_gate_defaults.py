@@ -61,11 +61,14 @@ def test_cli_int8_weight_takes_a_block_size_and_refuses_int4_flags():
         Int8WeightOnlyConfig(block_size=24)
 
 
-def test_cli_int4_defaults_to_integer_zeros_searched_and_float_zeros_only_with_rtn():
+def test_cli_int4_defaults_to_the_searched_offset_form_and_float_zeros_only_with_rtn():
     config = _parse(["--mode", "int4"])
-    assert (config.algo, config.zero_point) == ("mse", "int")  # the fast kernel's format
+    assert (config.algo, config.zero_point) == ("mse", "offset")  # the fast kernel + the Q4_1 grid, searched
+    assert _parse(["--mode", "int4", "--zero-point", "int"]).zero_point == "int"
     assert _parse(["--mode", "int4", "--algo", "rtn", "--zero-point", "float"]).zero_point == "float"
     with pytest.raises(InputError, match="--zero-point float: applies to --algo rtn; got --algo mse"):
         _parse(["--mode", "int4", "--zero-point", "float"])
+    with pytest.raises(InputError, match="--zero-point: got 'half'"):
+        Int4WeightOnlyConfig(zero_point="half")
     with pytest.raises(InputError, match="--zero-point: applies to --mode int4; got --mode int8-weight"):
         _parse(["--mode", "int8-weight", "--zero-point", "int"])
