@@ -279,7 +279,9 @@ class QuantizeReport:
 def count_matmuls(model) -> dict:
     """MatMuls quantized vs kept in float in a written graph (what was done, not what was planned)."""
     producer = {o: n.op_type for n in model.graph.node for o in n.output}
-    ops = [n.op_type for n in model.graph.node]
+    # the int4 "offset" form's side products (calibration.matrix.offset_nodes) belong to their MatMulNBits
+    ops = [n.op_type for n in model.graph.node
+           if not (n.op_type == "MatMul" and n.name.endswith(("_blocksum", "_offset")))]
     qdq = sum(1 for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1
               and producer.get(n.input[1]) == "DequantizeLinear")
     quantized = qdq + sum(ops.count(t) for t in ("MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul"))
