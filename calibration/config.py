@@ -160,8 +160,9 @@ class Int4WeightOnlyConfig(QuantConfig):
     accuracy_level: int = 4
     decode_steps: int = 3  # GPTQ's calibration feeds, as for static INT8
     mode: ClassVar[str] = "int4"
-    # 0.25 refuses the previous default's pack (ORT RTN, integer zeros: drop 0.333 on the graft) and passes
-    # today's (float zeros; docs/BENCHMARKS.md).
+    # 0.25 refuses ORT's RTN with integer zeros (drop 0.344 on the graft) and passes float zeros (0.000), whose
+    # grid the default offset form carries (top-1 0.972 vs fp32 on the captions at accuracy_level 4; its gate drop
+    # on the graft is bench/quality.py's next run: docs/BENCHMARKS.md).
     default_max_drop: ClassVar[float] = 0.25
     precision: ClassVar[str] = "int4"
     roles: ClassVar[tuple[str, ...]] = ("decoder",)
