@@ -14,8 +14,8 @@ from retrv.runtime.errors import InputError
 
 METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_LIMIT = "default"  # QuantConfig.max_drop: the mode's calibrated default limit
-ALGOS = ("mse", "rtn", "hqq", "gptq")
-ZERO_POINTS = ("int", "offset", "float")  # int4's asymmetric forms (calibration.matrix)  # mse: RTN with a least-squares search per block (calibration.matrix)
+ALGOS = ("mse", "rtn", "hqq", "gptq")  # mse: a least-squares search per block (calibration.matrix)
+ZERO_POINTS = ("int", "offset", "float")  # int4's asymmetric forms (calibration.matrix)
 # MatMulNBits takes power-of-two blocks of at least 16 (ORT's contrib op spec).
 MIN_BLOCK = 16
 

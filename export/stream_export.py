@@ -135,8 +135,9 @@ def _row_chunks(info: TensorInfo, dtype) -> "iter[np.ndarray]":
 
 def quantize_int4(w: np.ndarray, quant) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """A Linear weight (N, K) -> MatMulNBits' (packed (N, blocks, block/2) uint8, scales (N, blocks) fp32,
-    zero points (N, ceil(blocks/2)) uint8 or None, offsets (blocks, N) fp32 for the "offset" form or None), by the same per-matrix quantizer `retrv
-    quantize` uses (calibration.matrix: the config's algo, mse or rtn), so both paths write the same weights."""
+    zero points (N, ceil(blocks/2)) uint8 or None, offsets (blocks, N) fp32 for the "offset" form or None), by
+    the same per-matrix quantizer `retrv quantize` uses (calibration.matrix: the config's algo, mse or rtn), so both
+    paths write the same weights."""
     from retrv.calibration.matrix import quantize_matrix
 
     n, _ = w.shape
@@ -208,8 +209,9 @@ def write_embedding(info: TensorInfo, folder: Path, precision: str) -> int:
 
 
 def check_quant(quant) -> None:
-    """What the streaming path quantizes on the fly: INT4 mse or rtn (integer zero points). The others need activations or
-    the whole graph (calibration, HQQ/GPTQ's solvers, ORT's dynamic INT8 rewrite): refused in one line."""
+    """What the streaming path quantizes on the fly: INT4 mse or rtn (offset or integer zero points). The others
+    need activations or the whole graph (calibration, HQQ/GPTQ's solvers, ORT's dynamic INT8 rewrite): refused in
+    one line."""
     from retrv.calibration.config import Int4WeightOnlyConfig
 
     if quant is None:
