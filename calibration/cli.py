@@ -13,7 +13,8 @@ from retrv.runtime.errors import InputError
 
 MODES = ("int8-weight", "int8-dynamic", "int8-static", "int4")
 # flag -> the modes it applies to
-MODE_FLAGS = {"method": ("int8-static",), "activations": ("int8-static",), "block_size": ("int4", "int8-weight"), "algo": ("int4",)}
+MODE_FLAGS = {"method": ("int8-static",), "activations": ("int8-static",), "block_size": ("int4", "int8-weight"), "algo": ("int4",),
+              "zero_point": ("int4",)}
 
 
 def _fraction(text: str) -> float | str | None:
@@ -71,8 +72,16 @@ def add_mode_options(q: argparse.ArgumentParser) -> None:
                         "source checkpoint marks as random weights; 'none': report only)")
     q.add_argument("--block-size", type=int, default=None,
                    help=f"int4 / int8-weight block size (default {_default('int4', 'block_size')})")
-    q.add_argument("--algo", default=None, choices=["rtn", "hqq", "gptq"],
-                   help=f"int4 algorithm (default {_default('int4', 'algo')})")
+    q.add_argument("--algo", default=None, choices=["mse", "rtn", "hqq", "gptq"],
+                   help=f"int4 algorithm: mse (each block's scale and zero point or minimum searched for the least "
+                        f"squared error, llama.cpp k-quant style), rtn (the block's min/max), hqq, gptq "
+                        f"(default {_default('int4', 'algo')})")
+    q.add_argument("--zero-point", default=None, choices=["int", "offset", "float"],
+                   help=f"int4 zero points (mse / rtn): offset (a float minimum per block, as llama.cpp's Q4_1, "
+                        f"on ONNX Runtime's fast packed kernel plus a small fp32 side product); int (uint8 zero "
+                        f"points, the fast kernel alone); float (--algo rtn: the same grid as offset, "
+                        f"but ONNX Runtime's CPU kernel dequantizes the whole matrix on every call: several times "
+                        f"slower decode) (default {_default('int4', 'zero_point')})")
     q.add_argument("--lm-head", default=None, choices=["fp32", "int8", "int4"],
                    help=f"the LM head: fp32, or 8-/4-bit MatMulNBits (blocks of 32) in any mode; a head tied to "
                         f"the embedding is stored once (default: {_default('int4', 'lm_head')} for int4 and "
@@ -84,8 +93,8 @@ def add_mode_options(q: argparse.ArgumentParser) -> None:
                    help=f"calibration items (default {_default('int8-static', 'num_calib')})")
 
 
-OPTION_FLAGS = ("calib", "method", "activations", "max_drop", "block_size", "algo", "lm_head", "keep_lm_head",
-                "calib_items")
+OPTION_FLAGS = ("calib", "method", "activations", "max_drop", "block_size", "algo", "zero_point", "lm_head",
+                "keep_lm_head", "calib_items")
 
 
 def build_config(args: argparse.Namespace):
@@ -106,7 +115,8 @@ def build_config(args: argparse.Namespace):
             raise InputError(f"--{flag.replace('_', '-')}: applies to --mode {' / '.join(modes)}; got --mode "
                              f"{args.mode}")
     given = {"calib": args.calib, "method": args.method, "activations": args.activations,
-             "block_size": args.block_size, "algo": args.algo, "lm_head": lm_head(args),
+             "block_size": args.block_size, "algo": args.algo, "zero_point": args.zero_point,
+             "lm_head": lm_head(args),
              "num_calib": args.calib_items}
     return CONFIGS[args.mode](max_drop=args.max_drop, **{k: v for k, v in given.items() if v is not None})
 

@@ -14,7 +14,8 @@ from retrv.runtime.errors import InputError
 
 METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_LIMIT = "default"  # QuantConfig.max_drop: the mode's calibrated default limit
-ALGOS = ("rtn", "hqq", "gptq")
+ALGOS = ("mse", "rtn", "hqq", "gptq")  # mse: a least-squares search per block (calibration.matrix)
+ZERO_POINTS = ("int", "offset", "float")  # int4's asymmetric forms (calibration.matrix)
 # The LM head: kept in fp32, or MatMulNBits (8 or 4 bits, blocks of LM_HEAD_BLOCK) through calibration.matrix,
 # whatever the mode's own format for the other MatMuls.
 LM_HEADS = ("fp32", "int8", "int4")
@@ -153,23 +154,29 @@ class Int8StaticConfig(QuantConfig):
 class Int4WeightOnlyConfig(QuantConfig):
     """4-bit blockwise weights (MatMulNBits), activations in float. `accuracy_level=4` lets ONNX Runtime's CPU
     kernel quantize activations to int8 per block for the dot products (what onnxruntime-genai uses on CPU);
-    0 computes in fp32."""
+    0 computes in fp32.
+
+    Default: `algo="mse"`, `zero_point="offset"`: Q4_1-like blocks (scale and float minimum) whose scale and
+    minimum are searched for the least squared error (llama.cpp's make_qkx2), on ONNX Runtime's fast packed kernel,
+    the minimum added by a small side product (calibration.matrix). On the SmolLM2 graft (Q4_1 weights) it is exact:
+    +0.0% perplexity, where integer zero points (even searched) stay at +14% (docs/BENCHMARKS.md)."""
 
     block_size: int = 32
-    algo: str = "rtn"
+    algo: str = "mse"
     symmetric: bool = False  # asymmetric blocks (a zero point each): lower error for the same bits
-    # rtn's asymmetric zero point: "float" (Q4_1/HQQ form, the block's min and max exact) or "int" (ORT's default
-    # quantizer's 4-bit integer zero). Measured on the SmolLM2 graft, block 32: perplexity +0.0% vs +15%
-    # (docs/BENCHMARKS.md; optimistic: the graft's weights are Q4_1 blocks already).
-    zero_point: str = "float"
+    # The asymmetric form (calibration.matrix): "offset" (the Q4_1 grid on the fast kernel, + a side product),
+    # "int" (uint8 zero points: the fast kernel alone), "float" (rtn only: the Q4_1 grid, but ORT 1.32's CPU kernel
+    # dequantizes the whole matrix on every call for non-uint8 zeros: 4x slower decode on the graft).
+    zero_point: str = "offset"
     accuracy_level: int = 4
     decode_steps: int = 3  # GPTQ's calibration feeds, as for static INT8
     # INT8 head: on the SmolLM2 graft it is most of the bytes a decoded token reads; measured there within the
     # perplexity goal and the gate (docs/BENCHMARKS.md, "LM head").
     lm_head: str = "int8"
     mode: ClassVar[str] = "int4"
-    # 0.25 refuses the previous default's pack (ORT RTN, integer zeros: drop 0.333 on the graft) and passes
-    # today's (float zeros; docs/BENCHMARKS.md).
+    # 0.25 refuses ORT's RTN with integer zeros (drop 0.344 on the graft) and passes float zeros (0.000), whose
+    # grid the default offset form carries (top-1 0.972 vs fp32 on the captions at accuracy_level 4; its gate drop
+    # on the graft is bench/quality.py's next run: docs/BENCHMARKS.md).
     default_max_drop: ClassVar[float] = 0.25
     precision: ClassVar[str] = "int4"
     roles: ClassVar[tuple[str, ...]] = ("decoder",)
@@ -186,8 +193,11 @@ class Int4WeightOnlyConfig(QuantConfig):
             raise InputError(f"--block-size: got {b!r}; expected a power of two >= {MIN_BLOCK} (MatMulNBits)")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise InputError(f"accuracy_level: got {self.accuracy_level!r}; expected 0-4 (MatMulNBits)")
-        if self.zero_point not in ("float", "int"):
-            raise InputError(f"zero_point: got {self.zero_point!r}; expected 'float' or 'int'")
+        if self.zero_point not in ZERO_POINTS:
+            raise InputError(f"--zero-point: got {self.zero_point!r}; expected one of {list(ZERO_POINTS)}")
+        if self.zero_point == "float" and self.algo == "mse":
+            raise InputError("--zero-point float: applies to --algo rtn; got --algo mse (expected --zero-point "
+                             "offset, the same grid on the fast kernel)")
         if self.algo == "hqq" and self.symmetric:
             raise InputError("--algo hqq: symmetric blocks are not supported by ORT's HQQ; expected symmetric=False")
         super().__post_init__()

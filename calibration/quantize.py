@@ -9,7 +9,7 @@ One entry point, one frozen config per mode, one handler registered per config t
 | `Int8DynamicConfig` | `quantize_dynamic` | all | MatMulInteger, u8 per-channel weights |
 | `Int8WeightOnlyConfig` | none (`calibration.matrix`, round to nearest) | all | MatMulNBits, bits=8 |
 | `Int8StaticConfig` | `quantize_static`, `QuantFormat.QDQ`, `CalibrationMethod` | all | ONNX QDQ (TensorRT's form) |
-| `Int4WeightOnlyConfig` | `matmul_nbits_quantizer.MatMulNBitsQuantizer` (RTN, HQQ) | decoder | MatMulNBits |
+| `Int4WeightOnlyConfig` | none for mse / rtn (`calibration.matrix`); `MatMulNBitsQuantizer` for HQQ | decoder | MatMulNBits |
 
 (GPTQ: onnxruntime's `gptq_quantize` is wired, but refused while `ort_gptq_propagates_error()` is false.)
 
@@ -197,7 +197,7 @@ def _int4(config: Int4WeightOnlyConfig, job: Job) -> dict:
                 require("torch", "export")  # ORT's HQQ runs in PyTorch
                 algo = mnb.HQQWeightOnlyQuantConfig(block_size=config.block_size, bits=4,
                                                     op_types_to_quantize=("MatMul",))
-            else:  # round to nearest, one matrix at a time (retrv.calibration.matrix)
+            else:  # rtn / mse, one matrix at a time (retrv.calibration.matrix)
                 algo = None
             if algo is not None:
                 quantizer = mnb.MatMulNBitsQuantizer(onnx.load(str(job.src)), nodes_to_exclude=job.plan.exclude,
@@ -211,7 +211,8 @@ def _int4(config: Int4WeightOnlyConfig, job: Job) -> dict:
 
                 proto = onnx.load(str(job.src))
                 int4_graph(proto, job.plan.quantize, config.block_size,
-                           "symmetric" if config.symmetric else config.zero_point, config.accuracy_level)
+                           "symmetric" if config.symmetric else config.zero_point, config.accuracy_level,
+                           fit=config.algo)
                 model = ONNXModel(proto)
         for node in model.model.graph.node:  # HQQ and GPTQ leave accuracy_level unset; one level for all
             if node.op_type == "MatMulNBits":
@@ -226,7 +227,7 @@ def _int4(config: Int4WeightOnlyConfig, job: Job) -> dict:
         model.save_model_to_file(str(job.dst), job.external)
     return {"format": "QOperator (com.microsoft MatMulNBits)", "algo": config.algo, "bits": 4,
             "block_size": config.block_size, "symmetric": config.symmetric if config.algo != "hqq" else False,
-            "zero_point": ("symmetric" if config.symmetric else config.zero_point) if config.algo == "rtn" else
+            "zero_point": ("symmetric" if config.symmetric else config.zero_point) if config.algo in ("rtn", "mse") else
             ("float" if config.algo == "hqq" else "int"),
             "accuracy_level": config.accuracy_level, "activations": "float"}
 
@@ -286,7 +287,9 @@ class QuantizeReport:
 def count_matmuls(model) -> dict:
     """MatMuls quantized vs kept in float in a written graph (what was done, not what was planned)."""
     producer = {o: n.op_type for n in model.graph.node for o in n.output}
-    ops = [n.op_type for n in model.graph.node]
+    # the int4 "offset" form's side products (calibration.matrix.offset_nodes) belong to their MatMulNBits
+    ops = [n.op_type for n in model.graph.node
+           if not (n.op_type == "MatMul" and n.name.endswith(("_blocksum", "_offset")))]
     qdq = sum(1 for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1
               and producer.get(n.input[1]) == "DequantizeLinear")
     quantized = qdq + sum(ops.count(t) for t in ("MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul"))

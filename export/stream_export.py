@@ -3,7 +3,7 @@
 The graphs come from `stream_graphs` (a traced one-layer template replicated to depth: no real weight is in
 memory while they are built). The checkpoint is then read one tensor at a time into a fresh buffer
 (`safetensors_stream`, no memory map), cast to the pack's precision or quantized (INT4 blockwise as
-`com.microsoft::MatMulNBits`, through ONNX Runtime's own blockwise quantizer, one matrix at a time), and appended
+`com.microsoft::MatMulNBits`, through calibration.matrix, one matrix at a time), and appended
 to the graph's external data file; the buffer is dropped before the next tensor. Peak memory is the template plus
 the largest tensor being converted (large tables are converted in row chunks), not the model.
 
@@ -135,23 +135,21 @@ def _row_chunks(info: TensorInfo, dtype) -> "iter[np.ndarray]":
         yield read_rows(info, r, min(step, rows - r)).astype(dtype, copy=False)
 
 
-def quantize_int4(w: np.ndarray, block: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def quantize_int4(w: np.ndarray, quant) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """A Linear weight (N, K) -> MatMulNBits' (packed (N, blocks, block/2) uint8, scales (N, blocks) fp32,
-    zero points (N, ceil(blocks/2)) uint8), through ONNX Runtime's own blockwise kernel."""
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+    zero points (N, ceil(blocks/2)) uint8 or None, offsets (blocks, N) fp32 for the "offset" form or None), by
+    the same per-matrix quantizer `retrv quantize` uses (calibration.matrix: the config's algo, mse or rtn), so both
+    paths write the same weights."""
+    from retrv.calibration.matrix import quantize_matrix
 
-    n, k = w.shape
-    blocks = (k + block - 1) // block
-    b = np.zeros((blocks * block, n), dtype=np.float32)  # MatMul's B = W^T (K, N), rows padded to whole blocks
-    b[:k] = w.T
-    packed = np.zeros((n, blocks, block // 2), dtype=np.uint8)
-    scales = np.zeros((n, blocks), dtype=np.float32)
-    zp = np.zeros((n, (blocks + 1) // 2), dtype=np.uint8)
-    quantize_matmul_4bits(packed, b, scales, zp, block, n, k, symmetric)
-    return packed, scales, zp
+    n, _ = w.shape
+    m = quantize_matrix(w.T, 4, quant.block_size, "symmetric" if quant.symmetric else quant.zero_point, quant.algo)
+    zp = None if m.zero_points is None else m.zero_points.reshape(n, -1)
+    return m.packed, m.scales.reshape(n, m.blocks), zp, m.offsets
 
 
-def dequantize_int4(packed: np.ndarray, scales: np.ndarray, zp: np.ndarray | None, k: int) -> np.ndarray:
+def dequantize_int4(packed: np.ndarray, scales: np.ndarray, zp: np.ndarray | None, k: int,
+                    offsets: np.ndarray | None = None) -> np.ndarray:
     """The inverse of `quantize_int4`: (N, K) float32 weights as MatMulNBits computes them."""
     n, blocks, half = packed.shape
     q = np.empty((n, blocks, half * 2), dtype=np.float32)
@@ -165,6 +163,8 @@ def dequantize_int4(packed: np.ndarray, scales: np.ndarray, zp: np.ndarray | Non
         z[:, 1::2] = zp >> 4
         z = z[:, :blocks]
     w = (q - z[..., None]) * scales.reshape(n, blocks)[..., None].astype(np.float32)
+    if offsets is not None:  # (blocks, N): the "offset" form's per-block term
+        w = w + offsets.astype(np.float32).reshape(blocks, n).T[..., None]
     return w.reshape(n, blocks * half * 2)[:, :k]
 
 
@@ -183,11 +183,13 @@ def convert(info: TensorInfo, slot: Slot, precision: str, quant, writer: DataWri
     if slot.quant is None or ref.transform == "transpose":
         w = w.reshape(ref.shape[1], ref.shape[0]) if ref.transform == "transpose" else w.reshape(ref.shape)
     if slot.quant == "int4":
-        packed, scales, zp = quantize_int4(w, quant.block_size, quant.symmetric)
+        packed, scales, zp, offsets = quantize_int4(w, quant)
         del w
         parts = {f"{ref.init}_Q4": packed, f"{ref.init}_scales": scales.reshape(-1).astype(dtype)}
-        if not quant.symmetric:
+        if zp is not None:
             parts[f"{ref.init}_zero_points"] = zp.reshape(-1)
+        if offsets is not None:
+            parts[f"{ref.init}_offsets"] = offsets.astype(dtype)
         for name, arr in parts.items():
             offset, length = writer.write(data, [arr])
             slot.written[name] = (data, offset, length, arr.shape, arr.dtype)
@@ -209,15 +211,20 @@ def write_embedding(info: TensorInfo, folder: Path, precision: str) -> int:
 
 
 def check_quant(quant) -> None:
-    """What the streaming path quantizes on the fly: INT4 round-to-nearest. The others need activations or
-    the whole graph (calibration, HQQ/GPTQ's solvers, ORT's dynamic INT8 rewrite): refused in one line."""
+    """What the streaming path quantizes on the fly: INT4 mse or rtn (offset or integer zero points). The others
+    need activations or the whole graph (calibration, HQQ/GPTQ's solvers, ORT's dynamic INT8 rewrite): refused in
+    one line."""
     from retrv.calibration.config import Int4WeightOnlyConfig
 
     if quant is None:
         return
-    if not isinstance(quant, Int4WeightOnlyConfig) or quant.algo != "rtn":
+    if isinstance(quant, Int4WeightOnlyConfig) and quant.algo in ("mse", "rtn") and quant.zero_point == "float":
+        raise InputError("--zero-point float: not available in a streaming export (its verification reads uint8 "
+                         "zero points or offsets); expected --zero-point offset or int, or export fp32 and run "
+                         "`retrv quantize`")
+    if not isinstance(quant, Int4WeightOnlyConfig) or quant.algo not in ("mse", "rtn"):
         raise InputError(f"--quantize {quant.mode}{' --algo ' + quant.algo if hasattr(quant, 'algo') else ''}: "
-                         f"not available in a streaming export; expected --quantize int4 --algo rtn, or export "
+                         f"not available in a streaming export; expected --quantize int4 --algo mse or rtn, or export "
                          f"fp32 and run `retrv quantize` (needs the fp32 pack in memory)")
 
 
@@ -238,8 +245,11 @@ def finalize_graph(model, slots: list[Slot], quant, embed_offset: int | None, sh
 
     elem = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
             np.dtype(np.uint8): TensorProto.UINT8}
+    from retrv.calibration.matrix import offset_nodes
+
     g = model.graph
     inits = {i.name: i for i in g.initializer}
+    block_sums: dict = {}  # the "offset" form's block sums, one per MatMul input
     for slot in slots:
         ref = slot.ref
         if ref.param == LM_HEAD and shared_head:
@@ -253,7 +263,8 @@ def finalize_graph(model, slots: list[Slot], quant, embed_offset: int | None, sh
         g.initializer.remove(inits.pop(ref.init))
         names = []
         for name, (data, offset, length, shape, dtype) in slot.written.items():
-            t = TensorProto(name=name, data_type=float_type if name.endswith("_scales") else elem[np.dtype(dtype)],
+            t = TensorProto(name=name, data_type=float_type if name.endswith(("_scales", "_offsets"))
+                            else elem[np.dtype(dtype)],
                             dims=list(shape))
             _external(t, data, offset, length)
             g.initializer.append(t)
@@ -264,10 +275,19 @@ def finalize_graph(model, slots: list[Slot], quant, embed_offset: int | None, sh
                 attrs = dict(K=k_in, N=n_out, bits=4, block_size=quant.block_size)
                 if quant.accuracy_level:
                     attrs["accuracy_level"] = quant.accuracy_level
-                new = helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output),
-                                       name=node.name + "_Q4", domain="com.microsoft", **attrs)
+                offsets = [n for n in names if n.endswith("_offsets")]
+                out = node.output[0] + "_Q4" if offsets else node.output[0]
+                new = [helper.make_node("MatMulNBits", [node.input[0], *(n for n in names if n not in offsets)],
+                                        [out], name=node.name + "_Q4", domain="com.microsoft", **attrs)]
+                if offsets:  # the "offset" form's side product (calibration.matrix)
+                    side, e = offset_nodes(node.input[0], out, node.output[0], node.name, k_in, quant.block_size,
+                                           offsets[0], block_sums, inits, slot.written[offsets[0]][4])
+                    new += side
+                    if e is not None:
+                        g.initializer.append(e)
                 g.node.remove(node)
-                g.node.insert(k, new)
+                for j, n in enumerate(new):
+                    g.node.insert(k + j, n)
                 break
         else:
             raise CheckpointError(f"{ref.graph}: no MatMul reads '{ref.init}'; expected one to quantize")

@@ -17,7 +17,7 @@ REAL = SimpleNamespace(manifest=SimpleNamespace(extra={}))  # a pack whose sourc
 
 
 def test_each_mode_gates_by_default_with_its_own_limit():
-    assert gate_limit(Int4WeightOnlyConfig(), REAL) == (0.25, "default for --mode int4 --algo rtn (calibrated on real weights)")
+    assert gate_limit(Int4WeightOnlyConfig(), REAL) == (0.25, "default for --mode int4 --algo mse (calibrated on real weights)")
     assert gate_limit(Int8DynamicConfig(), REAL)[0] == Int8DynamicConfig.default_max_drop == 0.3
     assert Int8StaticConfig.default_max_drop == 0.3
     assert gate_limit(Int8WeightOnlyConfig(), REAL) == (0.15, "default for --mode int8-weight (calibrated on real "
@@ -59,3 +59,16 @@ def test_cli_int8_weight_takes_a_block_size_and_refuses_int4_flags():
         _parse(["--mode", "int8-weight", "--algo", "hqq"])
     with pytest.raises(InputError, match="--block-size: got 24"):
         Int8WeightOnlyConfig(block_size=24)
+
+
+def test_cli_int4_defaults_to_the_searched_offset_form_and_float_zeros_only_with_rtn():
+    config = _parse(["--mode", "int4"])
+    assert (config.algo, config.zero_point) == ("mse", "offset")  # the fast kernel + the Q4_1 grid, searched
+    assert _parse(["--mode", "int4", "--zero-point", "int"]).zero_point == "int"
+    assert _parse(["--mode", "int4", "--algo", "rtn", "--zero-point", "float"]).zero_point == "float"
+    with pytest.raises(InputError, match="--zero-point float: applies to --algo rtn; got --algo mse"):
+        _parse(["--mode", "int4", "--zero-point", "float"])
+    with pytest.raises(InputError, match="--zero-point: got 'half'"):
+        Int4WeightOnlyConfig(zero_point="half")
+    with pytest.raises(InputError, match="--zero-point: applies to --mode int4; got --mode int8-weight"):
+        _parse(["--mode", "int8-weight", "--zero-point", "int"])

@@ -81,6 +81,7 @@ CASES = {
     "int8-static-entropy": lambda c: Int8StaticConfig(calib=c, method="entropy", **GATE),
     "int8-static-percentile": lambda c: Int8StaticConfig(calib=c, method="percentile", **GATE),
     "int4-rtn": lambda c: Int4WeightOnlyConfig(calib=c, algo="rtn", **GATE),
+    "int4-mse": lambda c: Int4WeightOnlyConfig(calib=c, **GATE),  # the default: mse, offset form
     "int8-static-minmax-uint8": lambda c: Int8StaticConfig(calib=c, activations="uint8", **GATE),
     "int4-hqq": lambda c: Int4WeightOnlyConfig(calib=c, algo="hqq", **GATE),
     "int8-weight": lambda c: Int8WeightOnlyConfig(calib=c, **GATE),
@@ -198,7 +199,8 @@ def test_gptq_plumbing_keeps_the_exclusions(pack, corpus, tmp_path, monkeypatch)
 
 def test_sensitive_matmuls_stay_in_float(quantized, pack):
     model = onnx.load(str(quantized["int4-rtn"].out / "decoder.onnx"))
-    matmuls = {n.name for n in model.graph.node if n.op_type == "MatMul"}
+    matmuls = {n.name for n in model.graph.node if n.op_type == "MatMul"
+               and not n.name.endswith(("_blocksum", "_offset"))}  # the offset form's side products
     assert "/lm_head/MatMul" not in matmuls  # int4's default head: 8-bit MatMulNBits, not the mode's 4 bits
     head = [n for n in model.graph.node if "/lm_head/" in n.name]
     assert [(n.op_type, {a.name: a.i for a in n.attribute}["bits"]) for n in head] == [("MatMulNBits", 8)]
@@ -320,7 +322,9 @@ def _graph_bytes(pack_dir, name="decoder.onnx") -> int:
 
 
 def test_mid_config_decoder_sizes(tmp_path):
-    """INT8 <= 0.30x and INT4 <= 0.20x of the fp32 decoder, external data counted."""
+    """INT8 <= 0.30x and INT4 <= 0.21x of the fp32 decoder, external data counted (INT4's default offset form
+    stores a float offset per block, as float zeros did, and one (K, blocks) block-sum matrix per input width:
+    0.2035x here)."""
     ckpt = write_tiny_checkpoint(tmp_path / "mid", preset="mid", seed=0)
     fp32 = export_pack(ckpt, tmp_path / "fp32")
     fast = dict(gate_tokens=2)
@@ -328,5 +332,5 @@ def test_mid_config_decoder_sizes(tmp_path):
     int4 = quantize_pack(fp32, tmp_path / "int4", Int4WeightOnlyConfig(**fast))
     base = _graph_bytes(fp32)
     assert _graph_bytes(int8.out) <= 0.30 * base
-    assert _graph_bytes(int4.out) <= 0.20 * base
+    assert _graph_bytes(int4.out) <= 0.21 * base
     assert int8.sizes["decoder.onnx"] == (base, _graph_bytes(int8.out))

@@ -156,6 +156,29 @@ def test_int4_streams_matmulnbits_and_passes_verify(int4_pack):
     assert report["truncated_greedy"]["two_images"]["matches_torch"] is True
 
 
+def test_streamed_int4_weights_are_retrv_quantizes(int4_pack, ckpts):
+    """The streaming path quantizes with `retrv quantize`'s own per-matrix code (calibration.matrix, the config's
+    default form), so a streamed INT4 pack holds the weights a quantized pack would."""
+    from onnx import numpy_helper
+    from safetensors.numpy import load_file
+
+    from retrv.calibration.matrix import quantize_matrix
+
+    config = Int4WeightOnlyConfig()
+    w = load_file(str(ckpts[1]["untied"] / "model.safetensors"))["model.layers.1.mlp.down_proj.weight"]  # (N, K)
+    want = quantize_matrix(w.T.astype(np.float32), 4, config.block_size, config.zero_point, config.algo)
+    model = onnx.load(str(int4_pack / "decoder.onnx"), load_external_data=False)
+    onnx.external_data_helper.load_external_data_for_model(model, str(int4_pack))
+    inits = {i.name: i for i in model.graph.initializer}
+    base = "language_model.layers.1.mlp.down_proj.weight.T"
+    np.testing.assert_array_equal(numpy_helper.to_array(inits[base + "_Q4"]), want.packed)
+    np.testing.assert_array_equal(numpy_helper.to_array(inits[base + "_scales"]), want.scales)
+    for part, arr in (("_zero_points", want.zero_points), ("_offsets", want.offsets)):
+        assert (base + part in inits) == (arr is not None)
+        if arr is not None:
+            np.testing.assert_array_equal(numpy_helper.to_array(inits[base + part]), arr)
+
+
 def _corrupt(pack_src, dst, init_name, graph="decoder.onnx", value=None):
     """A copy of the pack with one stored weight changed and the manifest re-hashed to vouch for it (an exporter
     bug, not a disk error the sha256 would catch)."""
@@ -194,7 +217,7 @@ def test_verify_names_a_wrong_int4_block(int4_pack, ckpts, tmp_path):
     bad = _corrupt(int4_pack, tmp_path / "bad4", "language_model.layers.2.self_attn.v_proj.weight.T_Q4",
                    value=bytes([0xF0, 0x0F, 0xF0, 0x0F]))
     with pytest.raises(ExportValidationError, match=r"weight 'language_model\.layers\.2\.self_attn\.v_proj"
-                                                    r"\.weight\.T' .*beyond one INT4 step"):
+                                                    r"\.weight\.T' .*beyond 2 INT4 steps"):
         check_weights(bad, ckpt)
 
 
@@ -203,6 +226,13 @@ def test_streaming_refuses_what_it_cannot_quantize_on_the_fly(ckpts, tmp_path, c
     assert cli(["export", str(ckpt), str(tmp_path / "p"), "--stream", "on", "--quantize", "int8-dynamic"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--quantize int8-dynamic: not available in a streaming export" in err and "\n" not in err
+    assert cli(["export", str(ckpt), str(tmp_path / "p"), "--stream", "on", "--quantize", "int4", "--algo", "rtn",
+                "--zero-point", "float"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--zero-point float: not available in a streaming export" in err and "\n" not in err
+    assert cli(["export", str(ckpt), str(tmp_path / "p"), "--stream", "on", "--quantize", "int4",
+                "--zero-point", "float"]) == 2
+    assert "--zero-point float: applies to --algo rtn; got --algo mse" in capsys.readouterr().err
     assert cli(["export", str(ckpt), str(tmp_path / "p"), "--block-size", "64"]) == 2
     assert "--block-size: applies with --quantize MODE" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
