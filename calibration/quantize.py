@@ -374,9 +374,11 @@ def quantize_head(model, config: QuantConfig, table) -> dict | None:
     w = numpy_helper.to_array(init)  # (K=hidden, N=vocab)
     tied = table is not None and tuple(table.shape) == w.shape[::-1] and bool(np.array_equal(w.T, table))
     bits = 8 if config.lm_head == "int8" else 4
-    zero_point = "int" if bits == 8 else "float"  # ORT's 8-bit kernel takes integer zeros only; float: int4's default
+    # Integer zeros: ORT's packed (fast) CPU kernels take uint8 zero points only, and the runtime's row lookup of a
+    # tied head (runtime.inputs.table) reads this form; 4 bits are fitted by the least-squares search.
+    zero_point, fit = "int", ("rtn" if bits == 8 else "mse")
     level = getattr(config, "accuracy_level", 4)
-    nbits_graph(model, (node.name,), LM_HEAD_BLOCK, zero_point, level, bits=bits)
+    nbits_graph(model, (node.name,), LM_HEAD_BLOCK, zero_point, level, bits=bits, fit=fit)
     return {"format": "com.microsoft MatMulNBits", "bits": bits, "block_size": LM_HEAD_BLOCK,
             "zero_point": zero_point, "accuracy_level": level, "node": f"{node.name}_Q{bits}",
             "tied_to_embedding": tied, "stored_with_embedding": False}
