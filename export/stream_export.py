@@ -284,7 +284,7 @@ def finalize_graph(model, slots: list[Slot], quant, embed_offset: int | None, sh
                                            offsets[0], block_sums, inits, slot.written[offsets[0]][4])
                     new += side
                     if e is not None:
-                        g.initializer.append(e)
+                        g.initializer.extend(e if isinstance(e, list) else [e])
                 g.node.remove(node)
                 for j, n in enumerate(new):
                     g.node.insert(k + j, n)
