@@ -104,3 +104,10 @@ def check_unpadded(mask: np.ndarray) -> None:
     if not (mask == 1).all():
         raise InputError("attention_mask: the fused decoder takes unpadded batches only; got padding (zeros) in the "
                          "mask (feed rows one at a time, or use a pack exported with --decoder traced)")
+
+
+def refuse_fused(pack, what: str) -> None:
+    """TensorRT (and any consumer of standard ONNX ops) cannot take the fused decoder: one line naming the flag."""
+    if pack.decoder_layout == "fused":
+        raise InputError(f"{what}: {pack.path.name} has a fused decoder (ONNX Runtime contrib ops); expected a pack "
+                         f"exported with `retrv export --decoder traced`")
