@@ -90,6 +90,13 @@ class _Builder:
         w = (w.T if transpose else w).astype(self.np_dtype)
         return self.init(key + (".T" if transpose else ""), w)
 
+    def skip_norm(self, x: str, skip: str, gamma: str, name: str, eps: float) -> tuple[str, str]:
+        """RMSNorm(x + skip) and x + skip (the next residual); the op's mean / inv_std_var outputs are not asked for."""
+        out = [f"{name}/output_0", "", "", f"{name}/output_3"]
+        self.node("SkipSimplifiedLayerNormalization", [x, skip, self.weight(gamma)], out, name, domain=MS_DOMAIN,
+                  epsilon=eps)
+        return out[0], out[3]
+
     def linear(self, x: str, prefix: str, bias: bool) -> str:
         """x @ W^T (+ b): `prefix` is the state-dict prefix ("language_model.layers.0.self_attn.q_proj")."""
         scope = "/" + prefix.replace(".layers.", "/layers.").replace(".", "/").replace("/layers/", "/layers.")
@@ -128,9 +135,8 @@ def build_fused_decoder(cfg: ModelConfig, weights: WeightGetter, fdt: str = "flo
             num_heads=t.num_attention_heads, kv_num_heads=t.num_key_value_heads, do_rotary=1, rotary_interleaved=0,
         )
         o = b.linear(attn, f"{p}.self_attn.o_proj", bias=False)
-        normed, _, _, residual = b.node(
-            "SkipSimplifiedLayerNormalization", [o, residual, b.weight(f"{p}.post_attention_layernorm.weight")], 4,
-            f"{scope}/post_attention_layernorm/SkipSimplifiedLayerNormalization", domain=MS_DOMAIN, epsilon=eps)
+        normed, residual = b.skip_norm(o, residual, f"{p}.post_attention_layernorm.weight",
+                                       f"{scope}/post_attention_layernorm/SkipSimplifiedLayerNormalization", eps)
         gate = b.linear(normed, f"{p}.mlp.gate_proj", bias=False)
         up = b.linear(normed, f"{p}.mlp.up_proj", bias=False)
         (sig,) = b.node("Sigmoid", [gate], 1, f"{scope}/mlp/act_fn/Sigmoid")
@@ -138,11 +144,8 @@ def build_fused_decoder(cfg: ModelConfig, weights: WeightGetter, fdt: str = "flo
         (h,) = b.node("Mul", [silu, up], 1, f"{scope}/mlp/Mul")
         mlp = b.linear(h, f"{p}.mlp.down_proj", bias=False)
         if i + 1 < t.num_hidden_layers:
-            normed, _, _, residual = b.node(
-                "SkipSimplifiedLayerNormalization",
-                [mlp, residual, b.weight(f"{lm}.layers.{i + 1}.input_layernorm.weight")], 4,
-                f"/{lm}/layers.{i + 1}/input_layernorm/SkipSimplifiedLayerNormalization", domain=MS_DOMAIN,
-                epsilon=eps)
+            normed, residual = b.skip_norm(mlp, residual, f"{lm}.layers.{i + 1}.input_layernorm.weight",
+                                           f"/{lm}/layers.{i + 1}/input_layernorm/SkipSimplifiedLayerNormalization", eps)
     # Only the last position is read (logits, embedding): slice before the final norm, norm one row per sequence.
     starts, ends, axis = (b.init(n, np.array([v], np.int64)) for n, v in
                           (("last_start", -1), ("last_end", np.iinfo(np.int64).max), ("seq_axis", 1)))
@@ -165,11 +168,18 @@ def build_fused_decoder(cfg: ModelConfig, weights: WeightGetter, fdt: str = "flo
         elem = helper.np_dtype_to_tensor_dtype(np.dtype(ts.dtype))
         return helper.make_tensor_value_info(name, elem, list(ts.shape))
 
+    # Every intermediate's element type, declared: onnx's shape inference does not know the contrib ops (nor
+    # SimplifiedLayerNormalization), and the quantizers (int8-dynamic, int8-static) need the MatMul inputs' types.
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(fdt))
+    fp32_outputs = {"/embedding/Cast/output_0", "/embedding/ReduceL2/output_0", "/embedding/Max/output_0"}
+    declared = {*spec.inputs, *spec.outputs}
+    inner = [helper.make_tensor_value_info(o, TensorProto.FLOAT if o in fp32_outputs else elem, None)
+             for n in b.nodes for o in n.output if o and o not in declared]
     graph = helper.make_graph(
         b.nodes, "retrv_fused_decoder",
         [value_info(n, s) for n, s in spec.inputs.items()],
         [value_info(n, s) for n, s in spec.outputs.items()],
-        initializer=b.inits,
+        initializer=b.inits, value_info=inner,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                     helper.make_opsetid(MS_DOMAIN, MS_OPSET)],
@@ -240,13 +250,14 @@ def validate_fused(path: Path, cfg: ModelConfig, oracle, precision: str = "fp32"
     spec, tol = decoder_spec(cfg), TOLERANCE[precision]
     rng = np.random.default_rng(seed)
     worst: dict[str, float] = {}
-    calls = 0
+    calls, shapes = 0, []
     for batch, extend in ((2, False), (1, True)):
         cache = FusedCache.allocate(batch, t.num_hidden_layers, t.num_key_value_heads, t.head_dim, fdt,
                                     t.max_position_embeddings, capacity=8)  # 8: the run regrows the buffers once
         past = {f"past_{kind}_{i}": np.zeros((batch, t.num_key_value_heads, 0, t.head_dim), np.float32)
                 for i in range(t.num_hidden_layers) for kind in ("key", "value")}
         length = 0
+        shapes.append({"batch": batch, "new_per_call": [int(p.shape[2]) for p in _validation_chunks(batch, extend)]})
         for pos in _validation_chunks(batch, extend):
             s = pos.shape[2]
             embeds = rng.standard_normal((batch, s, t.hidden_size)).astype(np.float32)
@@ -276,4 +287,11 @@ def validate_fused(path: Path, cfg: ModelConfig, oracle, precision: str = "fp32"
                         f"{path.name} (fused) output '{name}': max abs diff {diff:.3g} exceeds {limit:.3g} "
                         f"({precision} tolerance) at call {calls} (batch {batch}, {length - s} cached + {s} new)")
                 worst[name] = max(worst.get(name, 0.0), diff)
-    return {"layout": LAYOUT, "calls": calls, "max_abs_diff": worst, "tolerance": tol}
+    # A decoder that ignored its cache would still match the prefill calls: the last call again with the cache
+    # contents negated must give other logits.
+    feed.update({k: (-v).astype(v.dtype) for k, v in feed.items() if k.startswith("past_")})
+    if np.allclose(sess.run(["logits"], feed)[0], got["logits"], atol=1e-6):
+        raise ExportValidationError(f"{path.name} (fused): logits do not depend on the KV buffer; expected a graph "
+                                    f"that reads its cache")
+    return {"layout": LAYOUT, "calls": calls, "shapes": shapes, "max_abs_diff": worst, "tolerance": tol,
+            "uses_cache": True}
