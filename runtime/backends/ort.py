@@ -184,6 +184,8 @@ class OrtBackend(GraphBackend):
         embeds = np.ascontiguousarray(runner.conform({"inputs_embeds": inputs_embeds})["inputs_embeds"])
         spec = runner.spec["inputs"]["inputs_embeds"]
         check_feed(runner.name, "inputs_embeds", embeds, spec["dtype"], tuple(spec["shape"]))
+        # position_ids is the step's contract, not a graph input here (the runtime turns it into rotary rows)
+        check_feed(runner.name, "position_ids", position_ids, "int64", (3, "batch", "seq"))
         b, s = embeds.shape[:2]
         if b != state.batch or position_ids.shape[1:] != (b, s) or mask.shape != (b, state.length + s):
             raise InputError(f"{runner.name}: got inputs_embeds {embeds.shape}, position_ids {position_ids.shape}, "

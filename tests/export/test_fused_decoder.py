@@ -134,3 +134,11 @@ def test_streaming_export_refuses_the_fused_layout_in_one_line(tiny_ckpt, tmp_pa
         export_pack(tiny_ckpt, tmp_path / "pack", stream=True, decoder="fused")
     with pytest.raises(InputError, match=r"--decoder: got 'flat'; expected one of \['fused', 'traced'\]"):
         export_pack(tiny_ckpt, tmp_path / "pack", decoder="flat")
+
+
+def test_cli_decoder_flag_reaches_the_export_and_errors_stay_one_line(tiny_ckpt, tmp_path, capsys):
+    from retrv.app.cli import main as cli
+
+    assert cli(["export", str(tiny_ckpt), str(tmp_path / "p"), "--decoder", "fused", "--stream", "on"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--decoder fused: the streaming export writes the traced decoder only" in err and "\n" not in err
