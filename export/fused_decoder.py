@@ -158,8 +158,10 @@ def build_fused_decoder(cfg: ModelConfig, weights: WeightGetter, fdt: str = "flo
         (h,) = b.node("Mul", [silu, up], 1, f"{scope}/mlp/Mul")
         mlp = b.linear(h, f"{p}.mlp.down_proj", bias=False)
         if i + 1 < t.num_hidden_layers:
-            normed, residual = b.skip_norm(mlp, residual, f"{lm}.layers.{i + 1}.input_layernorm.weight",
-                                           f"/{lm}/layers.{i + 1}/input_layernorm/SkipSimplifiedLayerNormalization", eps)
+            nxt = f"{lm}.layers.{i + 1}.input_layernorm"
+            normed, residual = b.skip_norm(mlp, residual, f"{nxt}.weight",
+                                           f"/{lm}/layers.{i + 1}/input_layernorm/SkipSimplifiedLayerNormalization",
+                                           eps)
     # Only the last position is read (logits, embedding): slice before the final norm, norm one row per sequence.
     starts, ends, axis = (b.init(n, np.array([v], np.int64)) for n, v in
                           (("last_start", -1), ("last_end", np.iinfo(np.int64).max), ("seq_axis", 1)))
@@ -248,8 +250,8 @@ def _validation_chunks(batch: int, extend: bool) -> list[np.ndarray]:
 def validate_fused(path: Path, cfg: ModelConfig, oracle, precision: str = "fp32", seed: int = 0) -> dict:
     """Run the fused graph at `path` through the runtime's own cache code (FusedCache, mrope_angles) and the
     PyTorch decoder `oracle` (graphs.DecoderGraph over the fp32 model) call by call on real token embeddings:
-    prefill with image M-RoPE positions, decode steps, an extension. Raise `ExportValidationError` on the first logits/embedding output
-    whose max abs difference exceeds the precision's tolerance x its scale."""
+    prefill with image M-RoPE positions, decode steps, an extension. Raise `ExportValidationError` on the first
+    logits/embedding output whose max abs difference exceeds the precision's tolerance x its scale."""
     import onnxruntime as ort
 
     from retrv.export.graphs import decoder_spec, run_torch

@@ -193,8 +193,9 @@ class OrtBackend(GraphBackend):
                              f"({state.batch}, S, H), (3, {state.batch}, S), ({state.batch}, {state.length} + S)")
         check_unpadded(mask)
         if b > 1 and s > 1 and state.length > 0:  # GroupQueryAttention's CPU kernel refuses this case
-            raise InputError(f"{runner.name}: got {s} new positions for a batch of {b} with a cache; the fused decoder "
-                             f"extends a batched cache one position at a time (or a pack exported with --decoder traced)")
+            raise InputError(f"{runner.name}: got {s} new positions for a batch of {b} with a cache; the fused "
+                             f"decoder extends a batched cache one position at a time (or a pack exported with "
+                             f"--decoder traced)")
         past, total = state.length, state.length + s
         cache.reserve(past, total)
         cache.write_rotary(past, mrope_angles(position_ids, self.pack.model_config.text))
