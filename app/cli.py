@@ -32,7 +32,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     stream = {"auto": None, "on": True, "off": False}[args.stream]
     path = export_pack(args.checkpoint, args.pack, precision=args.precision, embedder=args.embedder,
-                       verify=args.verify, quantize=build_config(args), stream=stream)
+                       verify=args.verify, quantize=build_config(args), stream=stream, decoder=args.decoder)
     print(f"wrote pack {path}")
     return 0
 
@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--stream", default="auto", choices=["auto", "on", "off"],
                      help="read the checkpoint tensor by tensor and write weights as they come (auto: checkpoints "
                           "of 1 GiB or more)")
+    exp.add_argument("--decoder", default=None, choices=["fused", "traced"],
+                     help="decoder graph layout: fused (ONNX Runtime contrib ops and a preallocated KV buffer; the "
+                          "default) or traced (standard ONNX ops: TensorRT; the streaming export's only layout)")
     add_mode_options(exp)
     exp.set_defaults(func=_cmd_export)
 

@@ -176,6 +176,8 @@ class PackFeeds:
     def decoder_feeds(self, item: CalibItem, decode_steps: int) -> list[dict[str, np.ndarray]]:
         """The prefill feed and `decode_steps` one-token feeds continuing it greedily on the fp32 decoder."""
         _, embeds, pos = self.prompt(item)
+        if self.gen.backend.pack.decoder_layout == "fused":
+            return self._fused_decoder_feeds(embeds, pos, decode_steps)
         seq = embeds.shape[1]
         feed = {"inputs_embeds": embeds, "position_ids": pos, "attention_mask": np.ones((1, seq), np.int64),
                 **self.empty_past()}
@@ -193,6 +195,35 @@ class PackFeeds:
                 **{k.replace("present_", "past_"): v for k, v in out.items() if k.startswith("present_")},
             }
             feeds.append(feed)
+        return feeds
+
+    def _fused_decoder_feeds(self, embeds: np.ndarray, pos: np.ndarray, decode_steps: int) -> list[dict]:
+        """The fused layout's feeds (export/fused_decoder.py): the same prefill and greedy steps, the KV buffer and
+        rotary caches snapshotted per feed (each feed must stay valid after the next step writes the buffer)."""
+        from retrv.runtime.backends.fused import FusedCache, mrope_angles
+
+        t = self.cfg.text
+        cache = FusedCache.allocate(1, t.num_hidden_layers, t.num_key_value_heads, t.head_dim, np.float32,
+                                    t.max_position_embeddings, capacity=embeds.shape[1] + decode_steps)
+        runner = self.gen.backend.runner("decoder")
+        feeds, length, next_pos = [], 0, int(pos.max()) + 1
+        for step in range(decode_steps + 1):
+            s = embeds.shape[1]
+            cache.write_rotary(length, mrope_angles(pos, t))
+            feed = {"inputs_embeds": embeds, "seqlens_k": np.array([length + s - 1], np.int32),
+                    "total_sequence_length": np.array(length + s, np.int32), "cos_cache": cache.cos.copy(),
+                    "sin_cache": cache.sin.copy()}
+            for i in range(t.num_hidden_layers):
+                feed[f"past_key_{i}"], feed[f"past_value_{i}"] = cache.keys[i].copy(), cache.values[i].copy()
+            feeds.append(feed)
+            if step == decode_steps:
+                break
+            out = runner.infer(feed)
+            for i in range(t.num_hidden_layers):
+                cache.keys[i][...], cache.values[i][...] = out[f"present_key_{i}"], out[f"present_value_{i}"]
+            length += s
+            embeds = self.gen.lookup([int(np.argmax(out["logits"][0]))])[None]  # (1, 1, H)
+            pos = np.full((3, 1, 1), next_pos + step, np.int64)
         return feeds
 
     def candidate_tokens(self, item: CalibItem) -> np.ndarray:

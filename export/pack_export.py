@@ -35,6 +35,7 @@ from retrv.runtime.rerank.formats import ListwiseFormat
 log = logging.getLogger(__name__)
 
 STREAM_ABOVE = 1 << 30  # checkpoints this size or larger stream (the traced path holds ~4x their fp32 bytes)
+DECODERS = ("fused", "traced")  # export/fused_decoder.py; graphs.DecoderGraph (standard ops: TensorRT, other tools)
 PRECISIONS = ("fp32", "fp16")  # fp16: weights, activations and KV in fp16; norms, rotary, softmax in fp32 inside
 
 
@@ -55,6 +56,27 @@ def _export_sub(sub, oracle, cfg, tmp: Path, precision: str, files: dict, valida
         tmp, written[0].name, sub.spec.role, precision=precision,
         inputs={k: v.to_dict() for k, v in sub.spec.inputs.items()},
         outputs={k: v.to_dict() for k, v in sub.spec.outputs.items()},
+    )
+    for extra in written[1:]:
+        files[extra.name] = describe_file(tmp, extra.name, "external_data", data_of=written[0].name)
+
+
+def _export_fused_decoder(model, oracle, tmp: Path, precision: str, files: dict, validation: dict) -> None:
+    """The fused-layout decoder (ORT contrib ops, shared KV buffer), built from the model's weights and validated
+    call by call against the fp32 PyTorch decoder."""
+    from retrv.export.fused_decoder import build_fused_decoder, fused_decoder_spec, module_weights, \
+        save_fused_decoder, validate_fused
+    from retrv.export.graphs import FLOAT_NAMES, DecoderGraph
+
+    cfg = model.cfg
+    spec = fused_decoder_spec(cfg, FLOAT_NAMES[model.dtype])
+    written = save_fused_decoder(build_fused_decoder(cfg, module_weights(model), spec.inputs["inputs_embeds"].dtype),
+                                 tmp / spec.filename)
+    validation[spec.role] = validate_fused(written[0], cfg, DecoderGraph(oracle), precision)
+    files[written[0].name] = describe_file(
+        tmp, written[0].name, spec.role, precision=precision,
+        inputs={k: v.to_dict() for k, v in spec.inputs.items()},
+        outputs={k: v.to_dict() for k, v in spec.outputs.items()},
     )
     for extra in written[1:]:
         files[extra.name] = describe_file(tmp, extra.name, "external_data", data_of=written[0].name)
@@ -98,11 +120,15 @@ def checkpoint_bytes(ckpt: Path) -> int:
 
 
 def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32", embedder: str | Path | None = None,
-                verify: bool = False, quantize=None, stream: bool | None = None) -> Path:
+                verify: bool = False, quantize=None, stream: bool | None = None, decoder: str | None = None) -> Path:
     """`quantize`: a calibration config (`retrv quantize`'s modes); `stream`: True/False forces the path, None
-    streams checkpoints of STREAM_ABOVE bytes or more (see docs/ARCHITECTURE.md, "Streaming export")."""
+    streams checkpoints of STREAM_ABOVE bytes or more (see docs/ARCHITECTURE.md, "Streaming export").
+    `decoder`: the decoder layout, "fused" (ONNX Runtime contrib ops; the default) or "traced" (standard ops, for
+    TensorRT); the streaming export writes the traced layout (None there means traced)."""
     if precision not in PRECISIONS:
         raise InputError(f"--precision: got {precision!r}; expected one of {list(PRECISIONS)}")
+    if decoder is not None and decoder not in DECODERS:
+        raise InputError(f"--decoder: got {decoder!r}; expected one of {list(DECODERS)}")
     out = check_output(out, "pack", {"the checkpoint being exported": checkpoint,
                                      "the --embedder checkpoint": embedder})
     ckpt = Path(checkpoint)
@@ -111,6 +137,9 @@ def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
     if stream is None:
         stream = checkpoint_bytes(ckpt) >= STREAM_ABOVE
     if stream:
+        if decoder == "fused":
+            raise InputError("--decoder fused: the streaming export writes the traced decoder only; expected "
+                             "--decoder traced, or --stream off for a checkpoint that fits in memory")
         if embedder is not None:
             raise InputError("--embedder: not supported by the streaming export (checkpoints of "
                              f"{STREAM_ABOVE / 2**30:.0f} GiB or more); expected no --embedder")
@@ -118,18 +147,23 @@ def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
 
         return export_streaming(ckpt, out, precision, quantize, verify)
     if quantize is not None:
-        return _export_then_quantize(ckpt, out, precision, embedder, verify, quantize)
+        return _export_then_quantize(ckpt, out, precision, embedder, verify, quantize, decoder)
     tokenizer, processor = tokenizer_and_processor(ckpt)
     oracle = load_checkpoint(ckpt, dtype=torch.float32)  # every graph is checked against the fp32 model
     model = copy.deepcopy(oracle).half() if precision == "fp16" else oracle
     oracles = {s.spec.role: s for s in sub_models(oracle, reference=True)}
     cfg = model.cfg
+    decoder = decoder or "fused"
     with atomic_dir(out) as tmp:
         files, validation = {}, {}
         for sub in sub_models(model):
+            if sub.spec.role == "decoder" and decoder == "fused":
+                _export_fused_decoder(model, oracle, tmp, precision, files, validation)
+                continue
             _export_sub(sub, oracles[sub.spec.role], cfg, tmp, precision, files, validation)
         # The PyTorch backend compares the fingerprint with its --checkpoint (runtime.backends.open_backend).
-        extra = {"source_checkpoint": ckpt.name, "source_fingerprint": source_fingerprint(ckpt), **source_record(ckpt)}
+        extra = {"source_checkpoint": ckpt.name, "source_fingerprint": source_fingerprint(ckpt), **source_record(ckpt),
+                 "decoder_layout": decoder}
         if embedder is not None and is_optimum_folder(embedder):  # CLIP / SigLIP / a text encoder from optimum
             extra["embedder"] = export_optimum_embedder(Path(embedder), tmp, files, validation)
         elif embedder is not None:
@@ -165,7 +199,8 @@ def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
     return out
 
 
-def _export_then_quantize(ckpt: Path, out: Path, precision: str, embedder, verify: bool, quantize) -> Path:
+def _export_then_quantize(ckpt: Path, out: Path, precision: str, embedder, verify: bool, quantize,
+                          decoder: str | None = None) -> Path:
     """Small checkpoints: the traced fp32 pack, then `retrv quantize` with the same config, into `out`."""
     import tempfile
 
@@ -175,7 +210,7 @@ def _export_then_quantize(ckpt: Path, out: Path, precision: str, embedder, verif
         raise InputError(f"--precision {precision} with --quantize {quantize.mode}: quantization starts from fp32 "
                          f"weights; expected --precision fp32")
     with tempfile.TemporaryDirectory(prefix="retrv-export-") as work:
-        fp32 = export_pack(ckpt, Path(work) / "fp32", "fp32", embedder, verify, stream=False)
+        fp32 = export_pack(ckpt, Path(work) / "fp32", "fp32", embedder, verify, stream=False, decoder=decoder)
         quantize_pack(fp32, out, quantize)
     return out
 

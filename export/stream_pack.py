@@ -81,6 +81,7 @@ def export_streaming(ckpt: Path, out: Path, precision: str, quant, verify: bool)
         shutil.copyfile(tokenizer, tmp / "tokenizer.json")
         files["tokenizer.json"] = describe_file(tmp, "tokenizer.json", "tokenizer")
         extra = {"source_checkpoint": ckpt.name, "source_fingerprint": source_fingerprint(ckpt), **source_record(ckpt),
+                 "decoder_layout": "traced",  # the streamed decoder is traced layer by layer (stream_graphs.py)
                  "streaming": {"tied_embedding_shared": shared,
                                "weights": [{**s.ref.to_dict(), "source": tensors[n].name, "quant": s.quant}
                                            for n, ss in slots.items() for s in ss if s.ref is not None]}}

@@ -123,6 +123,9 @@ def profiles_for(role: str, inputs: dict, shapes: EngineShapes, merge: int = 4) 
 
 def plan_graphs(pack: Pack, fp16: bool, int8: bool) -> list[tuple[str, str]]:
     """(role, onnx file) to build, after checking precisions against the flags (one-line errors)."""
+    from retrv.runtime.backends.fused import refuse_fused
+
+    refuse_fused(pack, "build-engine")
     plan, any_int8 = [], False
     for role in BUILD_ORDER:
         if not pack.has(role):

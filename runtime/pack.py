@@ -278,6 +278,23 @@ def _resolve_inside(root: Path, name: str) -> Path:
     return member(root, name, PackError, symlinks="inside", folder="pack directory")
 
 
+DECODER_LAYOUTS = ("traced", "fused")
+FUSED_DECODER_INPUTS = ("seqlens_k", "total_sequence_length", "cos_cache", "sin_cache")
+
+
+def _check_decoder_layout(manifest_path: Path, manifest: Manifest) -> None:
+    """`extra.decoder_layout` names a known layout and the decoder's recorded inputs are that layout's."""
+    layout = manifest.extra.get("decoder_layout", "traced")
+    if layout not in DECODER_LAYOUTS:
+        raise _fail(f"{manifest_path} 'extra.decoder_layout': got {layout!r}; expected one of {list(DECODER_LAYOUTS)}")
+    for name, entry in manifest.files.items():
+        if entry.role == "decoder":
+            fused = all(k in entry.inputs for k in FUSED_DECODER_INPUTS)
+            if fused != (layout == "fused"):
+                raise _fail(f"{manifest_path} {name}: inputs {sorted(entry.inputs)} do not match decoder_layout "
+                            f"{layout!r}; expected {'the fused graph' if layout == 'fused' else 'the traced graph'}'s")
+
+
 class Pack:
     """An opened, verified pack. Build it with `Pack.open`; the constructor assumes every check has passed."""
 
@@ -344,6 +361,7 @@ class Pack:
             from retrv.runtime.inputs.table import QuantizedTable
 
             QuantizedTable(root / tables[0], manifest.files[tables[0]].quantization)
+        _check_decoder_layout(manifest_path, manifest)
         fingerprint = hashlib.sha256(manifest.canonical_json()).hexdigest()
         return cls(root, manifest, model_config, preprocessor, fingerprint)
 
@@ -370,6 +388,12 @@ class Pack:
         index records it to refuse being searched with another pack. (With verify="size" the files were not
         hashed, so the fingerprint is what the manifest claims.)"""
         return self._sha256
+
+    @property
+    def decoder_layout(self) -> str:
+        """"traced" (standard ONNX ops, the key mask and a growing KV cache) or "fused" (ONNX Runtime contrib ops
+        and a preallocated KV buffer: export/fused_decoder.py). Packs written before the field are traced."""
+        return self._manifest.extra.get("decoder_layout", "traced")
 
     def has(self, role: str) -> bool:
         return any(e.role == role for e in self._manifest.files.values())

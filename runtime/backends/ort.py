@@ -7,8 +7,11 @@
   (`--threads`, `--inter-op-threads`); docs/BENCHMARKS.md ("Threads") has the measurements behind the defaults.
 - Graph optimisation: the first open writes the optimised model to a cache keyed by the file's sha256, the ORT
   version and the provider; later opens load it and skip the (for a 7B decoder, many-second) optimisation.
-- KV cache: `present_*` outputs are bound with IO binding and stay OrtValues on the provider's device; the next
-  step binds them as `past_*` without a round trip through numpy.
+- KV cache, traced layout: `present_*` outputs are bound with IO binding and stay OrtValues on the provider's
+  device; the next step binds them as `past_*` without a round trip through numpy.
+- KV cache, fused layout (export/fused_decoder.py, CPU): one preallocated buffer per layer and state
+  (`fused.FusedCache`), bound by pointer as both `past_*` and `present_*` once; a step binds only the new embeddings,
+  `seqlens_k` and `total_sequence_length` (the rotary rows are written into bound buffers) and copies out the logits.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from retrv.runtime.backends.base import DecoderState
+from retrv.runtime.backends.fused import FusedCache, check_unpadded, mrope_angles
 from retrv.runtime.backends.graph import GraphBackend
-from retrv.runtime.backends.runner import Runner
+from retrv.runtime.backends.runner import Runner, check_feed
 from retrv.runtime.errors import InputError, require
 
 log = logging.getLogger(__name__)
@@ -175,8 +179,14 @@ class OrtBackend(GraphBackend):
                          self.providers, self.threads, self.cache_dir, self.session_config, self.cpu_arena,
                          self.inter_op_threads)
 
+    @property
+    def fused(self) -> bool:
+        return self.pack.decoder_layout == "fused"
+
     # -- decoder with the cache kept in OrtValues ---------------------------------------------------------------
     def start(self, batch: int) -> DecoderState:
+        if self.fused:
+            return self._fused_start(batch)
         ort = require("onnxruntime", "runtime")
         kv_dtype = self.runner("decoder").spec["inputs"]["past_key_0"]["dtype"]
         empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=kv_dtype)
@@ -184,6 +194,8 @@ class OrtBackend(GraphBackend):
         return DecoderState(batch=batch, attention_mask=np.zeros((batch, 0), dtype=np.int64), cache=past)
 
     def extend(self, state, inputs_embeds, position_ids, mask):
+        if self.fused:
+            return self._fused_run(state, inputs_embeds, position_ids, mask, "logits")
         runner = self.runner("decoder")
         past_names = [n for n in runner.spec["inputs"] if n.startswith("past_")]
         feed = runner.conform({"inputs_embeds": inputs_embeds, "position_ids": position_ids, "attention_mask": mask})
@@ -201,3 +213,76 @@ class OrtBackend(GraphBackend):
         outputs = io.get_outputs()
         state.cache = list(outputs[1:])
         return outputs[0].numpy()
+
+    # -- the fused layout ---------------------------------------------------------------------------------------
+    def _fused_start(self, batch: int, capacity: int | None = None) -> DecoderState:
+        if self.device != "cpu":
+            raise InputError(f"provider {self.providers[0]}: a fused-layout pack runs on the CPU provider; expected "
+                             f"--provider cpu, or a pack exported with --decoder traced")
+        kv_dtype = self.runner("decoder").spec["inputs"]["past_key_0"]["dtype"]
+        limit = int(self.pack.model_config.text.max_position_embeddings)
+        cache = FusedCache.allocate(batch, self.num_layers, self.kv_heads, self.head_dim, np.dtype(kv_dtype), limit,
+                                    **({"capacity": capacity} if capacity else {}))
+        return DecoderState(batch=batch, attention_mask=np.zeros((batch, 0), dtype=np.int64), cache=cache)
+
+    def _fused_run(self, state: DecoderState, inputs_embeds, position_ids, mask, output: str) -> np.ndarray:
+        """One fused-graph run over the new positions; returns `output` ("logits" or "embedding") as (B, N)."""
+        runner = self.runner("decoder")
+        cache: FusedCache = state.cache
+        embeds = np.ascontiguousarray(runner.conform({"inputs_embeds": inputs_embeds})["inputs_embeds"])
+        spec = runner.spec["inputs"]["inputs_embeds"]
+        check_feed(runner.name, "inputs_embeds", embeds, spec["dtype"], tuple(spec["shape"]))
+        # position_ids is the step's contract, not a graph input here (the runtime turns it into rotary rows)
+        check_feed(runner.name, "position_ids", position_ids, "int64", (3, "batch", "seq"))
+        b, s = embeds.shape[:2]
+        if b != state.batch or position_ids.shape[1:] != (b, s) or mask.shape != (b, state.length + s):
+            raise InputError(f"{runner.name}: got inputs_embeds {embeds.shape}, position_ids {position_ids.shape}, "
+                             f"mask {mask.shape} for a state of batch {state.batch} holding {state.length}; expected "
+                             f"({state.batch}, S, H), (3, {state.batch}, S), ({state.batch}, {state.length} + S)")
+        check_unpadded(mask)
+        if b > 1 and s > 1 and state.length > 0:  # GroupQueryAttention's CPU kernel refuses this case
+            raise InputError(f"{runner.name}: got {s} new positions for a batch of {b} with a cache; the fused "
+                             f"decoder extends a batched cache one position at a time (or a pack exported with "
+                             f"--decoder traced)")
+        past, total = state.length, state.length + s
+        cache.reserve(past, total)
+        cache.write_rotary(past, mrope_angles(position_ids, self.pack.model_config.text))
+        io = self._fused_binding(runner, cache)
+        io.bind_cpu_input("inputs_embeds", embeds)
+        io.bind_cpu_input("seqlens_k", np.full((b,), total - 1, np.int32))
+        io.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+        out = np.empty((b, runner.spec["outputs"][output]["shape"][-1]), np.float32)
+        io.bind_output(output, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+        runner.session.run_with_iobinding(io)
+        return out
+
+    def _fused_binding(self, runner: OrtRunner, cache: FusedCache):
+        """The state's IO binding with every layer's buffer bound as past and present (rebound after growth)."""
+        if cache.binding is None or cache.bound_capacity != cache.capacity:
+            io = runner.session.io_binding()
+            for kind, bufs in (("key", cache.keys), ("value", cache.values)):
+                for i, buf in enumerate(bufs):
+                    for role in ("past", "present"):
+                        bind = io.bind_input if role == "past" else io.bind_output
+                        bind(f"{role}_{kind}_{i}", "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+            for name, buf in (("cos_cache", cache.cos), ("sin_cache", cache.sin)):
+                io.bind_input(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+            cache.binding, cache.bound_capacity = io, cache.capacity
+        return cache.binding
+
+    def embed(self, inputs_embeds, position_ids, attention_mask):
+        """The fused graph has no key mask: a padded embedder batch runs row by row, each without its padding
+        (its M-RoPE positions are explicit, so dropping padding changes nothing the real tokens see)."""
+        if not self.fused or self.pack.has("embedder"):
+            return super().embed(inputs_embeds, position_ids, attention_mask)
+        rows = []
+        for r in range(inputs_embeds.shape[0]):
+            keep = np.asarray(attention_mask[r]) > 0
+            n = int(keep.sum())
+            if n == 0:
+                raise InputError(f"attention_mask row {r}: no real token; expected at least one 1")
+            state = self._fused_start(1, capacity=n)
+            ones = np.ones((1, n), np.int64)
+            rows.append(self._fused_run(state, inputs_embeds[r:r + 1, keep], position_ids[:, r:r + 1, keep], ones,
+                                        "embedding"))
+        return np.concatenate(rows, axis=0)

@@ -310,6 +310,9 @@ class TrtBackend(GraphBackend):
     name = "trt"
 
     def __init__(self, pack, driver: CudaDriver | None = None) -> None:
+        from retrv.runtime.backends.fused import refuse_fused
+
+        refuse_fused(pack, "TensorRT backend")  # before CUDA is touched
         self.driver = driver or CudaDriver()
         self.record = check_engines(pack, device_fingerprint(self.driver))  # refuse before reading any engine
         super().__init__(pack)

@@ -72,7 +72,7 @@ def corpus(tmp_path_factory):
 def pack(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     ckpt = write_tiny_checkpoint(root / "ckpt", icm=True, seed=3)
-    return export_pack(ckpt, root / "pack")
+    return export_pack(ckpt, root / "pack", decoder="traced")  # the traced graph: TensorRT QDQ, traced feeds
 
 
 CASES = {

@@ -59,7 +59,8 @@ def packs(ckpts):
         for precision in ("fp32", "fp16"):
             if kind == "tied" and precision == "fp16":
                 continue
-            out[kind, precision] = (export_pack(ckpt, root / f"{kind}-{precision}-traced", precision, stream=False),
+            out[kind, precision] = (export_pack(ckpt, root / f"{kind}-{precision}-traced", precision, stream=False,
+                                                decoder="traced"),
                                     export_pack(ckpt, root / f"{kind}-{precision}-stream", precision, stream=True))
     return out
 

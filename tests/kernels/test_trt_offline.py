@@ -40,7 +40,7 @@ class FakeBuilder:
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("trt")
     ckpt = write_tiny_checkpoint(root / "ckpt", icm=True, seed=11)
-    return ckpt, export_pack(ckpt, root / "pack")
+    return ckpt, export_pack(ckpt, root / "pack", decoder="traced")  # TensorRT takes the traced layout only
 
 
 @pytest.fixture(scope="module")

@@ -387,3 +387,14 @@ def test_a_bad_rerank_format_is_refused_on_open(pack_dir, rerank, fragment):
     d["extra"]["rerank"] = {"answer_format": "index", "target_image_base": 0}
     write_raw_manifest(pack_dir, d)
     assert Pack.open(pack_dir).manifest.extra["rerank"]["answer_format"] == "index"
+
+
+def test_decoder_layout_defaults_to_traced_and_must_match_the_decoder_inputs(pack_dir):
+    assert Pack.open(pack_dir).decoder_layout == "traced"  # packs written before the field
+    d = read_manifest(pack_dir)
+    d["extra"]["decoder_layout"] = "flat"
+    write_raw_manifest(pack_dir, d)
+    refused(pack_dir, "'extra.decoder_layout': got 'flat'", "expected one of ['traced', 'fused']")
+    d["extra"]["decoder_layout"] = "fused"  # but the decoder's recorded inputs are the traced graph's
+    write_raw_manifest(pack_dir, d)
+    refused(pack_dir, "decoder.onnx: inputs", "do not match decoder_layout 'fused'")

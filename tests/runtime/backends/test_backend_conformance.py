@@ -26,8 +26,8 @@ from retrv.runtime.backends.trt import TrtBackend
 from retrv.runtime.errors import InputError
 from retrv.runtime.inputs.positions import vision_graph_inputs
 
-BACKENDS = ["ort", "torch", "trt-fake", "scripted"]
-GRAPH_BACKENDS = ["ort", "torch", "trt-fake"]  # run the pack's real model (the scripted one emits a script)
+BACKENDS = ["ort", "ort-fused", "torch", "trt-fake", "scripted"]
+GRAPH_BACKENDS = ["ort", "ort-fused", "torch", "trt-fake"]  # run the pack's real model (the scripted one emits a script)
 # Small engine limits: the tiny model needs no more, and the fake allocates the KV cache at max_total.
 SHAPES = EngineShapes(max_batch=2, opt_prefill=16, max_seq=64, opt_past=32, max_total=128, opt_patches=64,
                       max_patches=1024, opt_cands=4, max_cands=8, opt_cand_len=8, max_cand_len=32, opt_query_len=8,
@@ -46,14 +46,24 @@ def tiny(tmp_path_factory, fake_trt):
     """(checkpoint, pack with TensorRT engines built by the recording fake)."""
     root = tmp_path_factory.mktemp("conformance")
     ckpt = write_tiny_checkpoint(root / "ckpt", icm=True, seed=5)
-    pack_dir = export_pack(ckpt, root / "pack")
+    pack_dir = export_pack(ckpt, root / "pack", decoder="traced")  # TensorRT takes the traced layout only
     fake_tensorrt.RecordingBuilder.made.clear()
     pack = build_engines(pack_dir, shapes=SHAPES, fingerprint=fake_tensorrt.fingerprint(fake_trt.driver),
                          builder_factory=fake_tensorrt.RecordingBuilder)
     return ckpt, pack
 
 
-def _open(name: str, ckpt, pack) -> Backend:
+@pytest.fixture(scope="module")
+def fused_pack(tiny, tmp_path_factory):
+    """The same checkpoint exported with the fused decoder layout (export/fused_decoder.py)."""
+    from retrv.runtime.pack import Pack
+
+    return Pack.open(export_pack(tiny[0], tmp_path_factory.mktemp("conformance-fused") / "pack", decoder="fused"))
+
+
+def _open(name: str, ckpt, pack, fused_pack=None) -> Backend:
+    if name == "ort-fused":
+        return open_backend(fused_pack, "ort", cache_dir=None)
     if name == "ort":
         return open_backend(pack, "ort", cache_dir=None)
     if name == "torch":
@@ -65,9 +75,9 @@ def _open(name: str, ckpt, pack) -> Backend:
 
 
 @pytest.fixture(scope="module")
-def backends(tiny, fake_trt):
+def backends(tiny, fused_pack, fake_trt):
     ckpt, pack = tiny
-    opened = {name: _open(name, ckpt, pack) for name in BACKENDS}
+    opened = {name: _open(name, ckpt, pack, fused_pack) for name in BACKENDS}
     yield opened
     for b in opened.values():
         b.close()
@@ -131,6 +141,7 @@ def test_ort_torch_and_trt_agree_on_logits(backends, tiny):
     got = {n: backends[n].step(backends[n].start(1), embeds, pos, mask) for n in GRAPH_BACKENDS}
     np.testing.assert_allclose(got["ort"], got["torch"], atol=1e-4, rtol=0)
     np.testing.assert_allclose(got["trt-fake"], got["ort"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got["ort-fused"], got["ort"], atol=1e-5, rtol=0)
 
 
 def test_trt_decode_runs_on_the_one_token_profile(backends, tiny, fake_trt):
@@ -154,6 +165,57 @@ def test_vision_takes_a_role(backends, tiny, name):
     h = pack.model_config.text.hidden_size
     assert backends[name].vision(feeds).shape == (tokens, h)
     assert backends[name].vision(feeds, role="vision").shape == (tokens, h)
+
+
+def test_fused_embed_of_a_left_padded_batch_equals_each_row_alone(backends, tiny):
+    """The fused graph has no key mask: the backend runs a padded embedder batch row by row without its padding."""
+    _, pack = tiny
+    embeds, pos, mask = _prompt(pack, 6, seed=8, batch=2)
+    mask[1, :2] = 0  # row 1 is left-padded: its real tokens are the last 4
+    pos[:, 1, :2] = 1
+    pos[:, 1, 2:] = np.arange(4)
+    want = backends["ort"].embed(embeds, pos, mask)
+    np.testing.assert_allclose(backends["ort-fused"].embed(embeds, pos, mask), want, atol=1e-5, rtol=0)
+    alone = backends["ort-fused"].embed(embeds[1:, 2:], pos[:, 1:, 2:], mask[1:, 2:])
+    np.testing.assert_allclose(alone[0], want[1], atol=1e-5, rtol=0)
+
+
+def test_fused_decoder_refuses_padding_and_batched_extension_in_one_line(backends, tiny):
+    _, pack = tiny
+    b = backends["ort-fused"]
+    embeds, pos, mask = _prompt(pack, 4, batch=2)
+    state = b.start(2)
+    mask[0, 0] = 0
+    with pytest.raises(InputError, match="the fused decoder takes unpadded batches only"):
+        b.step(state, embeds, pos, mask)
+    b.step(state, embeds, pos, np.ones((2, 4), np.int64))
+    with pytest.raises(InputError, match="extends a batched cache one position at a time"):
+        b.step(state, embeds[:, :2], pos[:, :, :2] + 4, np.ones((2, 2), np.int64))
+    assert state.length == 4 and state.stats["steps"] == 1
+
+
+def test_fused_decoder_grows_its_buffer_and_refuses_past_the_context(backends, tiny):
+    _, pack = tiny
+    b = backends["ort-fused"]
+    limit = pack.model_config.text.max_position_embeddings
+    state = b.start(1)
+    capacity = state.cache.capacity
+    embeds, pos, mask = _prompt(pack, capacity + 3, seed=9)
+    grown = b.step(state, embeds, pos, mask)  # more positions than the first buffer holds: it doubles
+    assert state.cache.capacity == 2 * capacity
+    np.testing.assert_allclose(grown, backends["ort"].step(backends["ort"].start(1), embeds, pos, mask), atol=1e-5,
+                               rtol=0)
+    state.attention_mask = np.ones((1, limit), np.int64)  # pretend the context is full
+    with pytest.raises(InputError, match=rf"expected <= {limit} \(the model's context"):
+        b.step(state, embeds[:, :1], np.full((3, 1, 1), limit, np.int64), np.ones((1, 1), np.int64))
+
+
+def test_trt_refuses_a_fused_pack_naming_the_flag(fused_pack, fake_trt):
+    with pytest.raises(InputError, match="expected a pack exported with `retrv export --decoder traced`"):
+        TrtBackend(fused_pack)
+    with pytest.raises(InputError, match="build-engine: .* has a fused decoder"):
+        build_engines(fused_pack.path, shapes=SHAPES, fingerprint=fake_tensorrt.fingerprint(fake_trt.driver),
+                      builder_factory=fake_tensorrt.RecordingBuilder)
 
 
 def test_vision_agrees_across_graph_backends(backends, tiny):
@@ -199,7 +261,7 @@ def test_embed_and_icm_agree_across_graph_backends(backends, tiny):
     cands, cmask = rng.standard_normal((2, 5, h)).astype(np.float32), np.ones((2, 5), np.int64)
     query, qmask = rng.standard_normal((3, h)).astype(np.float32), np.ones(3, np.int64)
     want = backends["ort"]
-    for name in ("torch", "trt-fake"):
+    for name in ("torch", "trt-fake", "ort-fused"):
         got = backends[name]
         np.testing.assert_allclose(got.embed(embeds, pos, mask), want.embed(embeds, pos, mask), atol=1e-4, rtol=0)
         np.testing.assert_allclose(got.icm_content(cands, cmask), want.icm_content(cands, cmask), atol=1e-4, rtol=0)

@@ -29,7 +29,7 @@ def built(tmp_path_factory):
     ckpt = write_tiny_checkpoint(root / "reranker", icm=True, seed=3)
     emb = write_tiny_checkpoint(root / "embedder", seed=4, hidden_size=96, intermediate_size=160,
                                 mrope_section=[4, 4, 4])
-    pack_dir = export_pack(ckpt, root / "pack", embedder=emb)
+    pack_dir = export_pack(ckpt, root / "pack", embedder=emb, decoder="traced")  # TensorRT: traced layout only
     with pytest.MonkeyPatch.context() as mp:
         trt = fake_tensorrt.install(mp)
         fake_tensorrt.RecordingBuilder.made.clear()

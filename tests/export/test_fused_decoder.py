@@ -1,0 +1,144 @@
+"""The fused decoder layout (export/fused_decoder.py): validated against PyTorch call by call in fp32 and fp16, the
+same greedy tokens as the traced layout and the PyTorch model through the runtime, quantizable (int4, int8-weight)
+with the LM head still found by name, and refused where it cannot go (the streaming export)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from retrv.calibration.config import Int4WeightOnlyConfig, Int8DynamicConfig, Int8StaticConfig, Int8WeightOnlyConfig
+from retrv.calibration.readers import DecoderReader, PackFeeds, load_items
+from retrv.calibration.quantize import quantize_pack
+from retrv.export.fused_decoder import build_fused_decoder, module_weights, save_fused_decoder, validate_fused
+from retrv.export.graphs import DecoderGraph
+from retrv.export.onnx_export import ExportValidationError
+from retrv.export.pack_export import export_pack
+from retrv.export.torch_backend import TorchBackend
+from retrv.export.verify import verification_images
+from retrv.model.loading import load_checkpoint
+from retrv.runtime.backends.ort import OrtBackend
+from retrv.runtime.errors import InputError
+from retrv.runtime.generate import Generator
+from retrv.runtime.pack import Pack
+
+GATE = dict(gate_tokens=4, num_heldout=1)  # the gate runs; its figures are not what these tests check
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt):
+    return load_checkpoint(tiny_ckpt, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def traced_pack(tiny_ckpt, tmp_path_factory):
+    return export_pack(tiny_ckpt, tmp_path_factory.mktemp("traced") / "pack", decoder="traced")
+
+
+def test_the_default_export_is_fused_and_records_its_validation(tiny_pack):
+    pack = Pack.open(tiny_pack)
+    assert pack.decoder_layout == "fused"
+    assert set(pack.manifest.files["decoder.onnx"].inputs) >= {"seqlens_k", "total_sequence_length", "cos_cache"}
+    val = pack.manifest.validation["decoder"]
+    assert val["layout"] == "fused" and val["uses_cache"] is True and val["calls"] >= 10
+    assert max(val["max_abs_diff"].values()) <= 1e-5  # exact up to fp32 reassociation
+    ops = {(n.domain, n.op_type) for n in onnx.load(str(tiny_pack / "decoder.onnx")).graph.node}
+    assert {("com.microsoft", "GroupQueryAttention"), ("com.microsoft", "SkipSimplifiedLayerNormalization")} <= ops
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_fused_graph_matches_pytorch_call_by_call(model, tmp_path, precision):
+    m = copy.deepcopy(model).half() if precision == "fp16" else model
+    path = tmp_path / "decoder.onnx"
+    save_fused_decoder(build_fused_decoder(m.cfg, module_weights(m), "float16" if precision == "fp16" else "float32"),
+                       path)
+    report = validate_fused(path, model.cfg, DecoderGraph(model), precision)
+    assert report["calls"] == 11 and report["max_abs_diff"]["logits"] <= report["tolerance"]
+
+
+def test_a_wrong_graph_fails_validation_naming_the_output(model, tmp_path):
+    weights = module_weights(model)
+
+    def swapped(name: str) -> np.ndarray:  # layer 1's keys projected with layer 0's weights
+        return weights(name.replace("layers.1.self_attn.k_proj", "layers.0.self_attn.k_proj"))
+
+    path = tmp_path / "decoder.onnx"
+    save_fused_decoder(build_fused_decoder(model.cfg, swapped), path)
+    with pytest.raises(ExportValidationError, match=r"decoder.onnx \(fused\) output 'logits': max abs diff"):
+        validate_fused(path, model.cfg, DecoderGraph(model))
+
+
+@pytest.mark.parametrize("case", ["text", "two_images"])
+def test_greedy_tokens_equal_across_fused_traced_and_pytorch(tiny_pack, traced_pack, model, case):
+    prompt, images = (("Describe a red bicycle.", []) if case == "text" else
+                      ("Which picture shows more circles?", verification_images()))
+    tokens = {}
+    for name, pack_dir in (("fused", tiny_pack), ("traced", traced_pack)):
+        pack = Pack.open(pack_dir)
+        gen = Generator.from_pack(pack, OrtBackend(pack, provider="cpu", cache_dir=None))
+        tokens[name] = gen.generate(prompt, images, 24).token_ids
+    pack = Pack.open(tiny_pack)
+    tokens["torch"] = Generator.from_pack(pack, TorchBackend(model)).generate(prompt, images, 24).token_ids
+    assert len(tokens["fused"]) == 24
+    assert tokens["fused"] == tokens["traced"] == tokens["torch"]
+
+
+MODES = {"int4": (Int4WeightOnlyConfig, "MatMulNBits"), "int8-weight": (Int8WeightOnlyConfig, "MatMulNBits"),
+         "int8-dynamic": (Int8DynamicConfig, "MatMulInteger"), "int8-static": (Int8StaticConfig, "DequantizeLinear")}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_quantize_rewrites_the_fused_graph_and_keeps_the_lm_head(tiny_pack, traced_pack, tiny_corpus, tmp_path,
+                                                                 mode):
+    make, op = MODES[mode]
+    config = make(calib=str(tiny_corpus / "corpus.jsonl"), **GATE)
+    out = quantize_pack(tiny_pack, tmp_path / "q", replace(config, max_drop=None)).out
+    pack = Pack.open(out)
+    assert pack.decoder_layout == "fused"
+    entry = pack.manifest.files["decoder.onnx"].quantization
+    t = pack.model_config.text
+    assert entry["kept_nodes"] == ["/lm_head/MatMul"] and entry["matmuls_quantized"] == 7 * t.num_hidden_layers
+    nodes = onnx.load(str(out / "decoder.onnx")).graph.node
+    assert sum(n.op_type == op for n in nodes) >= 7 * t.num_hidden_layers
+    assert any(n.op_type == "GroupQueryAttention" for n in nodes)
+    if mode.startswith("int8-") and mode != "int8-weight":
+        return  # activation quantization: the two layouts' activations differ in order of ops, tokens may too
+    # the same quantization of the traced layout decodes the same tokens
+    traced = Pack.open(quantize_pack(traced_pack, tmp_path / "qt", replace(config, max_drop=None)).out)
+    got = {}
+    for name, p in (("fused", pack), ("traced", traced)):
+        got[name] = Generator.from_pack(p, OrtBackend(p, provider="cpu", cache_dir=None)).generate(
+            "Describe a red bicycle.", [], 12).token_ids
+    assert got["fused"] == got["traced"]
+
+
+def test_calibration_feeds_the_fused_layout_its_own_inputs(tiny_pack, tiny_corpus):
+    feeds = PackFeeds(tiny_pack)
+    reader = DecoderReader(feeds, load_items(tiny_corpus / "corpus.jsonl")[:1], decode_steps=2)
+    got = [reader.get_next() for _ in range(len(reader))]
+    seq = got[0]["inputs_embeds"].shape[1]
+    assert [int(f["total_sequence_length"]) for f in got] == [seq, seq + 1, seq + 2]
+    assert [f["seqlens_k"].tolist() for f in got] == [[seq - 1], [seq], [seq + 1]]
+    assert "attention_mask" not in got[0] and got[0]["past_key_0"].shape[2] == seq + 2  # one buffer, bound whole
+    assert got[1]["past_key_0"][:, :, :seq].any()  # step 1 sees the prefill's keys
+    assert not got[0]["past_key_0"].any()  # the prefill's own snapshot is still empty
+
+
+def test_streaming_export_refuses_the_fused_layout_in_one_line(tiny_ckpt, tmp_path):
+    with pytest.raises(InputError, match="--decoder fused: the streaming export writes the traced decoder only"):
+        export_pack(tiny_ckpt, tmp_path / "pack", stream=True, decoder="fused")
+    with pytest.raises(InputError, match=r"--decoder: got 'flat'; expected one of \['fused', 'traced'\]"):
+        export_pack(tiny_ckpt, tmp_path / "pack", decoder="flat")
+
+
+def test_cli_decoder_flag_reaches_the_export_and_errors_stay_one_line(tiny_ckpt, tmp_path, capsys):
+    from retrv.app.cli import main as cli
+
+    assert cli(["export", str(tiny_ckpt), str(tmp_path / "p"), "--decoder", "fused", "--stream", "on"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--decoder fused: the streaming export writes the traced decoder only" in err and "\n" not in err
