@@ -10,7 +10,7 @@ Softmax, the masks. Among the MatMuls, these are kept:
   they hold no weights, so quantizing them saves no bytes.
 - `lm_head`: node name contains `/lm_head/` (decoder): the logits the answer is read from. Never given to the mode's
   quantizer: it stays fp32 or becomes MatMulNBits by the config's own `lm_head` setting (`quantize.quantize_head`).
-- `icm_attention`: node name contains `/attn/` in `icm_content` / `icm_relation`: the ICM's learned-query pooling
+- `icm_attention`: node name contains `/attn/` (or `/attn_N/`, a module called again) in `icm_content` / `icm_relation`: the ICM's learned-query pooling
   and cross-attention, whose two tokens per candidate carry everything the LM learns about it.
 
 The rule's patterns, the counts of quantized and kept MatMuls and the kept node names go into the file's
@@ -19,6 +19,7 @@ The rule's patterns, the counts of quantized and kept MatMuls and the kept node 
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -59,6 +60,10 @@ class Plan:
         }
 
 
+# the ICM's attention modules, and a second call of one (the tracer names it /attn_1/)
+ICM_ATTENTION = re.compile(r"/attn(_\d+)?/")
+
+
 def plan_graph(model, role: str, keep_matmuls: tuple[str, ...] = ()) -> Plan:
     """Classify every MatMul of `model` (an onnx.ModelProto, Gemm already rewritten) for the graph `role`."""
     constants = {t.name for t in model.graph.initializer}
@@ -71,7 +76,7 @@ def plan_graph(model, role: str, keep_matmuls: tuple[str, ...] = ()) -> Plan:
             keep[name] = "activation_matmul"
         elif role == "decoder" and "/lm_head/" in name:
             keep[name] = "lm_head"
-        elif role in ICM_ROLES and "/attn/" in name:
+        elif role in ICM_ROLES and ICM_ATTENTION.search(name):
             keep[name] = "icm_attention"
         elif role == "decoder" and any(f"/{k}/" in name for k in keep_matmuls):
             keep[name] = "sensitive"

@@ -7,9 +7,11 @@ import argparse
 import csv
 import io
 import json
+import re
 from contextlib import redirect_stdout
 
 import numpy as np
+
 import onnx
 import pytest
 from onnx import numpy_helper
@@ -209,7 +211,8 @@ def test_sensitive_matmuls_stay_in_float(quantized, pack):
     assert relation["kept_by_reason"]["icm_attention"] > 0
     kept = onnx.load(str(quantized["int8-dynamic"].out / "icm_relation.onnx"))
     plain = {n.name for n in kept.graph.node if n.op_type == "MatMul"}
-    assert {n for n in relation["kept_nodes"]} == plain and all("/attn/" in n for n in plain)
+    assert {n for n in relation["kept_nodes"]} == plain, sorted(plain ^ set(relation["kept_nodes"]))
+    assert all(re.search(r"/attn(_\d+)?/", n) for n in plain), plain  # the attention modules, called once or twice
 
 
 def test_lm_head_can_be_quantized_too(pack, tmp_path):

@@ -93,7 +93,7 @@ MODES = {"int4": (Int4WeightOnlyConfig, "MatMulNBits"), "int8-weight": (Int8Weig
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_quantize_rewrites_the_fused_graph_and_keeps_the_lm_head(tiny_pack, traced_pack, tiny_corpus, tmp_path,
+def test_quantize_rewrites_the_fused_graph_and_its_lm_head_as_the_mode_says(tiny_pack, traced_pack, tiny_corpus, tmp_path,
                                                                  mode):
     make, op = MODES[mode]
     config = make(calib=str(tiny_corpus / "corpus.jsonl"), **GATE)
@@ -102,7 +102,11 @@ def test_quantize_rewrites_the_fused_graph_and_keeps_the_lm_head(tiny_pack, trac
     assert pack.decoder_layout == "fused"
     entry = pack.manifest.files["decoder.onnx"].quantization
     t = pack.model_config.text
-    assert entry["kept_nodes"] == ["/lm_head/MatMul"] and entry["matmuls_quantized"] == 7 * t.num_hidden_layers
+    # the mode's quantizer never takes the head; the head option (INT8 by default for int4 / int8-weight) may
+    head = config.lm_head != "fp32"
+    assert entry["kept_nodes"] == ["/lm_head/MatMul"]
+    assert entry["matmuls_quantized"] == 7 * t.num_hidden_layers + head
+    assert (entry.get("lm_head") or {}).get("bits") == ({"int8": 8, "int4": 4}.get(config.lm_head))
     nodes = onnx.load(str(out / "decoder.onnx")).graph.node
     assert sum(n.op_type == op for n in nodes) >= 7 * t.num_hidden_layers
     assert any(n.op_type == "GroupQueryAttention" for n in nodes)
