@@ -24,8 +24,10 @@ def graft_pack(graft_ckpt, tmp_path_factory):
 
 
 # Bounds on this text (the repo's own Markdown, perplexity ~232, 380 positions), not the goals: the +0.5% INT8 goal is
-# measured on the shared captions by bench/quality.py (int8-weight -0.49% there); int8-weight measured +0.66% here.
-@pytest.mark.parametrize("config,max_ppl_pct", [(Int8WeightOnlyConfig(), 1.0), (Int8DynamicConfig(), 2.5),
+# measured on the shared captions by bench/decode.py (int8-weight with its default INT8 head -0.91% there).
+# int8-weight measured +0.66% here with an fp32 head and +1.24% with the INT8 head (the default since issue 20):
+# the head's error shows on this out-of-domain text, hence 1.5.
+@pytest.mark.parametrize("config,max_ppl_pct", [(Int8WeightOnlyConfig(), 1.5), (Int8DynamicConfig(), 2.5),
                                                  (Int4WeightOnlyConfig(), 3.0)],
                          ids=["int8-weight", "int8-dynamic", "int4"])
 def test_quantized_graft_passes_the_default_gate_and_keeps_perplexity(graft_pack, config, max_ppl_pct, tmp_path):
