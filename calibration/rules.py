@@ -9,7 +9,7 @@ Softmax, the masks. Among the MatMuls, these are kept:
   Both sides are activations (rotated keys, softmax probabilities) whose ranges change with every prompt, and
   they hold no weights, so quantizing them saves no bytes.
 - `lm_head`: node name contains `/lm_head/` (decoder): the logits the answer is read from. Never given to the mode's
-  quantizer: it stays fp32 or becomes MatMulNBits by the config's own `lm_head` setting (`quantize.quantize_head`).
+  quantizer: it stays fp32 or becomes MatMulNBits by the config's own `lm_head` setting (`head.quantize_head`).
 - `icm_attention`: node name contains `/attn/` (or `/attn_N/`, a module called again) in `icm_content` / `icm_relation`: the ICM's learned-query pooling
   and cross-attention, whose two tokens per candidate carry everything the LM learns about it.
 

@@ -38,7 +38,6 @@ LAYOUT = "fused"
 MS_DOMAIN = "com.microsoft"
 OPSET = 18  # the traced graphs' opset; SimplifiedLayerNormalization is an ORT op registered in the ONNX domain
 MS_OPSET = 1
-EXTERNAL_DATA_THRESHOLD = 1 << 30  # as onnx_export: above 1 GB of weights, keep them in <file>.data
 
 WeightGetter = Callable[[str], np.ndarray]
 
@@ -205,18 +204,10 @@ def build_fused_decoder(cfg: ModelConfig, weights: WeightGetter, fdt: str = "flo
 
 
 def save_fused_decoder(model, path: Path) -> list[Path]:
-    """Write `model` to `path` (plus `path.data` above EXTERNAL_DATA_THRESHOLD of weights). Returns the files."""
-    import onnx
+    """Write `model` to `path` (weights in `path.data` above onnx_export.EXTERNAL_DATA_THRESHOLD). Returns the files."""
+    from retrv.export.onnx_export import save_model
 
-    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
-    files = [path]
-    if weight_bytes > EXTERNAL_DATA_THRESHOLD:
-        data = path.with_name(path.name + ".data")
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-        files.append(data)
-    else:
-        onnx.save_model(model, str(path))
+    files, weight_bytes = save_model(model, path)
     log.info("wrote fused %s (%.1f MB of weights)", path.name, weight_bytes / 1e6)
     return files
 

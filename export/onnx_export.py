@@ -63,18 +63,26 @@ def export_onnx(sub: SubModel, cfg: ModelConfig, path: Path) -> list[Path]:
                 input_names=list(spec.inputs), output_names=list(spec.outputs),
                 dynamic_axes=spec.dynamic_axes(), opset_version=OPSET, do_constant_folding=True, dynamo=False,
             )
-        model = onnx.load(str(raw), load_external_data=True)
-        weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
-        files = [path]
-        if weight_bytes > EXTERNAL_DATA_THRESHOLD:
-            data = path.with_name(path.name + ".data")
-            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data.name, size_threshold=1024)
-            files.append(data)
-        else:
-            onnx.save_model(model, str(path))
+        files, weight_bytes = save_model(onnx.load(str(raw), load_external_data=True), path)
     log.info("exported %s (%.1f MB of weights)", path.name, weight_bytes / 1e6)
     return files
+
+
+def save_model(model, path: Path) -> tuple[list[Path], int]:
+    """Write an onnx.ModelProto to `path`, its weights into `path.data` above EXTERNAL_DATA_THRESHOLD (the 2 GB
+    protobuf limit). -> (the files written, the weight bytes)."""
+    import onnx
+
+    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
+    files = [path]
+    if weight_bytes > EXTERNAL_DATA_THRESHOLD:
+        data = path.with_name(path.name + ".data")
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+        files.append(data)
+    else:
+        onnx.save_model(model, str(path))
+    return files, weight_bytes
 
 
 def _session(path: Path):
