@@ -71,7 +71,8 @@ def add_mode_options(q: argparse.ArgumentParser) -> None:
                         "(default: the mode's limit, calibrated on real weights; report only for a pack the "
                         "source checkpoint marks as random weights; 'none': report only)")
     q.add_argument("--block-size", type=int, default=None,
-                   help=f"int4 / int8-weight block size (default {_default('int4', 'block_size')})")
+                   help=f"int4 / int8-weight block size (default {_default('int4', 'block_size')} for int4, "
+                        f"{_default('int8-weight', 'block_size')} for int8-weight)")
     q.add_argument("--algo", default=None, choices=["mse", "rtn", "hqq", "gptq"],
                    help=f"int4 algorithm: mse (each block's scale and zero point or minimum searched for the least "
                         f"squared error, llama.cpp k-quant style), rtn (the block's min/max), hqq, gptq "

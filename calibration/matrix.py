@@ -266,30 +266,44 @@ def dequantize_matrix(m: QuantMatrix) -> np.ndarray:
     return w.reshape(m.n, -1)[:, : m.k].T.astype(np.float32)
 
 
+# The block sums of x: one MatMul by E (K, blocks) of ones when E is at most this many bytes (it stays in a core's L2
+# cache, shared by every layer of that width: one op), else a reshape to (..., blocks, block) and a ReduceSum (two
+# ops, no matrix read: at 7B's down_proj E would be 45 MB a layer). SmolLM2's widths (576, 1536): 41 and 295 KB.
+BLOCKSUM_MATRIX_BYTES = 1 << 20
+
+
 def offset_nodes(x: str, nbits_out: str, out: str, name: str, k: int, block_size: int, offsets: str,
-                 block_sums: dict, inits: dict, dtype) -> tuple[list, object]:
+                 block_sums: dict, inits: dict, dtype, rank: int | None = None) -> tuple[list, object]:
     """The "offset" form's side product: out = nbits_out + blocksum(x) @ offsets, blocksum(x) = x @ E with E (K,
     blocks) ones per block. `block_sums` maps (x, K) to a block-sum output already made (shared by the MatMuls that
-    read x); `inits` the graph's initializers by name. -> (nodes, the new E initializer or None)."""
+    read x); `inits` the graph's initializers by name; `rank` x's rank when the graph declares it (one constant
+    Reshape), else None (the shape is built at run time). -> (nodes, the new initializers or None)."""
     from onnx import helper, numpy_helper
 
     nodes, new = [], None
     key = (x, k)
-    if key not in block_sums and k % block_size == 0:
+    small = k * -(-k // block_size) * 4 <= BLOCKSUM_MATRIX_BYTES
+    if key not in block_sums and k % block_size == 0 and not small:
         # Whole blocks: reshape (..., K) -> (..., blocks, block) and sum the last axis (no K x blocks matrix to read
         # every token: at 7B's down_proj that matrix would be 45 MB a layer)
         blocks, sums = k // block_size, f"{x}_blocksum{block_size}"
-        shape_name = f"blocksum_shape_{k}_{block_size}"
+        lead = [0] * (rank - 1) if rank else []  # Reshape's 0: keep that input dimension
+        shape_name = f"blocksum_shape_{k}_{block_size}" + (f"_rank{rank}" if rank else "")
         if shape_name not in inits:
-            inits[shape_name] = new = numpy_helper.from_array(np.array([blocks, block_size], np.int64), shape_name)
+            inits[shape_name] = new = numpy_helper.from_array(np.array([*lead, blocks, block_size], np.int64),
+                                                              shape_name)
         axes = f"blocksum_axes_{block_size}"
-        nodes += [helper.make_node("Shape", [x], [f"{sums}_lead"], name=name + "_blocksum_lead", end=-1),
-                  helper.make_node("Concat", [f"{sums}_lead", shape_name], [f"{sums}_shape"], axis=0,
-                                   name=name + "_blocksum_shape"),
-                  helper.make_node("Reshape", [x, f"{sums}_shape"], [f"{sums}_blocks"],
-                                   name=name + "_blocksum_reshape"),
-                  helper.make_node("ReduceSum", [f"{sums}_blocks", axes], [sums], keepdims=0,
-                                   name=name + "_blocksum")]
+        if rank:
+            nodes.append(helper.make_node("Reshape", [x, shape_name], [f"{sums}_blocks"],
+                                          name=name + "_blocksum_reshape"))
+        else:
+            nodes += [helper.make_node("Shape", [x], [f"{sums}_lead"], name=name + "_blocksum_lead", end=-1),
+                      helper.make_node("Concat", [f"{sums}_lead", shape_name], [f"{sums}_shape"], axis=0,
+                                       name=name + "_blocksum_shape"),
+                      helper.make_node("Reshape", [x, f"{sums}_shape"], [f"{sums}_blocks"],
+                                       name=name + "_blocksum_reshape")]
+        nodes.append(helper.make_node("ReduceSum", [f"{sums}_blocks", axes], [sums], keepdims=0,
+                                      name=name + "_blocksum"))
         if axes not in inits:
             inits[axes] = numpy_helper.from_array(np.array([-1], np.int64), axes)
             new = [t for t in (new, inits[axes]) if t is not None]
@@ -327,6 +341,8 @@ def nbits_graph(model, quantize: tuple[str, ...], block_size: int, zero_point: s
         for i in node.input:
             uses[i] = uses.get(i, 0) + 1
     targets = set(quantize)
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*model.graph.input, *model.graph.value_info]
+             if v.type.tensor_type.HasField("shape")}
     nodes, done = [], 0
     block_sums: dict[tuple[str, int], str] = {}  # (input, K) -> its block sums, shared by q/k/v and gate/up
     for node in model.graph.node:
@@ -349,7 +365,7 @@ def nbits_graph(model, quantize: tuple[str, ...], block_size: int, zero_point: s
             off = numpy_helper.from_array(m.offsets, base + "_offsets")
             model.graph.initializer.append(off)
             side, e = offset_nodes(node.input[0], out[0], node.output[0], node.name, m.k, block_size, off.name,
-                                   block_sums, inits, np.float32)
+                                   block_sums, inits, np.float32, ranks.get(node.input[0]))
             nodes.extend(side)
             if e is not None:
                 model.graph.initializer.extend(e if isinstance(e, list) else [e])

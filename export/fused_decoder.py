@@ -96,13 +96,14 @@ class _Builder:
                   epsilon=eps)
         return out[0], out[3]
 
-    def packed_linear(self, x: str, prefixes: list[str], fused: str) -> str:
-        """x @ [W_q; W_k; W_v]^T + [b_q; b_k; b_v]: one MatMul for the three projections."""
+    def packed_linear(self, x: str, prefixes: list[str], fused: str, bias: bool = True) -> str:
+        """x @ [W_1; W_2; ...]^T (+ [b_1; b_2; ...]): one MatMul for projections that read the same input."""
         scope = "/" + fused.replace(".layers.", "/layers.").replace(".", "/").replace("/layers/", "/layers.")
         w = np.concatenate([np.asarray(self.weights(f"{p}.weight")).T for p in prefixes], axis=1)
-        bias = np.concatenate([np.asarray(self.weights(f"{p}.bias")) for p in prefixes])
         (y,) = self.node("MatMul", [x, self.init(f"{fused}.weight.T", w.astype(self.np_dtype))], 1, f"{scope}/MatMul")
-        (y,) = self.node("Add", [y, self.init(f"{fused}.bias", bias.astype(self.np_dtype))], 1, f"{scope}/Add")
+        if bias:
+            b = np.concatenate([np.asarray(self.weights(f"{p}.bias")) for p in prefixes])
+            (y,) = self.node("Add", [y, self.init(f"{fused}.bias", b.astype(self.np_dtype))], 1, f"{scope}/Add")
         return y
 
     def linear(self, x: str, prefix: str, bias: bool) -> str:
@@ -114,10 +115,15 @@ class _Builder:
         return y
 
 
-def build_fused_decoder(cfg: ModelConfig, weights: WeightGetter, fdt: str = "float32", fuse_qkv: bool = False):
+def build_fused_decoder(cfg: ModelConfig, weights: WeightGetter, fdt: str = "float32", fuse_qkv: bool = True,
+                        fuse_mlp: bool = True):
     """The fused decoder as an onnx.ModelProto. `weights(name)` returns the state-dict tensor `name` as numpy
-    (e.g. "language_model.layers.0.self_attn.q_proj.weight", "lm_head.weight"). `fuse_qkv`: one q/k/v MatMul per
-    layer feeding GQA's packed input (measured in bench/fused_decode.py; see docs/ARCHITECTURE.md)."""
+    (e.g. "language_model.layers.0.self_attn.q_proj.weight", "lm_head.weight").
+
+    `fuse_qkv`: one q/k/v MatMul (+ one bias Add) per layer feeding GQA's packed-QKV input; `fuse_mlp`: one gate/up
+    MatMul, split after. Both on by default: at decode a projection of SmolLM2's width is a few microseconds of
+    weights behind each kernel launch and thread-pool fork, so fewer, wider MatMuls are faster (INT8 decode 11%
+    faster on two threads, 4% on one; bench/fused_decode.py, docs/ARCHITECTURE.md)."""
     from onnx import TensorProto, helper
 
     t = cfg.text
@@ -150,8 +156,12 @@ def build_fused_decoder(cfg: ModelConfig, weights: WeightGetter, fdt: str = "flo
         o = b.linear(attn, f"{p}.self_attn.o_proj", bias=False)
         normed, residual = b.skip_norm(o, residual, f"{p}.post_attention_layernorm.weight",
                                        f"{scope}/post_attention_layernorm/SkipSimplifiedLayerNormalization", eps)
-        gate = b.linear(normed, f"{p}.mlp.gate_proj", bias=False)
-        up = b.linear(normed, f"{p}.mlp.up_proj", bias=False)
+        if fuse_mlp:  # one MatMul for gate and up, split after
+            gu = b.packed_linear(normed, [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], f"{p}.mlp.gate_up_proj", bias=False)
+            gate, up = b.node("Split", [gu], 2, f"{scope}/mlp/Split", axis=-1, num_outputs=2)
+        else:
+            gate = b.linear(normed, f"{p}.mlp.gate_proj", bias=False)
+            up = b.linear(normed, f"{p}.mlp.up_proj", bias=False)
         (sig,) = b.node("Sigmoid", [gate], 1, f"{scope}/mlp/act_fn/Sigmoid")
         (silu,) = b.node("Mul", [gate, sig], 1, f"{scope}/mlp/act_fn/Mul")
         (h,) = b.node("Mul", [silu, up], 1, f"{scope}/mlp/Mul")
@@ -161,6 +171,7 @@ def build_fused_decoder(cfg: ModelConfig, weights: WeightGetter, fdt: str = "flo
             normed, residual = b.skip_norm(mlp, residual, f"{nxt}.weight",
                                            f"/{lm}/layers.{i + 1}/input_layernorm/SkipSimplifiedLayerNormalization",
                                            eps)
+    per_position = {o for n in b.nodes for o in n.output if o}  # (B, S, X): every layer tensor, for the quantizers
     # Only the last position is read (logits, embedding): slice before the final norm, norm one row per sequence.
     starts, ends, axis = (b.init(n, np.array([v], np.int64)) for n, v in
                           (("last_start", -1), ("last_end", np.iinfo(np.int64).max), ("seq_axis", 1)))
@@ -185,10 +196,13 @@ def build_fused_decoder(cfg: ModelConfig, weights: WeightGetter, fdt: str = "flo
 
     # Every intermediate's element type, declared: onnx's shape inference does not know the contrib ops (nor
     # SimplifiedLayerNormalization), and the quantizers (int8-dynamic, int8-static) need the MatMul inputs' types.
+    # The layers' tensors also declare their rank (batch, seq, features): the INT4 offset form's block sums reshape
+    # by rank (calibration.matrix.offset_nodes) instead of computing each shape at run time.
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(fdt))
     fp32_outputs = {"/embedding/Cast/output_0", "/embedding/ReduceL2/output_0", "/embedding/Max/output_0"}
     declared = {*spec.inputs, *spec.outputs}
-    inner = [helper.make_tensor_value_info(o, TensorProto.FLOAT if o in fp32_outputs else elem, None)
+    inner = [helper.make_tensor_value_info(o, TensorProto.FLOAT if o in fp32_outputs else elem,
+                                           ["batch", "seq", None] if o in per_position else None)
              for n in b.nodes for o in n.output if o and o not in declared]
     graph = helper.make_graph(
         b.nodes, "retrv_fused_decoder",

@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from retrv.calibration import matrix
 from retrv.calibration.matrix import dequantize_int4, dequantize_matrix, int4_graph, nbits_graph, quantize_int4, \
     quantize_matrix
 from retrv.runtime.errors import InputError
@@ -52,23 +53,33 @@ def test_float_zero_points_reproduce_a_q4_1_grid_exactly():
     assert np.abs(dequantize_int4(quantize_int4(w, 32, "int")) - w).max() > 1e-3
 
 
-def test_offset_form_runs_on_the_packed_kernel_and_shares_block_sums():
-    """No zero-point input (the packed MLAS path: uint8 or none), one block-sum product per distinct input."""
+@pytest.mark.parametrize("path,declared", [("matrix", True), ("reshape", True), ("reshape", False)],
+                         ids=["ones-matrix", "reshape-rank-declared", "reshape-rank-unknown"])
+def test_offset_form_runs_on_the_packed_kernel_and_shares_block_sums(monkeypatch, path, declared):
+    """No zero-point input (the packed MLAS path: uint8 or none), one block-sum product per distinct input: a small
+    (K, blocks) ones matrix, or (above BLOCKSUM_MATRIX_BYTES) a reshape by a constant shape where the rank is
+    declared and by one built at run time where it is not: the same values."""
+    if path == "reshape":
+        monkeypatch.setattr(matrix, "BLOCKSUM_MATRIX_BYTES", 0)
     rng = np.random.default_rng(5)
     w = rng.normal(size=(64, 16)).astype(np.float32)
     x = rng.normal(size=(1, 3, 64)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"], name="/a/MatMul"),
          helper.make_node("MatMul", ["x", "w2"], ["y2"], name="/b/MatMul")], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 64])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 64] if declared else None)],
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 3, 16]) for n in ("y", "y2")],
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(w * 2 + 1, "w2")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     assert int4_graph(model, ("/a/MatMul", "/b/MatMul"), 32, "offset", accuracy_level=0) == 2
     ops = [n.op_type for n in model.graph.node]
-    # one block sum for both (a reshape to (..., blocks, 32) and a ReduceSum: no (K, blocks) matrix to read), then
-    # one offset product each
-    assert ops.count("MatMulNBits") == 2 and ops.count("ReduceSum") == 1 and ops.count("MatMul") == 2
+    # one block sum for both, then one offset product each
+    if path == "matrix":
+        assert ops.count("MatMul") == 3 and "ReduceSum" not in ops and "Reshape" not in ops
+    else:
+        assert ops.count("Shape") == (0 if declared else 1) and ops.count("Reshape") == 1
+        assert ops.count("ReduceSum") == 1 and ops.count("MatMul") == 2
+    assert ops.count("MatMulNBits") == 2
     assert all(len(n.input) == 3 for n in model.graph.node if n.op_type == "MatMulNBits")  # x, q, scales
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     for out, ww in zip(got, (w, w * 2 + 1)):

@@ -51,12 +51,17 @@ def test_the_default_export_is_fused_and_records_its_validation(tiny_pack):
     assert {("com.microsoft", "GroupQueryAttention"), ("com.microsoft", "SkipSimplifiedLayerNormalization")} <= ops
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_fused_graph_matches_pytorch_call_by_call(model, tmp_path, precision):
+@pytest.mark.parametrize("precision,packed", [("fp32", True), ("fp16", True), ("fp32", False)],
+                         ids=["fp32", "fp16", "fp32-unpacked"])
+def test_fused_graph_matches_pytorch_call_by_call(model, tmp_path, precision, packed):
+    """The default graph (q/k/v and gate/up each one packed MatMul) and the one-MatMul-per-projection graph."""
     m = copy.deepcopy(model).half() if precision == "fp16" else model
     path = tmp_path / "decoder.onnx"
-    save_fused_decoder(build_fused_decoder(m.cfg, module_weights(m), "float16" if precision == "fp16" else "float32"),
-                       path)
+    graph = build_fused_decoder(m.cfg, module_weights(m), "float16" if precision == "fp16" else "float32",
+                                fuse_qkv=packed, fuse_mlp=packed)
+    matmuls = sum(n.op_type == "MatMul" for n in graph.graph.node)
+    assert matmuls == model.cfg.text.num_hidden_layers * (4 if packed else 7) + 1  # + the LM head
+    save_fused_decoder(graph, path)
     report = validate_fused(path, model.cfg, DecoderGraph(model), precision)
     assert report["calls"] == 11 and report["max_abs_diff"]["logits"] <= report["tolerance"]
 
@@ -105,10 +110,10 @@ def test_quantize_rewrites_the_fused_graph_and_its_lm_head_as_the_mode_says(tiny
     # the mode's quantizer never takes the head; the head option (INT8 by default for int4 / int8-weight) may
     head = config.lm_head != "fp32"
     assert entry["kept_nodes"] == ["/lm_head/MatMul"]
-    assert entry["matmuls_quantized"] == 7 * t.num_hidden_layers + head
+    assert entry["matmuls_quantized"] == 4 * t.num_hidden_layers + head  # packed q/k/v and gate/up, o, down
     assert (entry.get("lm_head") or {}).get("bits") == ({"int8": 8, "int4": 4}.get(config.lm_head))
     nodes = onnx.load(str(out / "decoder.onnx")).graph.node
-    assert sum(n.op_type == op for n in nodes) >= 7 * t.num_hidden_layers
+    assert sum(n.op_type == op for n in nodes) >= 4 * t.num_hidden_layers
     assert any(n.op_type == "GroupQueryAttention" for n in nodes)
     if mode.startswith("int8-") and mode != "int8-weight":
         return  # activation quantization: the two layouts' activations differ in order of ops, tokens may too
