@@ -17,7 +17,8 @@ A value dequantizes as (q - zero) * scale.
 The 4-bit values are stored symmetric (no zero-point input: the kernel's 8) and the rest, lo + 8 * scale per
 block, is added outside the kernel: x @ W = MatMulNBits(x) + blocksum(x) @ offsets, where blocksum(x) = x @ E
 (E: (K, blocks) ones per block, shared by the MatMuls that read the same x) and offsets is (blocks, N) float32.
-Two small fp32 MatMuls and an Add per projection; 4 bytes a block more than "int", as float zeros.
+Per distinct input one block sum (a MatMul by E where E is small, else a constant reshape and a ReduceSum), then per
+projection a small fp32 MatMul and an Add; 4 bytes a block more than "int", as float zeros.
 
 Zero points. "int" (what ORT's default RTN writes): the zero is rounded to an integer 0..2^bits-1 and the range is
 widened to include 0, so the block's min and max are generally not on the grid. "float" (llama.cpp's Q4_1 form,

@@ -9,7 +9,8 @@ positions only. Numpy only: no onnxruntime here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -18,10 +19,14 @@ from retrv.runtime.errors import InputError
 MIN_CAPACITY = 256  # positions: a short prompt + answer fits without regrowth; 256 x 46 KB/position (SmolLM2) is 12 MB
 
 
+@lru_cache(maxsize=8)
 def half_inv_freq(head_dim: int, theta: float) -> np.ndarray:
-    """Rotary inverse frequencies (D/2,), float32, as retrv.model.layers.inv_freq computes them."""
-    return (1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
-            ).astype(np.float32)
+    """Rotary inverse frequencies (D/2,), float32, as retrv.model.layers.inv_freq computes them (cached: every
+    decode step asks; read-only)."""
+    out = (1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
+           ).astype(np.float32)
+    out.flags.writeable = False
+    return out
 
 
 def mrope_angles(position_ids: np.ndarray, text_cfg) -> np.ndarray:
@@ -54,6 +59,11 @@ class FusedCache:
     limit: int  # the model's context (max_position_embeddings): the buffer never grows past it
     binding: object = None  # the backend's IO binding for this state (past/present/rotary bound by pointer)
     bound_capacity: int = 0  # the capacity `binding` was bound at (rebound after `reserve` reallocates)
+    # One-token steps: the new embedding, seqlens_k, total_sequence_length and the logits live in these buffers,
+    # bound by pointer once per binding, so a decode step writes numbers and runs (no per-step binding or
+    # allocation); `step_bound` is the binding they were bound to.
+    step: dict = field(default_factory=dict)
+    step_bound: object = None
 
     @classmethod
     def allocate(cls, batch: int, num_layers: int, kv_heads: int, head_dim: int, dtype, limit: int,

@@ -248,13 +248,40 @@ class OrtBackend(GraphBackend):
         cache.reserve(past, total)
         cache.write_rotary(past, mrope_angles(position_ids, self.pack.model_config.text))
         io = self._fused_binding(runner, cache)
+        width = runner.spec["outputs"][output]["shape"][-1]
+        if s == 1 and output == "logits":  # a decode step: write into the buffers bound once (`_step_buffers`)
+            buf = self._step_buffers(io, cache, b, embeds.shape[-1], embeds.dtype, width)
+            buf["inputs_embeds"][...] = embeds
+            buf["seqlens_k"][...] = total - 1
+            buf["total_sequence_length"][...] = total
+            runner.session.run_with_iobinding(io)
+            return buf["logits"].copy()  # the buffer is the next step's; the caller keeps its own
+        cache.step_bound = None  # the inputs below replace the step buffers' bindings
         io.bind_cpu_input("inputs_embeds", embeds)
         io.bind_cpu_input("seqlens_k", np.full((b,), total - 1, np.int32))
         io.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
-        out = np.empty((b, runner.spec["outputs"][output]["shape"][-1]), np.float32)
+        out = np.empty((b, width), np.float32)
         io.bind_output(output, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
         runner.session.run_with_iobinding(io)
         return out
+
+    @staticmethod
+    def _step_buffers(io, cache: FusedCache, batch: int, hidden: int, dtype, vocab: int) -> dict:
+        """The one-token step's input and logits buffers of `cache`, bound by pointer to `io` (again only when the
+        binding is new: a regrown cache, or a multi-token call in between)."""
+        buf = cache.step
+        if not buf or buf["inputs_embeds"].dtype != dtype:
+            buf.clear()
+            buf.update(inputs_embeds=np.zeros((batch, 1, hidden), dtype), seqlens_k=np.zeros((batch,), np.int32),
+                       total_sequence_length=np.zeros((), np.int32), logits=np.zeros((batch, vocab), np.float32))
+            cache.step_bound = None
+        if cache.step_bound is not io:
+            for name in ("inputs_embeds", "seqlens_k", "total_sequence_length"):
+                a = buf[name]
+                io.bind_input(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+            io.bind_output("logits", "cpu", 0, np.float32, list(buf["logits"].shape), buf["logits"].ctypes.data)
+            cache.step_bound = io
+        return buf
 
     def _fused_binding(self, runner: OrtRunner, cache: FusedCache):
         """The state's IO binding with every layer's buffer bound as past and present (rebound after growth)."""
