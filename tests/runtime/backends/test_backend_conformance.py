@@ -210,6 +210,25 @@ def test_fused_decoder_grows_its_buffer_and_refuses_past_the_context(backends, t
         b.step(state, embeds[:, :1], np.full((3, 1, 1), limit, np.int64), np.ones((1, 1), np.int64))
 
 
+def test_fused_decode_steps_match_the_traced_graph_across_regrowth_and_extension(backends, tiny):
+    """One-token steps write into buffers bound once per binding: they must follow the state through a regrown
+    cache (a new binding) and a multi-token call in between (which binds its own inputs), and every step's logits
+    are the caller's own (a later step does not overwrite them)."""
+    _, pack = tiny
+    fused, traced = backends["ort-fused"], backends["ort"]
+    embeds, pos, mask = _prompt(pack, 12, seed=4)
+    a, b = fused._fused_start(1, capacity=4), traced.start(1)
+    kept = []
+    for lo, hi in ((0, 3), (3, 4), (4, 5), (5, 6), (6, 9), (9, 10), (10, 11), (11, 12)):  # regrows at 5 and 9
+        got = fused.step(a, embeds[:, lo:hi], pos[:, :, lo:hi], mask[:, lo:hi])
+        want = traced.step(b, embeds[:, lo:hi], pos[:, :, lo:hi], mask[:, lo:hi])
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+        kept.append((got, got.copy()))
+    assert a.cache.capacity == 16 and a.length == 12
+    for got, copy_ in kept:
+        np.testing.assert_array_equal(got, copy_)
+
+
 def test_trt_refuses_a_fused_pack_naming_the_flag(fused_pack, fake_trt):
     with pytest.raises(InputError, match="expected a pack exported with `retrv export --decoder traced`"):
         TrtBackend(fused_pack)
