@@ -92,6 +92,13 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("RETRV_CACHE", Path.home() / ".cache" / "retrv"))
 
 
+# The decoder's session: the intra-op pool hands out a decode step's small kernels in dynamically shrinking blocks
+# (ONNX Runtime's `dynamic_block_base`) rather than one static share per thread. Measured on the SmolLM2 graft, two
+# threads, raw sessions interleaved in one process (4 pairs): int8-weight decode 3-10% faster, INT4 7-15%, fp32 and
+# prefill unchanged; one thread has no pool to schedule. A caller's `session_config` overrides it.
+DECODER_SESSION_CONFIG = {"session.dynamic_block_base": "4"}
+
+
 class OrtRunner(Runner):
     """One sub-model in an ONNX Runtime session: `runner.infer(feed)` checks the feed against the manifest spec,
     then runs."""
@@ -175,8 +182,9 @@ class OrtBackend(GraphBackend):
     def open_runner(self, role: str) -> OrtRunner:
         path = self.pack.file(role)
         entry = self.pack.manifest.files[path.name]
+        config = {**DECODER_SESSION_CONFIG, **self.session_config} if role == "decoder" else self.session_config
         return OrtRunner(path, {"inputs": entry.inputs, "outputs": entry.outputs}, entry.sha256,
-                         self.providers, self.threads, self.cache_dir, self.session_config, self.cpu_arena,
+                         self.providers, self.threads, self.cache_dir, config, self.cpu_arena,
                          self.inter_op_threads)
 
     @property

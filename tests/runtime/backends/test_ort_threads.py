@@ -11,7 +11,7 @@ import pytest
 from retrv.app import cli
 from retrv.app.commands import _backend_kwargs
 from retrv.runtime.backends import open_backend
-from retrv.runtime.backends.ort import cgroup_cpu_limit, physical_cores
+from retrv.runtime.backends.ort import OrtBackend, cgroup_cpu_limit, physical_cores
 from retrv.runtime.errors import InputError
 from retrv.runtime.pack import Pack
 
@@ -30,6 +30,16 @@ def test_threads_reach_the_session_options(tiny_pack):
     opts = _options(open_backend(pack, "ort", cache_dir=None))  # defaults: the cores, one inter-op, sequential
     assert opts.intra_op_num_threads == physical_cores() and opts.inter_op_num_threads == 1
     assert opts.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+
+
+def test_the_decoder_session_schedules_in_dynamic_blocks_and_a_caller_may_override(tiny_pack):
+    pack = Pack.open(tiny_pack)
+    backend = open_backend(pack, "ort", threads=2, cache_dir=None)
+    assert _options(backend).get_session_config_entry("session.dynamic_block_base") == "4"
+    with pytest.raises(Exception, match="does not have configuration"):  # the decoder's setting only
+        backend.runner("vision").session.get_session_options().get_session_config_entry("session.dynamic_block_base")
+    backend = OrtBackend(pack, threads=2, cache_dir=None, session_config={"session.dynamic_block_base": "0"})
+    assert _options(backend).get_session_config_entry("session.dynamic_block_base") == "0"
 
 
 @pytest.mark.parametrize("kw,msg", [(dict(threads=0), r"--threads: got 0; expected an integer from 1 to 1024"),
