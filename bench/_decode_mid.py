@@ -18,28 +18,29 @@ from pathlib import Path
 import numpy as np
 
 
+def greedy_once(backend, table, ids, new_tokens: int) -> tuple[float, float]:
+    """One prefill of the prompt `ids` and `new_tokens` greedy steps through `backend.step` (argmax in numpy) ->
+    (prefill seconds, seconds per decoded token). The loop bench/fused_decode.py and `measure` share."""
+    n = len(ids)
+    embeds = table[ids][None].astype(np.float32)  # (1, S, H)
+    pos = np.broadcast_to(np.arange(n), (3, 1, n)).astype(np.int64).copy()
+    state = backend.start(1)
+    t0 = time.perf_counter()
+    logits = backend.step(state, embeds, pos, np.ones((1, n), np.int64))
+    t1 = time.perf_counter()
+    for i in range(new_tokens):
+        tok = int(np.argmax(logits[0]))
+        step_pos = np.full((3, 1, 1), n + i, np.int64)
+        logits = backend.step(state, table[[tok]][None].astype(np.float32), step_pos, np.ones((1, 1), np.int64))
+    return t1 - t0, (time.perf_counter() - t1) / max(1, new_tokens)
+
+
 def measure(backend, table, prompt_tokens: int, new_tokens: int, repeats: int, seed: int = 0) -> dict:
     """Prefill of a random `prompt_tokens` prompt, then greedy decode of `new_tokens`; medians over `repeats`
     after one warm-up. Shared by bench/quant.py."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, 400, prompt_tokens)
-    embeds = table[ids][None].astype(np.float32)  # (1, S, H)
-    pos = np.broadcast_to(np.arange(prompt_tokens), (3, 1, prompt_tokens)).astype(np.int64).copy()
-    prefill, per_token = [], []
-    for r in range(repeats + 1):  # run 0 is the warm-up
-        state = backend.start(1)
-        t0 = time.perf_counter()
-        logits = backend.step(state, embeds, pos, np.ones((1, prompt_tokens), np.int64))
-        t1 = time.perf_counter()
-        for i in range(new_tokens):
-            tok = int(np.argmax(logits[0]))
-            step_pos = np.full((3, 1, 1), prompt_tokens + i, np.int64)
-            logits = backend.step(state, table[[tok]][None].astype(np.float32), step_pos, np.ones((1, 1), np.int64))
-        t2 = time.perf_counter()
-        if r:
-            prefill.append(t1 - t0)
-            per_token.append((t2 - t1) / new_tokens)
-    p, d = statistics.median(prefill), statistics.median(per_token)
+    ids = np.random.default_rng(seed).integers(0, 400, prompt_tokens)
+    runs = [greedy_once(backend, table, ids, new_tokens) for _ in range(repeats + 1)][1:]  # run 0: the warm-up
+    p, d = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
     return {"prefill_tokens_per_s": prompt_tokens / p, "prefill_ms": p * 1e3, "ms_per_token": d * 1e3,
             "decode_tokens_per_s": 1 / d}
 

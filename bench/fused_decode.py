@@ -53,20 +53,11 @@ def _packs(work: Path, precisions=("fp32", "int4", "int8-weight")) -> dict[tuple
 
 
 def _once(backend, table: np.ndarray, new_tokens: int = NEW_TOKENS, seed: int = 0) -> tuple[float, float]:
-    """One prefill of a PROMPT_TOKENS prompt and `new_tokens` greedy steps through `backend.step` (the loop of
-    bench/decode.py's `measure`) -> (prefill seconds, seconds per decoded token)."""
-    ids = np.random.default_rng(seed).integers(0, 400, PROMPT_TOKENS)
-    embeds = table[ids][None].astype(np.float32)  # (1, S, H)
-    pos = np.broadcast_to(np.arange(PROMPT_TOKENS), (3, 1, PROMPT_TOKENS)).astype(np.int64).copy()
-    state = backend.start(1)
-    t0 = time.perf_counter()
-    logits = backend.step(state, embeds, pos, np.ones((1, PROMPT_TOKENS), np.int64))
-    t1 = time.perf_counter()
-    for i in range(new_tokens):
-        tok = int(np.argmax(logits[0]))
-        step_pos = np.full((3, 1, 1), PROMPT_TOKENS + i, np.int64)
-        logits = backend.step(state, table[[tok]][None].astype(np.float32), step_pos, np.ones((1, 1), np.int64))
-    return t1 - t0, (time.perf_counter() - t1) / max(1, new_tokens)
+    """One prefill of a PROMPT_TOKENS prompt and `new_tokens` greedy steps (bench/_decode_mid.greedy_once, the
+    loop of bench/decode.py's `measure`) -> (prefill seconds, seconds per decoded token)."""
+    from _decode_mid import greedy_once
+
+    return greedy_once(backend, table, np.random.default_rng(seed).integers(0, 400, PROMPT_TOKENS), new_tokens)
 
 
 def profile_step(pack_dir: Path, threads: int, steps: int = 32) -> dict[str, float]:

@@ -55,6 +55,8 @@ def test_bad_keep_matmuls_is_refused_by_name():
 def test_cli_int8_weight_takes_a_block_size_and_refuses_int4_flags():
     config = _parse(["--mode", "int8-weight", "--block-size", "64"])
     assert isinstance(config, Int8WeightOnlyConfig) and config.block_size == 64 and config.max_drop == "default"
+    # blocks of 128 by default (docs/BENCHMARKS.md: faster decode, inside the gate); int4 keeps 32 (the Q4_1 grid)
+    assert _parse(["--mode", "int8-weight"]).block_size == 128 and _parse(["--mode", "int4"]).block_size == 32
     with pytest.raises(InputError, match="--algo: applies to --mode int4; got --mode int8-weight"):
         _parse(["--mode", "int8-weight", "--algo", "hqq"])
     with pytest.raises(InputError, match="--block-size: got 24"):

@@ -137,7 +137,7 @@ def test_int8_weight_is_8bit_matmulnbits_in_every_graph_and_close_to_fp32(quanti
         assert nbits and all(next(a.i for a in n.attribute if a.name == "bits") == 8 for n in nbits), name
         assert not any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in model.graph.node), name
     q = Pack.open(report.out).manifest.files["decoder.onnx"].quantization
-    assert q["bits"] == 8 and q["zero_point"] == "int" and q["accuracy_level"] == 4
+    assert q["bits"] == 8 and q["zero_point"] == "int" and q["accuracy_level"] == 4 and q["block_size"] == 128
     gate = report.gate
     # 255 levels a block of 32, activations per block: closer to fp32 than int8-dynamic on the same random model
     assert gate["logits_cosine_min"] > 0.99
