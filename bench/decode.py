@@ -16,7 +16,10 @@ keeps SmolLM2's tokenizer, so ids below 49152 mean the same token in both), `--n
 median of `--repeats` runs after one warm-up, per thread count (ORT intra-op threads; llama.cpp n_threads and
 n_threads_batch). Every engine of a thread count is loaded first, then each repeat runs them all in turn, the
 order rotated each repeat, so load from other jobs falls on all alike; the 1-minute load average is printed and
-kept before each configuration and each round. Reported per engine: decode ms/token, prefill tok/s, weight bytes
+kept before each configuration and each round. Each timed run starts `--settle-ms` (200) after the previous one
+ended: ONNX Runtime's idle pool threads spin for some milliseconds after a run, and on 2 cores an engine started
+at once shares them with that spin (measured: llama.cpp's 94-token prefill 15-25% slower right after a retrv
+engine's decode than 50 ms later; a retrv engine's likewise after another retrv engine's). Reported per engine: decode ms/token, prefill tok/s, weight bytes
 read per decoded token (pack: its decode graph's initializers, a Gather-only table counting one row; GGUF: every
 tensor, the token embedding one row unless it is also the head) and that over the time per token as a share of
 this machine's read bandwidth, measured in the same run (numpy sum over 1 GiB, 1 and N threads); perplexity of
@@ -146,8 +149,10 @@ def prompt_ids(tokenizer_file: Path, captions: Path, n: int) -> list[int]:
     return ids
 
 
-def time_engines(engines: dict, ids: list[int], new_tokens: int, repeats: int, threads: int) -> dict:
-    """Warm-up, then `repeats` rounds over every engine, the order rotated each round. -> name -> row."""
+def time_engines(engines: dict, ids: list[int], new_tokens: int, repeats: int, threads: int,
+                 settle_s: float = 0.0) -> dict:
+    """Warm-up, then `repeats` rounds over every engine, the order rotated each round, `settle_s` of sleep before
+    each run (the previous engine's pool stops spinning). -> name -> row."""
     names = list(engines)
     runs: dict[str, list] = {n: [] for n in names}
     loads = []
@@ -158,6 +163,7 @@ def time_engines(engines: dict, ids: list[int], new_tokens: int, repeats: int, t
         loads.append(load_average())
         print(f"  {threads} thread(s) round {r + 1}/{repeats}: load {loads[-1]:.2f}", file=sys.stderr, flush=True)
         for name in names[r % len(names):] + names[: r % len(names)]:
+            time.sleep(settle_s)
             runs[name].append(engines[name].run(ids, new_tokens))
     rows = {}
     for name in names:
@@ -268,6 +274,8 @@ def parse_args(argv):
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--settle-ms", type=float, default=200.0,
+                    help="sleep before each timed run, so the previous engine's threads have stopped spinning")
     ap.add_argument("--ppl-rows", type=int, default=4)
     ap.add_argument("--ppl-seq-len", type=int, default=128)
     ap.add_argument("--no-ppl", action="store_true", help="skip the perplexities")
@@ -291,6 +299,8 @@ def parse_args(argv):
             ap.error(f"--only {unknown[0]}: not a pack; expected one of {sorted(packs)}")
         packs = {n: packs[n] for n in packs if n in args.only}
     args.packs = packs
+    if args.settle_ms < 0:
+        ap.error(f"--settle-ms {args.settle_ms}: expected a number of milliseconds, 0 or more")
     if args.prompt_tokens + args.new_tokens > args.n_ctx or args.ppl_seq_len > args.n_ctx:
         ap.error(f"--n-ctx {args.n_ctx}: expected at least prompt + new tokens "
                  f"({args.prompt_tokens + args.new_tokens}) and --ppl-seq-len ({args.ppl_seq_len})")
@@ -349,7 +359,8 @@ def run(args, work: Path, captions: Path) -> int:
         try:
             for name, spec in specs.items():
                 engines[name] = _open(name, spec, t, L, args)
-            timing[str(t)] = time_engines(engines, ids, args.new_tokens, args.repeats, t)
+            timing[str(t)] = time_engines(engines, ids, args.new_tokens, args.repeats, t,
+                                           args.settle_ms / 1e3)
         finally:
             for e in engines.values():
                 e.close()
@@ -365,7 +376,7 @@ def run(args, work: Path, captions: Path) -> int:
                   "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                   "note": "shared with other engineers' jobs: load average printed per configuration"},
               "protocol": {"prompt_tokens": len(ids), "new_tokens": args.new_tokens, "repeats": args.repeats,
-                           "threads": args.threads, "prompt_ids": ids},
+                           "threads": args.threads, "settle_ms": args.settle_ms, "prompt_ids": ids},
               "llama_cpp": {"used": L is not None, "why_not": why_not,
                             "version": getattr(L, "__version__", None) if L else None,
                             "extra_bufts": args.llama_extra_bufts},

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -126,3 +127,30 @@ def test_llama_cpp_engine_decodes_and_scores_the_shipped_gguf(bench):
     finally:
         engine.close()
     assert 90e6 < gguf_decode_bytes(gguf) < 100e6  # 96.6 MB: Q4_1 layers and the Q8_0 tied embedding, read whole
+
+
+def test_each_timed_run_starts_after_the_settle_pause_in_rotated_order(bench):
+    from _decode_engines import Run
+
+    class Fake:
+        def __init__(self, name, log):
+            self.name, self.log = name, log
+
+        def run(self, ids, new_tokens):
+            start = time.perf_counter()
+            self.log.append((self.name, start, time.perf_counter()))
+            return Run(0.01, 0.03, [1, 2, 3, 4])
+
+    log: list = []
+    engines = {n: Fake(n, log) for n in ("a", "b", "c")}
+    rows = bench.time_engines(engines, [1, 2], 4, repeats=3, threads=1, settle_s=0.02)
+    timed = log[3:]  # after one warm-up each
+    assert [n for n, _, _ in timed] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    gaps = [start - prev_end for (_, start, _), (_, _, prev_end) in zip(timed, log[2:])]
+    assert min(gaps) >= 0.02
+    assert rows["a"]["ms_per_token"] == pytest.approx(10.0) and len(rows["b"]["prefill_ms_runs"]) == 3
+
+
+def test_a_negative_settle_pause_is_refused(bench):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--settle-ms", "-1"])
