@@ -205,12 +205,20 @@ def start_workers(specs: dict[str, dict], log_dir: Path) -> dict[str, Worker]:
     return workers
 
 
+# Pause before each timed query of an interleaved run: ONNX Runtime's (and OpenMP's) idle pool threads spin for
+# milliseconds after a run, and on 2 cores the next worker's query would share the CPU with them (measured with
+# bench/decode.py: llama.cpp's prefill 15-25% slower right after a retrv engine's decode than 50 ms later).
+SETTLE_S = 0.2
+
+
 def run_interleaved(workers: dict[str, Worker], queries: list[dict], warmup: list[dict],
                     errors: dict[str, str], only: dict[str, bool] | None = None, loads: list[dict] | None = None,
-                    log: Callable[[str], None] | None = None) -> dict[str, list[dict]]:
+                    log: Callable[[str], None] | None = None, settle_s: float = SETTLE_S) -> dict[str, list[dict]]:
     """Warm-up queries first (discarded), then query i on every worker in turn, the first worker rotating each
-    round. A worker that fails is dropped from the rest of the run and its error kept in `errors`. `loads`: gets,
-    per timed query, the 1-minute load average read just before each configuration ran it (`log` prints it)."""
+    round, each timed query sent `settle_s` after the previous reply (the previous worker's pool has stopped
+    spinning). A worker that fails is dropped from the rest of the run and its error kept in `errors`. `loads`:
+    gets, per timed query, the 1-minute load average read just before each configuration ran it (`log` prints
+    it)."""
     live = [n for n, w in workers.items() if not w.error and (only is None or only.get(n, True))]
     for n, w in workers.items():
         if w.error:
@@ -235,6 +243,7 @@ def run_interleaved(workers: dict[str, Worker], queries: list[dict], warmup: lis
         before: dict[str, float] = {}
         for n in order:
             if n in live:
+                time.sleep(settle_s)
                 before[n] = load_1min()
                 reply = ask(n, q)
                 if reply is not None:

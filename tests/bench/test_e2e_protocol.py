@@ -4,6 +4,7 @@ the interleaved runner reads the machine load before each configuration runs eac
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,21 +48,25 @@ def test_both_baselines_are_configured(bench):
 class _Worker:
     error = None
 
-    def __init__(self, name: str, calls: list) -> None:
-        self.name, self.calls = name, calls
+    def __init__(self, name: str, calls: list, spans: list) -> None:
+        self.name, self.calls, self.spans = name, calls, spans
 
     def call(self, q: dict) -> dict:
         self.calls.append((q["i"], self.name))
+        self.spans.append((time.perf_counter(), time.perf_counter()))
         return {"i": q["i"]}
 
 
 def test_interleaved_queries_with_the_load_read_before_each_configuration(bench):
     _, common = bench
     calls: list = []
-    workers = {n: _Worker(n, calls) for n in ("a", "b", "c")}
+    spans: list = []
+    workers = {n: _Worker(n, calls, spans) for n in ("a", "b", "c")}
     loads: list = []
     lines: list = []
-    out = common.run_interleaved(workers, [{"i": i} for i in range(3)], [], {}, loads=loads, log=lines.append)
+    out = common.run_interleaved(workers, [{"i": i} for i in range(3)], [], {}, loads=loads, log=lines.append,
+                                 settle_s=0.02)
+    assert min(start - end for (start, _), (_, end) in zip(spans[1:], spans)) >= 0.02  # the settle pause
     assert [i for i, _ in calls] == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # every configuration before the next query
     assert [n for _, n in calls[:3]] == ["a", "b", "c"] and [n for _, n in calls[3:6]] == ["b", "c", "a"]
     assert len(loads) == 3 and all(set(row) == {"a", "b", "c"} for row in loads)
