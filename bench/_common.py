@@ -205,9 +205,11 @@ def start_workers(specs: dict[str, dict], log_dir: Path) -> dict[str, Worker]:
     return workers
 
 
-# Pause before each timed query of an interleaved run: ONNX Runtime's (and OpenMP's) idle pool threads spin for
-# milliseconds after a run, and on 2 cores the next worker's query would share the CPU with them (measured with
-# bench/decode.py: llama.cpp's prefill 15-25% slower right after a retrv engine's decode than 50 ms later).
+# Pause before each timed run of an interleaved benchmark (run_interleaved here, bench/decode.py's rounds): ONNX
+# Runtime's (and OpenMP's) idle pool threads spin for milliseconds after a run, and on 2 cores the next
+# configuration would share the CPU with them. Measured on the SmolLM2 graft, 2 threads, one process: llama.cpp's
+# 94-token prefill 217 ms right after a retrv decode, 184 ms 10 ms later, 173-177 ms from 50 ms on; int8-weight's
+# 120 ms right after retrv fp32's decode, 89 ms 200 ms later. libllama's threads do not spin after a call.
 SETTLE_S = 0.2
 
 

@@ -17,10 +17,8 @@ median of `--repeats` runs after one warm-up, per thread count (ORT intra-op thr
 n_threads_batch). Every engine of a thread count is loaded first, then each repeat runs them all in turn, the
 order rotated each repeat, so load from other jobs falls on all alike; the 1-minute load average is printed and
 kept before each configuration and each round. Each timed run starts `--settle-ms` (200) after the previous one
-ended: ONNX Runtime's idle pool threads spin for some milliseconds after a run, and on 2 cores an engine started
-at once shares them with that spin (measured: llama.cpp's 94-token prefill 15-25% slower right after a retrv
-engine's decode than 50 ms later; a retrv engine's likewise after another retrv engine's). Reported per engine: decode ms/token, prefill tok/s, weight bytes
-read per decoded token (pack: its decode graph's initializers, a Gather-only table counting one row; GGUF: every
+ended (`_common.SETTLE_S`: why, and what it measured). Reported per engine: decode ms/token, prefill tok/s, weight
+bytes read per decoded token (pack: its decode graph's initializers, a Gather-only table counting one row; GGUF: every
 tensor, the token embedding one row unless it is also the head) and that over the time per token as a share of
 this machine's read bandwidth, measured in the same run (numpy sum over 1 GiB, 1 and N threads); perplexity of
 every pack (`retrv.calibration.quality`) and every GGUF (all-position logits) on the same caption tokens; the
@@ -48,6 +46,7 @@ import numpy as np
 
 from _decode_engines import (LlamaEngine, RetrvEngine, gguf_decode_bytes, import_llama_cpp, load_average,
                              make_gguf, pack_decode_bytes, read_bandwidth)
+from _common import SETTLE_S
 from _decode_mid import measure, mid_main  # noqa: F401 - bench/quant.py imports `measure` from here
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,6 +56,7 @@ DEFAULT_CAPTIONS = REPO.parent / "shared" / "data" / "flickr8k-1k" / "captions.c
 DEFAULT_PACKS = {"fp32": None, "int8-weight": "--mode int8-weight", "int8-dynamic": "--mode int8-dynamic",
                  "int4": "--mode int4 --block-size 32"}
 GGUF_FOR_MODE = {None: "F32", "int8-weight": "Q8_0", "int8-dynamic": "Q8_0", "int8-static": "Q8_0", "int4": "Q4_1"}
+MAX_SETTLE_MS = 10_000
 PROMPT_HEAD, PROMPT_TAIL = "<|im_start|>user\nTell one story that joins these scenes:\n", \
     "<|im_end|>\n<|im_start|>assistant\n"
 
@@ -150,7 +150,7 @@ def prompt_ids(tokenizer_file: Path, captions: Path, n: int) -> list[int]:
 
 
 def time_engines(engines: dict, ids: list[int], new_tokens: int, repeats: int, threads: int,
-                 settle_s: float = 0.0) -> dict:
+                 settle_s: float = SETTLE_S) -> dict:
     """Warm-up, then `repeats` rounds over every engine, the order rotated each round, `settle_s` of sleep before
     each run (the previous engine's pool stops spinning). -> name -> row."""
     names = list(engines)
@@ -274,8 +274,9 @@ def parse_args(argv):
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--settle-ms", type=float, default=200.0,
-                    help="sleep before each timed run, so the previous engine's threads have stopped spinning")
+    ap.add_argument("--settle-ms", type=float, default=SETTLE_S * 1e3,
+                    help=f"sleep before each timed run, so the previous engine's threads have stopped spinning "
+                         f"(default {SETTLE_S * 1e3:.0f}; at most {MAX_SETTLE_MS})")
     ap.add_argument("--ppl-rows", type=int, default=4)
     ap.add_argument("--ppl-seq-len", type=int, default=128)
     ap.add_argument("--no-ppl", action="store_true", help="skip the perplexities")
@@ -299,8 +300,8 @@ def parse_args(argv):
             ap.error(f"--only {unknown[0]}: not a pack; expected one of {sorted(packs)}")
         packs = {n: packs[n] for n in packs if n in args.only}
     args.packs = packs
-    if args.settle_ms < 0:
-        ap.error(f"--settle-ms {args.settle_ms}: expected a number of milliseconds, 0 or more")
+    if not 0 <= args.settle_ms <= MAX_SETTLE_MS:  # also refuses nan
+        ap.error(f"--settle-ms {args.settle_ms}: expected milliseconds from 0 to {MAX_SETTLE_MS}")
     if args.prompt_tokens + args.new_tokens > args.n_ctx or args.ppl_seq_len > args.n_ctx:
         ap.error(f"--n-ctx {args.n_ctx}: expected at least prompt + new tokens "
                  f"({args.prompt_tokens + args.new_tokens}) and --ppl-seq-len ({args.ppl_seq_len})")

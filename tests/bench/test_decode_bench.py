@@ -151,6 +151,9 @@ def test_each_timed_run_starts_after_the_settle_pause_in_rotated_order(bench):
     assert rows["a"]["ms_per_token"] == pytest.approx(10.0) and len(rows["b"]["prefill_ms_runs"]) == 3
 
 
-def test_a_negative_settle_pause_is_refused(bench):
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "1e9"])
+def test_a_settle_pause_out_of_range_is_refused_in_one_line(bench, value, capsys):
     with pytest.raises(SystemExit):
-        bench.parse_args(["--settle-ms", "-1"])
+        bench.parse_args(["--settle-ms", value])
+    err = capsys.readouterr().err
+    assert f"--settle-ms {float(value)}: expected milliseconds from 0 to" in err and "Traceback" not in err
