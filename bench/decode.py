@@ -66,8 +66,12 @@ class BenchError(Exception):
 
 
 def mode_of(quantize_args: str | None) -> str | None:
+    """The quantize mode of a pack given by `--pack` (None: fp32); `@DIR` reads it from that pack's manifest."""
     if quantize_args is None:
         return None
+    if quantize_args.startswith("@"):
+        manifest = json.loads((Path(quantize_args[1:]) / "manifest.json").read_text())
+        return (manifest["files"].get("decoder.onnx", {}).get("quantization") or {}).get("mode")
     words = shlex.split(quantize_args)
     return words[words.index("--mode") + 1] if "--mode" in words[:-1] else None
 
@@ -85,7 +89,8 @@ def _cli(args: list[str], what: str) -> str:
 def prepare_packs(args, work: Path) -> tuple[dict[str, Path], dict[str, dict]]:
     """name -> pack directory, and the quantize report (its gate) of each quantized pack."""
     fp32 = Path(args.fp32_pack) if args.fp32_pack else work / "fp32"
-    if not args.fp32_pack and not (args.reuse and (fp32 / "manifest.json").is_file()):
+    exported = any(q is None or not q.startswith("@") for q in args.packs.values())  # fp32 or quantized from it
+    if exported and not args.fp32_pack and not (args.reuse and (fp32 / "manifest.json").is_file()):
         ckpt = Path(args.checkpoint) if args.checkpoint else work / "graft"
         if not args.checkpoint and not (ckpt / "config.json").is_file():
             t0 = time.perf_counter()
@@ -100,6 +105,9 @@ def prepare_packs(args, work: Path) -> tuple[dict[str, Path], dict[str, dict]]:
     for name, qargs in args.packs.items():
         if qargs is None:
             packs[name] = fp32
+            continue
+        if qargs.startswith("@"):  # an existing pack, measured as it is (e.g. one exported by an earlier version)
+            packs[name] = Path(qargs[1:])
             continue
         out = work / name
         report_file = work / f"{name}.quantize.json"
@@ -267,7 +275,7 @@ def parse_args(argv):
     ap.add_argument("--export-args", default="", help="extra `retrv export` arguments (one string)")
     ap.add_argument("--pack", action="append", default=[], metavar="NAME=ARGS",
                     help="add or replace a pack: `retrv quantize` arguments (e.g. int4=\"--mode int4 --block-size "
-                         "32\"), or NAME=fp32 for the exported pack; repeatable")
+                         "32\"), NAME=fp32 for the exported pack, or NAME=@DIR for an existing pack; repeatable")
     ap.add_argument("--only", nargs="+", default=None, metavar="NAME", help="measure only these packs")
     ap.add_argument("--captions", default=str(DEFAULT_CAPTIONS))
     ap.add_argument("--prompt-tokens", type=int, default=94)
@@ -294,6 +302,8 @@ def parse_args(argv):
         if not sep or not name:
             ap.error(f"--pack {item!r}: expected NAME=ARGS")
         packs[name] = None if qargs.strip() == "fp32" else qargs
+        if qargs.startswith("@") and not (Path(qargs[1:]) / "manifest.json").is_file():
+            ap.error(f"--pack {item!r}: {qargs[1:]} is not a pack (no manifest.json); expected NAME=@PACK_DIR")
     if args.only:
         unknown = sorted(set(args.only) - set(packs))
         if unknown:

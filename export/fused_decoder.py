@@ -13,8 +13,18 @@ streaming export can feed it tensor by tensor), the way onnxruntime-genai's mode
   cache index P+s by row P+s of the caches. M-RoPE (three position rows, `mrope_section`) is not what GQA computes,
   so the runtime writes the M-RoPE angles of each new token into that row (retrv.runtime.backends.fused); the result
   is exact, not an approximation, as long as every batch row has the same positions (the runtime checks).
-- Plain MatMul (+ bias Add) projections named as the traced graph names them (`/language_model/layers.N/...`,
-  `/lm_head/MatMul`), so calibration's rules and every quantize mode find them.
+- fp32 projections as 1x1 `Conv`s over the tokens laid out as one image row (the "conv form", below), fp16 ones
+  as plain MatMul (+ bias Add), named as the traced graph names them (`/language_model/layers.N/...`,
+  `/lm_head/MatMul`). `matmul_projections` turns the conv form back into those MatMuls, exactly (a transpose of
+  each weight), which is what `retrv quantize` does first, so calibration's rules and every quantize mode find them.
+
+The conv form: x (..., K) -> Reshape (1, 1, T, K) -> Transpose to NCHW (1, K, 1, T) -> Conv with the weight as
+(N, K, 1, 1) -> Transpose (1, 1, T, N) -> Reshape (..., N), T = batch x seq. ONNX Runtime's CPU provider turns each
+such Conv into its NCHWc convolution (the transposes become channels-last reorders of T x K floats), whose 1x1
+kernel streams a decode step's weights faster than MLAS's SGEMM does at M = 1: on the SmolLM2 graft, fp32 decode
+9-13% faster, prefill unchanged within noise (docs/ARCHITECTURE.md, "The fused decoder layout"). The whole batch
+is one image row, so a batch of B sequences reads each weight once, as the MatMul does. NCHWc convolution is
+fp32-only, so fp16 graphs (GPU packs) keep MatMul.
 
 Outputs are the traced graph's: logits of the last position only (every caller reads only those; teacher-forced
 scoring steps one token at a time) and the pooled `embedding`. No attention mask: the fused graph takes unpadded
@@ -38,6 +48,7 @@ LAYOUT = "fused"
 MS_DOMAIN = "com.microsoft"
 OPSET = 18  # the traced graphs' opset; SimplifiedLayerNormalization is an ORT op registered in the ONNX domain
 MS_OPSET = 1
+CONV_FORM = "/conv_form"  # scope of the conv form's shared shape tensors
 
 WeightGetter = Callable[[str], np.ndarray]
 
@@ -66,9 +77,12 @@ def fused_decoder_spec(cfg: ModelConfig, fdt: str = "float32") -> GraphSpec:
 class _Builder:
     """Nodes and initializers of one graph; names follow the traced exporter's `/module/path/Op` scheme."""
 
-    def __init__(self, weights: WeightGetter, fdt: str) -> None:
-        self.weights, self.np_dtype = weights, np.dtype(fdt)
+    def __init__(self, weights: WeightGetter, fdt: str, conv: bool = False) -> None:
+        self.weights, self.np_dtype, self.conv = weights, np.dtype(fdt), conv
         self.nodes, self.inits = [], []
+        # the conv form's own tensors: name -> element type override (None: the graph's float type); not per-position
+        self.aux: dict[str, int | None] = {}
+        self.consts: dict[tuple, str] = {}
 
     def init(self, name: str, array: np.ndarray) -> str:
         from onnx import numpy_helper
@@ -84,10 +98,46 @@ class _Builder:
         self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
         return outputs
 
-    def weight(self, key: str, transpose: bool = False) -> str:
-        w = np.asarray(self.weights(key))
-        w = (w.T if transpose else w).astype(self.np_dtype)
-        return self.init(key + (".T" if transpose else ""), w)
+    def const(self, name: str, values: list[int]) -> str:
+        """An int64 vector initializer, made once per value."""
+        key = tuple(values)
+        if key not in self.consts:
+            self.consts[key] = self.init(name, np.array(values, np.int64))
+        return self.consts[key]
+
+    def out_shape(self, n: int) -> str:
+        """(batch, seq, n) as an int64 shape: inputs_embeds' leading dims (computed once) and n."""
+        from onnx import TensorProto
+
+        if ("lead",) not in self.consts:
+            self.consts[("lead",)] = self.node("Shape", ["inputs_embeds"], 1, CONV_FORM + "/Shape", end=2)[0]
+            self.aux[self.consts[("lead",)]] = TensorProto.INT64
+        if ("out", n) not in self.consts:
+            n_const = self.const(f"{CONV_FORM}/n_{n}", [n])
+            self.consts[("out", n)] = self.node("Concat", [self.consts[("lead",)], n_const], 1,
+                                                f"{CONV_FORM}/Concat_{n}", axis=0)[0]
+            self.aux[self.consts[("out", n)]] = TensorProto.INT64
+        return self.consts[("out", n)]
+
+    def matmul(self, x: str, w: np.ndarray, key: str, scope: str, rank: int = 3) -> str:
+        """x @ w for a (K, N) weight `w` (the state-dict weight transposed): a MatMul named `{scope}/MatMul`, or in
+        the conv form the five nodes that `matmul_projections` folds back into exactly that MatMul. `key` names
+        the weight initializer (`key + ".T"` as MatMul's (K, N), `key` as Conv's (N, K, 1, 1)); `rank` is x's."""
+        out = f"{scope}/MatMul/output_0"
+        if not self.conv:
+            return self.node("MatMul", [x, self.init(key + ".T", w.astype(self.np_dtype))], [out], f"{scope}/MatMul")[0]
+        k, n = w.shape
+        conv_w = self.init(key, np.ascontiguousarray(w.T).astype(self.np_dtype)[:, :, None, None])
+        (row,) = self.node("Reshape", [x, self.const(f"{CONV_FORM}/row_{k}", [1, 1, -1, k])], 1, f"{scope}/Reshape")
+        (nchw,) = self.node("Transpose", [row], 1, f"{scope}/Transpose", perm=[0, 3, 1, 2])
+        (y,) = self.node("Conv", [nchw, conv_w], 1, f"{scope}/Conv")
+        (nhwc,) = self.node("Transpose", [y], 1, f"{scope}/Transpose_1", perm=[0, 2, 3, 1])
+        shape = self.out_shape(n) if rank == 3 else self.const(f"{CONV_FORM}/rows_{n}", [-1, n])
+        self.aux.update(dict.fromkeys((row, nchw, y, nhwc)))
+        return self.node("Reshape", [nhwc, shape], [out], f"{scope}/Reshape_1")[0]
+
+    def weight(self, key: str) -> str:
+        return self.init(key, np.asarray(self.weights(key)).astype(self.np_dtype))
 
     def skip_norm(self, x: str, skip: str, gamma: str, name: str, eps: float) -> tuple[str, str]:
         """RMSNorm(x + skip) and x + skip (the next residual); the op's mean / inv_std_var outputs are not asked for."""
@@ -100,7 +150,7 @@ class _Builder:
         """x @ [W_1; W_2; ...]^T (+ [b_1; b_2; ...]): one MatMul for projections that read the same input."""
         scope = "/" + fused.replace(".layers.", "/layers.").replace(".", "/").replace("/layers/", "/layers.")
         w = np.concatenate([np.asarray(self.weights(f"{p}.weight")).T for p in prefixes], axis=1)
-        (y,) = self.node("MatMul", [x, self.init(f"{fused}.weight.T", w.astype(self.np_dtype))], 1, f"{scope}/MatMul")
+        y = self.matmul(x, w, f"{fused}.weight", scope)
         if bias:
             b = np.concatenate([np.asarray(self.weights(f"{p}.bias")) for p in prefixes])
             (y,) = self.node("Add", [y, self.init(f"{fused}.bias", b.astype(self.np_dtype))], 1, f"{scope}/Add")
@@ -109,26 +159,27 @@ class _Builder:
     def linear(self, x: str, prefix: str, bias: bool) -> str:
         """x @ W^T (+ b): `prefix` is the state-dict prefix ("language_model.layers.0.self_attn.q_proj")."""
         scope = "/" + prefix.replace(".layers.", "/layers.").replace(".", "/").replace("/layers/", "/layers.")
-        (y,) = self.node("MatMul", [x, self.weight(prefix + ".weight", transpose=True)], 1, f"{scope}/MatMul")
+        y = self.matmul(x, np.asarray(self.weights(prefix + ".weight")).T, prefix + ".weight", scope)
         if bias:
             (y,) = self.node("Add", [y, self.weight(prefix + ".bias")], 1, f"{scope}/Add")
         return y
 
 
 def build_fused_decoder(cfg: ModelConfig, weights: WeightGetter, fdt: str = "float32", fuse_qkv: bool = True,
-                        fuse_mlp: bool = True):
+                        fuse_mlp: bool = True, conv: bool | None = None):
     """The fused decoder as an onnx.ModelProto. `weights(name)` returns the state-dict tensor `name` as numpy
     (e.g. "language_model.layers.0.self_attn.q_proj.weight", "lm_head.weight").
 
     `fuse_qkv`: one q/k/v MatMul (+ one bias Add) per layer feeding GQA's packed-QKV input; `fuse_mlp`: one gate/up
     MatMul, split after. Both on by default: at decode a projection of SmolLM2's width is a few microseconds of
     weights behind each kernel launch and thread-pool fork, so fewer, wider MatMuls are faster (INT8 decode 11%
-    faster on two threads, 4% on one; bench/fused_decode.py, docs/ARCHITECTURE.md)."""
+    faster on two threads, 4% on one; bench/fused_decode.py, docs/ARCHITECTURE.md). `conv`: the projections in
+    the conv form (module docstring); default: for fp32 graphs, the only ones ONNX Runtime's NCHWc kernels take."""
     from onnx import TensorProto, helper
 
     t = cfg.text
     spec = fused_decoder_spec(cfg, fdt)
-    b = _Builder(weights, fdt)
+    b = _Builder(weights, fdt, conv=np.dtype(fdt) == np.float32 if conv is None else conv)
     eps = float(t.rms_norm_eps)
     lm = "language_model"
     x = "inputs_embeds"
@@ -171,7 +222,8 @@ def build_fused_decoder(cfg: ModelConfig, weights: WeightGetter, fdt: str = "flo
             normed, residual = b.skip_norm(mlp, residual, f"{nxt}.weight",
                                            f"/{lm}/layers.{i + 1}/input_layernorm/SkipSimplifiedLayerNormalization",
                                            eps)
-    per_position = {o for n in b.nodes for o in n.output if o}  # (B, S, X): every layer tensor, for the quantizers
+    # (B, S, X): every layer tensor but the conv form's own, for the quantizers
+    per_position = {o for n in b.nodes for o in n.output if o and o not in b.aux}
     # Only the last position is read (logits, embedding): slice before the final norm, norm one row per sequence.
     starts, ends, axis = (b.init(n, np.array([v], np.int64)) for n, v in
                           (("last_start", -1), ("last_end", np.iinfo(np.int64).max), ("seq_axis", 1)))
@@ -181,7 +233,7 @@ def build_fused_decoder(cfg: ModelConfig, weights: WeightGetter, fdt: str = "flo
                        [f"/{lm}/norm/output_0"], f"/{lm}/norm/SkipSimplifiedLayerNormalization",
                        domain=MS_DOMAIN, epsilon=eps)
     (hidden,) = b.node("Squeeze", [hidden, axis], 1, f"/{lm}/Squeeze")  # (B, H)
-    (logits,) = b.node("MatMul", [hidden, b.weight("lm_head.weight", transpose=True)], 1, "/lm_head/MatMul")
+    logits = b.matmul(hidden, np.asarray(b.weights("lm_head.weight")).T, "lm_head.weight", "/lm_head", rank=2)
     b.node("Cast", [logits], ["logits"], "/lm_head/Cast", to=TensorProto.FLOAT)
     (h32,) = b.node("Cast", [hidden], 1, "/embedding/Cast", to=TensorProto.FLOAT)
     axes = b.init("embedding_axes", np.array([-1], np.int64))
@@ -201,7 +253,7 @@ def build_fused_decoder(cfg: ModelConfig, weights: WeightGetter, fdt: str = "flo
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(fdt))
     fp32_outputs = {"/embedding/Cast/output_0", "/embedding/ReduceL2/output_0", "/embedding/Max/output_0"}
     declared = {*spec.inputs, *spec.outputs}
-    inner = [helper.make_tensor_value_info(o, TensorProto.FLOAT if o in fp32_outputs else elem,
+    inner = [helper.make_tensor_value_info(o, TensorProto.FLOAT if o in fp32_outputs else b.aux.get(o) or elem,
                                            ["batch", "seq", None] if o in per_position else None)
              for n in b.nodes for o in n.output if o and o not in declared]
     graph = helper.make_graph(
@@ -224,6 +276,68 @@ def save_fused_decoder(model, path: Path) -> list[Path]:
     files, weight_bytes = save_model(model, path)
     log.info("wrote fused %s (%.1f MB of weights)", path.name, weight_bytes / 1e6)
     return files
+
+
+def matmul_projections(model) -> int:
+    """Fold every conv-form projection of `model` (an onnx.ModelProto, weights loaded) back into the MatMul the
+    builder writes without it: same node name (`{scope}/MatMul`), same output, the weight transposed to (K, N) as
+    `{key}.T`. Exact (the weights move, no arithmetic). The conv form's shape tensors go with the last of their
+    users. Returns how many projections were folded; a graph without the form is left as it is."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    inits = {t.name: t for t in g.initializer}
+
+    def only_consumer(name: str, op: str):
+        users = consumers.get(name, [])
+        return users[0] if len(users) == 1 and users[0].op_type == op else None
+
+    def perm(node) -> list[int]:
+        return next((list(a.ints) for a in node.attribute if a.name == "perm"), [])
+
+    replace, drop = {}, set()
+    for conv in g.node:
+        w = inits.get(conv.input[1]) if conv.op_type == "Conv" and len(conv.input) == 2 else None
+        if w is None or len(w.dims) != 4 or tuple(w.dims[2:]) != (1, 1) or conv.attribute:
+            continue
+        nchw = producer.get(conv.input[0])
+        row = producer.get(nchw.input[0]) if nchw is not None and nchw.op_type == "Transpose" else None
+        nhwc = only_consumer(conv.output[0], "Transpose")
+        back = only_consumer(nhwc.output[0], "Reshape") if nhwc is not None else None
+        if row is None or row.op_type != "Reshape" or back is None or perm(nchw) != [0, 3, 1, 2] \
+                or perm(nhwc) != [0, 2, 3, 1] or len(consumers.get(nchw.output[0], [])) != 1:
+            continue
+        scope = conv.name.removesuffix("/Conv")
+        weight = numpy_helper.to_array(w)[:, :, 0, 0].T  # (K, N)
+        key = w.name + ".T"
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), key))
+        replace[id(back)] = helper.make_node("MatMul", [row.input[0], key], [back.output[0]], name=f"{scope}/MatMul")
+        drop.update(id(n) for n in (row, nchw, conv, nhwc))
+    if not replace:
+        return 0
+    nodes = [replace.get(id(n), n) for n in g.node if id(n) not in drop]
+    # Dead shape tensors (the shared Shape / Concat, Reshape targets) and unused initializers go.
+    outputs = {o.name for o in g.output}
+    while True:
+        used = {i for n in nodes for i in n.input} | outputs
+        live = [n for n in nodes if any(o in used for o in n.output)]
+        if len(live) == len(nodes):
+            break
+        nodes = live
+    used = {i for n in nodes for i in n.input}
+    made = {o for n in nodes for o in n.output}
+    kept_inits = [t for t in g.initializer if t.name in used]
+    kept_info = [v for v in g.value_info if v.name in made]
+    del g.node[:], g.initializer[:], g.value_info[:]
+    g.node.extend(nodes)
+    g.initializer.extend(kept_inits)
+    g.value_info.extend(kept_info)
+    return len(replace)
 
 
 def module_weights(model) -> WeightGetter:

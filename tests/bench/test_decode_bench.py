@@ -157,3 +157,15 @@ def test_a_settle_pause_out_of_range_is_refused_in_one_line(bench, value, capsys
         bench.parse_args(["--settle-ms", value])
     err = capsys.readouterr().err
     assert f"--settle-ms {float(value)}: expected milliseconds from 0 to" in err and "Traceback" not in err
+
+
+def test_an_existing_pack_given_by_path_pairs_with_the_gguf_of_its_recorded_mode(bench, tiny_pack, tmp_path, capsys):
+    args = bench.parse_args(["--pack", f"old=@{tiny_pack}", "--only", "old"])
+    assert args.packs == {"old": f"@{tiny_pack}"}
+    assert bench.mode_of(args.packs["old"]) is None  # an fp32 pack: paired with F32
+    assert bench.GGUF_FOR_MODE[bench.mode_of(args.packs["old"])] == "F32"
+    packs, _ = bench.prepare_packs(args, tmp_path)
+    assert packs == {"old": tiny_pack}
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--pack", f"old=@{tmp_path / 'nothing'}"])
+    assert "is not a pack (no manifest.json)" in capsys.readouterr().err

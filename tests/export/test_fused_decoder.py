@@ -15,7 +15,8 @@ import torch
 from retrv.calibration.config import Int4WeightOnlyConfig, Int8DynamicConfig, Int8StaticConfig, Int8WeightOnlyConfig
 from retrv.calibration.readers import DecoderReader, PackFeeds, load_items
 from retrv.calibration.quantize import quantize_pack
-from retrv.export.fused_decoder import build_fused_decoder, module_weights, save_fused_decoder, validate_fused
+from retrv.export.fused_decoder import (build_fused_decoder, matmul_projections, module_weights, save_fused_decoder,
+                                        validate_fused)
 from retrv.export.graphs import DecoderGraph
 from retrv.export.onnx_export import ExportValidationError
 from retrv.export.pack_export import export_pack
@@ -51,19 +52,41 @@ def test_the_default_export_is_fused_and_records_its_validation(tiny_pack):
     assert {("com.microsoft", "GroupQueryAttention"), ("com.microsoft", "SkipSimplifiedLayerNormalization")} <= ops
 
 
-@pytest.mark.parametrize("precision,packed", [("fp32", True), ("fp16", True), ("fp32", False)],
-                         ids=["fp32", "fp16", "fp32-unpacked"])
-def test_fused_graph_matches_pytorch_call_by_call(model, tmp_path, precision, packed):
-    """The default graph (q/k/v and gate/up each one packed MatMul) and the one-MatMul-per-projection graph."""
+@pytest.mark.parametrize("precision,packed,conv", [("fp32", True, None), ("fp16", True, None), ("fp32", False, None),
+                                                  ("fp32", True, False)],
+                         ids=["fp32", "fp16", "fp32-unpacked", "fp32-matmul"])
+def test_fused_graph_matches_pytorch_call_by_call(model, tmp_path, precision, packed, conv):
+    """The default graph (q/k/v and gate/up each one packed projection; fp32 in the conv form, fp16 as MatMul),
+    the one-projection-per-weight graph, and fp32 with MatMul projections."""
     m = copy.deepcopy(model).half() if precision == "fp16" else model
     path = tmp_path / "decoder.onnx"
     graph = build_fused_decoder(m.cfg, module_weights(m), "float16" if precision == "fp16" else "float32",
-                                fuse_qkv=packed, fuse_mlp=packed)
-    matmuls = sum(n.op_type == "MatMul" for n in graph.graph.node)
-    assert matmuls == model.cfg.text.num_hidden_layers * (4 if packed else 7) + 1  # + the LM head
+                                fuse_qkv=packed, fuse_mlp=packed, conv=conv)
+    op = "Conv" if precision == "fp32" and conv is None else "MatMul"
+    projections = sum(n.op_type == op for n in graph.graph.node)
+    assert projections == model.cfg.text.num_hidden_layers * (4 if packed else 7) + 1  # + the LM head
+    assert not any(n.op_type == {"Conv": "MatMul", "MatMul": "Conv"}[op] for n in graph.graph.node)
     save_fused_decoder(graph, path)
     report = validate_fused(path, model.cfg, DecoderGraph(model), precision)
     assert report["calls"] == 11 and report["max_abs_diff"]["logits"] <= report["tolerance"]
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
+def test_the_conv_form_folds_back_into_exactly_the_matmul_graph(model, tmp_path, packed):
+    """matmul_projections (what `retrv quantize` runs first) turns the fp32 conv form into the graph the builder
+    writes with MatMul projections: the same nodes in the same order, the same initializers bit for bit."""
+    weights = module_weights(model)
+    conv = build_fused_decoder(model.cfg, weights, fuse_qkv=packed, fuse_mlp=packed)
+    plain = build_fused_decoder(model.cfg, weights, fuse_qkv=packed, fuse_mlp=packed, conv=False)
+    assert matmul_projections(conv) == model.cfg.text.num_hidden_layers * (4 if packed else 7) + 1
+    assert [(n.op_type, n.name, list(n.input), list(n.output)) for n in conv.graph.node] == \
+        [(n.op_type, n.name, list(n.input), list(n.output)) for n in plain.graph.node]
+    got = {t.name: onnx.numpy_helper.to_array(t) for t in conv.graph.initializer}
+    want = {t.name: onnx.numpy_helper.to_array(t) for t in plain.graph.initializer}
+    assert got.keys() == want.keys()
+    assert all(got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]) for k in want)
+    assert {v.name for v in conv.graph.value_info} == {v.name for v in plain.graph.value_info}
+    assert matmul_projections(conv) == 0  # nothing left to fold; a MatMul graph is left as it is
 
 
 def test_a_wrong_graph_fails_validation_naming_the_output(model, tmp_path):
