@@ -87,6 +87,12 @@ def source_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
+# The x86 extensions that pick ONNX Runtime's and llama.cpp's kernels (int8 dot products above all): a VM may hide
+# some of what its CPU has, so the flags the guest sees are recorded, not the model name's.
+SIMD_FLAGS = frozenset({"avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
+                        "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"})
+
+
 def machine() -> dict:
     def load() -> list[float] | None:
         try:
@@ -105,16 +111,20 @@ def machine() -> dict:
                 mem = round(int(line.split()[1]) / 2**20, 1)
     except OSError:
         pass
-    cpu = platform.processor() or None
+    cpu, family, simd = platform.processor() or None, None, None
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name" and cpu in (None, platform.processor() or None):
+                cpu = value
+            elif key == "cpu family" and family is None:
+                family = value
+            elif key == "flags" and simd is None:
+                simd = sorted(set(value.split()) & SIMD_FLAGS)
     except OSError:
         pass
-    return {"cpu": cpu, "cores": cores, "memory_gib": mem, "loadavg": load(), "python": platform.python_version(),
-            "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    return {"cpu": cpu, "cpu_family": family, "simd": simd, "cores": cores, "memory_gib": mem, "loadavg": load(),
+            "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
 def versions() -> dict:

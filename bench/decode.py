@@ -46,7 +46,7 @@ import numpy as np
 
 from _decode_engines import (LlamaEngine, RetrvEngine, gguf_decode_bytes, import_llama_cpp, load_average,
                              make_gguf, pack_decode_bytes, read_bandwidth)
-from _common import SETTLE_S
+from _common import SETTLE_S, SIMD_FLAGS, machine  # noqa: F401 - SIMD_FLAGS: tests
 from _decode_mid import measure, mid_main  # noqa: F401 - bench/quant.py imports `measure` from here
 
 REPO = Path(__file__).resolve().parent.parent
@@ -383,8 +383,10 @@ def run(args, work: Path, captions: Path) -> int:
             same = sum(p == q for p, q in zip(x, y))
             first = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), None)
             match[a] = {"with": b, "same": same, "of": len(x), "first_difference": first}
+    host = machine()
     result = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": {
                   "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                  "cpu": host["cpu"], "cpu_family": host["cpu_family"], "simd": host["simd"],
                   "note": "shared with other engineers' jobs: load average printed per configuration"},
               "protocol": {"prompt_tokens": len(ids), "new_tokens": args.new_tokens, "repeats": args.repeats,
                            "threads": args.threads, "settle_ms": args.settle_ms, "prompt_ids": ids},
@@ -406,7 +408,8 @@ def run(args, work: Path, captions: Path) -> int:
         decode_pareto(result, Path(args.img))
     print(f"\n{len(ids)}-token prompt, {args.new_tokens} new tokens greedy, median of {args.repeats}; read bandwidth "
           + ", ".join(f"{v:.1f} GB/s ({k} thread{'s' if k != '1' else ''})" for k, v in bandwidth.items())
-          + "; load average before each thread count: " + ", ".join(f"{v:.2f}" for v in loads.values()) + "\n")
+          + "; load average before each thread count: " + ", ".join(f"{v:.2f}" for v in loads.values())
+          + f"\nCPU: {host['cpu']} (family {host['cpu_family']}), SIMD the guest sees: {' '.join(host['simd'] or [])}\n")
     print(table)
     for a, m in match.items():
         print(f"greedy: {a} and {m['with']} chose the same token at {m['same']} of {m['of']} positions "

@@ -52,6 +52,11 @@ def test_decode_bench_on_the_tiny_pack_skips_llama_cpp_with_the_reason(bench, ti
     assert result["engines"]["fp32"]["bytes_per_token"] > 0 and result["bandwidth_gbs"]["1"] > 0
     assert "| retrv fp32 |" in result["table"] and "share of" in result["table"]
     assert (tmp_path / "pareto.png").stat().st_size > 1000
+    # the CPU and the SIMD extensions the guest sees are recorded (they choose ORT's and llama.cpp's int8 kernels)
+    flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[-1].split("\n", 1)[0].split() \
+        if Path("/proc/cpuinfo").exists() else []
+    assert result["machine"]["simd"] == (sorted(set(flags) & bench.SIMD_FLAGS) if flags else None)
+    assert "SIMD the guest sees" in printed
 
 
 def test_decode_bench_refuses_missing_captions_in_one_line(bench, tmp_path, capsys):
