@@ -22,7 +22,8 @@ The conv form: x (..., K) -> Reshape (1, 1, T, K) -> Transpose to NCHW (1, K, 1,
 (N, K, 1, 1) -> Transpose (1, 1, T, N) -> Reshape (..., N), T = batch x seq. ONNX Runtime's CPU provider turns each
 such Conv into its NCHWc convolution (the transposes become channels-last reorders of T x K floats), whose 1x1
 kernel streams a decode step's weights faster than MLAS's SGEMM does at M = 1: on the SmolLM2 graft, fp32 decode
-9-13% faster, prefill unchanged within noise (docs/ARCHITECTURE.md, "The fused decoder layout"). The whole batch
+8-15% faster, prefill the same on one thread and 5-10% slower on two (docs/ARCHITECTURE.md, "fp32 projections as
+1x1 convolutions"). The whole batch
 is one image row, so a batch of B sequences reads each weight once, as the MatMul does. NCHWc convolution is
 fp32-only, so fp16 graphs (GPU packs) keep MatMul.
 
