@@ -166,7 +166,8 @@ def recall_vs_budget(e2e: dict, path: Path) -> Path | None:
 
 def decode_pareto(result: dict, path: Path) -> Path | None:
     """bench/decode.py's result: ms/token (y) against perplexity (x) per engine and thread count; lower-left is
-    better on both. Filled markers: the largest thread count; hollow: the smallest."""
+    better on both. Every pack is a marker (filled: the largest thread count; hollow: the smallest); the line joins
+    each engine's Pareto frontier, the packs no other pack of that engine beats on both axes."""
     ppl = result.get("perplexity", {}).get("by_engine", {})
     if not ppl:
         return None
@@ -181,9 +182,12 @@ def decode_pareto(result: dict, path: Path) -> Path | None:
             if not pts:
                 continue
             filled = t == threads[-1]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, linestyle="-" if filled
-                    else ":", markerfacecolor=color if filled else "none",
-                    label=f"{engine}, {t} thread{'s' if t != '1' else ''}")
+            front = [q for i, q in enumerate(pts) if all(q[1] < r[1] for r in pts[:i])]  # by perplexity, then ms
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, linestyle="none",
+                    markerfacecolor=color if filled else "none")
+            ax.plot([p[0] for p in front], [p[1] for p in front], color=color, linestyle="-" if filled else ":",
+                    marker=marker, markerfacecolor=color if filled else "none",
+                    label=f"{engine}, {t} thread{'s' if t != '1' else ''} (frontier)")
             if filled:
                 for x, y, n in pts:
                     ax.annotate(n.replace("llama.cpp ", ""), (x, y), textcoords="offset points", xytext=(5, 4),
