@@ -111,18 +111,15 @@ def machine() -> dict:
                 mem = round(int(line.split()[1]) / 2**20, 1)
     except OSError:
         pass
-    cpu, family, simd = platform.processor() or None, None, None
+    info: dict[str, str] = {}  # the first CPU's fields
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = (part.strip() for part in line.partition(":"))
-            if key == "model name" and cpu in (None, platform.processor() or None):
-                cpu = value
-            elif key == "cpu family" and family is None:
-                family = value
-            elif key == "flags" and simd is None:
-                simd = sorted(set(value.split()) & SIMD_FLAGS)
+            info.setdefault(key, value)
     except OSError:
         pass
+    cpu, family = info.get("model name") or platform.processor() or None, info.get("cpu family")
+    simd = sorted(set(info["flags"].split()) & SIMD_FLAGS) if "flags" in info else None
     return {"cpu": cpu, "cpu_family": family, "simd": simd, "cores": cores, "memory_gib": mem, "loadavg": load(),
             "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 

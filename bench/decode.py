@@ -70,8 +70,10 @@ def mode_of(quantize_args: str | None) -> str | None:
     if quantize_args is None:
         return None
     if quantize_args.startswith("@"):
-        manifest = json.loads((Path(quantize_args[1:]) / "manifest.json").read_text())
-        return (manifest["files"].get("decoder.onnx", {}).get("quantization") or {}).get("mode")
+        from retrv.runtime.pack import Pack
+
+        entry = Pack.open(quantize_args[1:], verify="size").manifest.files.get("decoder.onnx")
+        return ((entry.quantization if entry else None) or {}).get("mode")
     words = shlex.split(quantize_args)
     return words[words.index("--mode") + 1] if "--mode" in words[:-1] else None
 
@@ -90,7 +92,15 @@ def prepare_packs(args, work: Path) -> tuple[dict[str, Path], dict[str, dict]]:
     """name -> pack directory, and the quantize report (its gate) of each quantized pack."""
     fp32 = Path(args.fp32_pack) if args.fp32_pack else work / "fp32"
     exported = any(q is None or not q.startswith("@") for q in args.packs.values())  # fp32 or quantized from it
-    if exported and not args.fp32_pack and not (args.reuse and (fp32 / "manifest.json").is_file()):
+    export = exported and not args.fp32_pack and not (args.reuse and (fp32 / "manifest.json").is_file())
+    written = {fp32.resolve()} if export else set()
+    written |= {(work / n).resolve() for n, q in args.packs.items() if q is not None and not q.startswith("@")
+                and not (args.reuse and (work / n / "manifest.json").is_file())}
+    for name, q in args.packs.items():  # an existing pack is measured as it is, never written over by this run
+        if q is not None and q.startswith("@") and Path(q[1:]).resolve() in written:
+            raise BenchError(f"--pack {name}={q}: this run writes {q[1:]} (--workdir {work}); expected a pack "
+                             f"outside the packs it makes, or --reuse")
+    if export:
         ckpt = Path(args.checkpoint) if args.checkpoint else work / "graft"
         if not args.checkpoint and not (ckpt / "config.json").is_file():
             t0 = time.perf_counter()
@@ -302,8 +312,14 @@ def parse_args(argv):
         if not sep or not name:
             ap.error(f"--pack {item!r}: expected NAME=ARGS")
         packs[name] = None if qargs.strip() == "fp32" else qargs
-        if qargs.startswith("@") and not (Path(qargs[1:]) / "manifest.json").is_file():
-            ap.error(f"--pack {item!r}: {qargs[1:]} is not a pack (no manifest.json); expected NAME=@PACK_DIR")
+        if qargs.startswith("@"):
+            from retrv.runtime.errors import RetrvError
+            from retrv.runtime.pack import Pack
+
+            try:
+                Pack.open(qargs[1:], verify="size")  # the runtime's own checks; the engine verifies fully on load
+            except RetrvError as e:
+                ap.error(f"--pack {item!r}: {e}")
     if args.only:
         unknown = sorted(set(args.only) - set(packs))
         if unknown:

@@ -164,6 +164,13 @@ def recall_vs_budget(e2e: dict, path: Path) -> Path | None:
     return path
 
 
+def pareto_front(points: list[tuple]) -> list[tuple]:
+    """The (x, y, ...) points no other point beats on both axes (lower is better), by x: sorted by x then y, a point
+    stays if its y is below every y before it."""
+    pts = sorted(points)
+    return [q for i, q in enumerate(pts) if all(q[1] < r[1] for r in pts[:i])]
+
+
 def decode_pareto(result: dict, path: Path) -> Path | None:
     """bench/decode.py's result: ms/token (y) against perplexity (x) per engine and thread count; lower-left is
     better on both. Every pack is a marker (filled: the largest thread count; hollow: the smallest); the line joins
@@ -182,7 +189,7 @@ def decode_pareto(result: dict, path: Path) -> Path | None:
             if not pts:
                 continue
             filled = t == threads[-1]
-            front = [q for i, q in enumerate(pts) if all(q[1] < r[1] for r in pts[:i])]  # by perplexity, then ms
+            front = pareto_front(pts)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, linestyle="none",
                     markerfacecolor=color if filled else "none")
             ax.plot([p[0] for p in front], [p[1] for p in front], color=color, linestyle="-" if filled else ":",

@@ -346,7 +346,8 @@ def _synthetic_gate_items(folder: Path) -> list[readers.CalibItem]:
 def _quantize_file(config: QuantConfig, src: Pack, name: str, tmp: Path, work: Path,
                    reader: Callable[[], readers.FeedReader]) -> dict:
     """One graph: canonicalise (Gemm -> MatMul + Add, the fused decoder's conv-form projections -> MatMul), plan the
-    exclusions, quantize with the config's handler, describe what was written. Returns the manifest entries (the graph and its external data, if any)."""
+    exclusions, quantize with the config's handler, describe what was written. Returns the manifest entries (the
+    graph and its external data, if any)."""
     import onnx
     from onnxruntime.quantization.onnx_model import ONNXModel
 
@@ -357,7 +358,8 @@ def _quantize_file(config: QuantConfig, src: Pack, name: str, tmp: Path, work: P
     external = any(e.data_of == name for e in src.manifest.files.values())
     model = onnx.load(str(src.path / name))
     ONNXModel(model).replace_gemm_with_matmul()  # MatMulNBits and MatMulInteger take MatMul only
-    matmul_projections(model)  # the fp32 fused decoder's 1x1 Convs, the same weights as MatMuls
+    if entry.role == "decoder":
+        matmul_projections(model)  # the fp32 fused decoder's 1x1 Convs, the same weights as MatMuls
     plan = plan_graph(model, entry.role, getattr(config, "keep_matmuls", ()))
     head = None
     if entry.role == "decoder":

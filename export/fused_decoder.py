@@ -310,13 +310,16 @@ def matmul_projections(model) -> int:
         row = producer.get(nchw.input[0]) if nchw is not None and nchw.op_type == "Transpose" else None
         nhwc = only_consumer(conv.output[0], "Transpose")
         back = only_consumer(nhwc.output[0], "Reshape") if nhwc is not None else None
-        if row is None or row.op_type != "Reshape" or back is None or perm(nchw) != [0, 3, 1, 2] \
-                or perm(nhwc) != [0, 2, 3, 1] or len(consumers.get(nchw.output[0], [])) != 1:
+        target = inits.get(row.input[1]) if row is not None and row.op_type == "Reshape" else None
+        if target is None or numpy_helper.to_array(target).tolist() != [1, 1, -1, w.dims[1]] or back is None \
+                or perm(nchw) != [0, 3, 1, 2] or perm(nhwc) != [0, 2, 3, 1] \
+                or len(consumers.get(nchw.output[0], [])) != 1:
             continue
         scope = conv.name.removesuffix("/Conv")
-        weight = numpy_helper.to_array(w)[:, :, 0, 0].T  # (K, N)
         key = w.name + ".T"
-        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), key))
+        if key not in inits:  # once per weight, however many projections share it
+            inits[key] = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(w)[:, :, 0, 0].T), key)
+            g.initializer.append(inits[key])  # (K, N)
         replace[id(back)] = helper.make_node("MatMul", [row.input[0], key], [back.output[0]], name=f"{scope}/MatMul")
         drop.update(id(n) for n in (row, nchw, conv, nhwc))
     if not replace:

@@ -171,6 +171,35 @@ def test_an_existing_pack_given_by_path_pairs_with_the_gguf_of_its_recorded_mode
     assert bench.GGUF_FOR_MODE[bench.mode_of(args.packs["old"])] == "F32"
     packs, _ = bench.prepare_packs(args, tmp_path)
     assert packs == {"old": tiny_pack}
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--pack", f"old=@{tmp_path / 'nothing'}"])
-    assert "is not a pack (no manifest.json)" in capsys.readouterr().err
+    for bad in (tmp_path / "nothing", tmp_path):  # missing; a folder that is no pack
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--pack", f"old=@{bad}"])
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]  # argparse: usage, then the one error line
+        assert last.startswith("bench/decode.py: error: --pack 'old=@") and "expected" in last
+        assert "Traceback (most recent call last)" not in err
+
+
+def test_an_existing_pack_the_run_would_write_over_is_refused_before_any_work(bench, tiny_pack, tmp_path):
+    """`--pack old=@WORK/fp32 --workdir WORK` without --reuse would export over the pack it is asked to measure."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_pack, work / "fp32")
+    args = bench.parse_args(["--pack", f"old=@{work / 'fp32'}", "--workdir", str(work)])
+    before = sorted(p.name for p in (work / "fp32").iterdir())
+    with pytest.raises(bench.BenchError, match=r"this run writes .*fp32.*expected a pack outside"):
+        bench.prepare_packs(args, work)
+    assert sorted(p.name for p in (work / "fp32").iterdir()) == before
+    args = bench.parse_args(["--pack", f"old=@{work / 'fp32'}", "--workdir", str(work), "--reuse", "--only", "old"])
+    assert bench.prepare_packs(args, work)[0] == {"old": work / "fp32"}  # --reuse: nothing is written
+
+
+def test_the_pareto_frontier_keeps_the_packs_nothing_beats_on_both_axes(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "bench"))
+    from plots import pareto_front
+
+    pts = [(19.41, 29.6, "fp32"), (19.41, 34.3, "fp32-matmul"), (19.37, 15.6, "int8"), (19.44, 12.6, "int4"),
+           (19.53, 18.3, "int8-dynamic"), (21.87, 11.7, "intzp")]
+    assert [p[2] for p in pareto_front(pts)] == ["int8", "int4", "intzp"]
+    assert pareto_front([(1.0, 2.0, "a"), (1.0, 2.0, "b")]) == [(1.0, 2.0, "a")]  # a tie is kept once
