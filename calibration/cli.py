@@ -14,7 +14,7 @@ from retrv.runtime.errors import InputError
 MODES = ("int8-weight", "int8-dynamic", "int8-static", "int4")
 # flag -> the modes it applies to
 MODE_FLAGS = {"method": ("int8-static",), "activations": ("int8-static",), "block_size": ("int4", "int8-weight"), "algo": ("int4",),
-              "zero_point": ("int4",)}
+              "zero_point": ("int4",), "blockwise": ("int8-dynamic",)}
 
 
 def _fraction(text: str) -> float | str | None:
@@ -29,6 +29,17 @@ def _fraction(text: str) -> float | str | None:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"got {value}; expected a number from 0 to 1")
     return value
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """'down_proj,o_proj' -> ('down_proj', 'o_proj'); 'none' -> ()."""
+    if text == "none":
+        return ()
+    names = tuple(t.strip() for t in text.split(","))
+    if not all(n.replace("_", "").isalnum() for n in names):
+        raise argparse.ArgumentTypeError(f"got {text!r}; expected projection names separated by commas "
+                                         f"(e.g. down_proj), or 'none'")
+    return names
 
 
 def _default(mode: str, name: str):
@@ -85,17 +96,21 @@ def add_mode_options(q: argparse.ArgumentParser) -> None:
                         f"slower decode) (default {_default('int4', 'zero_point')})")
     q.add_argument("--lm-head", default=None, choices=["fp32", "int8", "int4"],
                    help=f"the LM head: fp32, or 8-/4-bit MatMulNBits (blocks of 32) in any mode; a head tied to "
-                        f"the embedding is stored once (default: {_default('int4', 'lm_head')} for int4 and "
-                        f"int8-weight, {_default('int8-dynamic', 'lm_head')} otherwise)")
+                        f"the embedding is stored once (default: {_default('int4', 'lm_head')}; "
+                        f"{_default('int8-static', 'lm_head')} for int8-static)")
     q.add_argument("--keep-lm-head", action=argparse.BooleanOptionalAction, default=None,
                    help="alias: --keep-lm-head is --lm-head fp32; --no-keep-lm-head is --lm-head int4 for "
                         "--mode int4, int8 otherwise")
+    q.add_argument("--blockwise", type=_names, default=None, metavar="NAMES",
+                   help=f"int8-dynamic: decoder projections (comma-separated) quantized as int8-weight's 8-bit "
+                        f"blocks, activations per block, instead of one range per tensor; 'none' for plain dynamic "
+                        f"quantization (default {','.join(_default('int8-dynamic', 'blockwise'))})")
     q.add_argument("--calib-items", type=int, default=None,
                    help=f"calibration items (default {_default('int8-static', 'num_calib')})")
 
 
 OPTION_FLAGS = ("calib", "method", "activations", "max_drop", "block_size", "algo", "zero_point", "lm_head",
-                "keep_lm_head", "calib_items")
+                "keep_lm_head", "blockwise", "calib_items")
 
 
 def build_config(args: argparse.Namespace):
@@ -117,7 +132,7 @@ def build_config(args: argparse.Namespace):
                              f"{args.mode}")
     given = {"calib": args.calib, "method": args.method, "activations": args.activations,
              "block_size": args.block_size, "algo": args.algo, "zero_point": args.zero_point,
-             "lm_head": lm_head(args),
+             "lm_head": lm_head(args), "blockwise": args.blockwise,
              "num_calib": args.calib_items}
     return CONFIGS[args.mode](max_drop=args.max_drop, **{k: v for k, v in given.items() if v is not None})
 

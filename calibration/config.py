@@ -98,6 +98,15 @@ class Int8DynamicConfig(QuantConfig):
 
     per_channel: bool = True
     weight_type: str = "uint8"
+    # Decoder projections written as int8-weight's form instead (8-bit MatMulNBits, blocks of `blockwise_block_size`
+    # along K, uint8 zero points, activations int8 per block inside the kernel), by name. down_proj's input, the
+    # SwiGLU product, has rare large values that set the whole step's per-tensor uint8 range: on the SmolLM2 graft
+    # (docs/BENCHMARKS.md, "INT8 on a CPU without VNNI") the gate's top-1 goes 0.74 -> 0.88-0.94 with down_proj in
+    # blocks (or in fp32), and the pack still prefills ~1.7x faster than int8-weight on AVX2, where 8-bit
+    # MatMulNBits prefills slower than fp32. () is plain dynamic quantization everywhere.
+    blockwise: tuple[str, ...] = ("down_proj",)
+    blockwise_block_size: int = 128
+    lm_head: str = "int8"  # as int8-weight's and int4's (docs/BENCHMARKS.md, "LM head")
     # Decoder MatMuls kept in fp32 by name (rules.plan_graph "sensitive"), e.g. ("down_proj",): its input is the
     # SwiGLU product, whose rare large values set the per-tensor uint8 range of the step. Measured on the SmolLM2
     # graft (docs/BENCHMARKS.md): perplexity +1.78% -> +1.14%, but the decoder grows from 0.41x to 0.56x of fp32
@@ -111,6 +120,15 @@ class Int8DynamicConfig(QuantConfig):
             raise InputError(f"keep_matmuls: got {self.keep_matmuls!r}; expected a tuple of projection names "
                              f"such as ('down_proj',)")
         object.__setattr__(self, "keep_matmuls", tuple(self.keep_matmuls))
+        if isinstance(self.blockwise, str) or not all(isinstance(k, str) and k for k in self.blockwise):
+            raise InputError(f"--blockwise: got {self.blockwise!r}; expected projection names such as "
+                             f"('down_proj',), or () for none")
+        # a projection kept in fp32 is not also blockwise: keep_matmuls wins (it is the stronger choice)
+        object.__setattr__(self, "blockwise", tuple(b for b in self.blockwise if b not in self.keep_matmuls))
+        b = self.blockwise_block_size
+        if isinstance(b, bool) or not isinstance(b, int) or b < MIN_BLOCK or b & (b - 1):
+            raise InputError(f"blockwise_block_size: got {b!r}; expected a power of two >= {MIN_BLOCK} "
+                             f"(MatMulNBits)")
         if self.weight_type not in ("uint8", "int8"):
             raise InputError(f"weight_type: got {self.weight_type!r}; expected 'uint8' or 'int8'")
 

@@ -122,14 +122,42 @@ def quiet_ort():
 def _int8_dynamic(config: Int8DynamicConfig, job: Job) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    blockwise = blockwise_names(job.plan, config.blockwise) if job.role == "decoder" else ()
     with quiet_ort():
         quantize_dynamic(job.src, job.dst, op_types_to_quantize=["MatMul"], per_channel=config.per_channel,
                          weight_type=QuantType.QUInt8 if config.weight_type == "uint8" else QuantType.QInt8,
-                         nodes_to_exclude=job.plan.exclude, use_external_data_format=job.external,
+                         nodes_to_exclude=[*job.plan.exclude, *blockwise], use_external_data_format=job.external,
                          extra_options={"MatMulConstBOnly": True})
     weights = "uint8 asymmetric" if config.weight_type == "uint8" else "int8 symmetric"
-    return {"format": "QOperator (DynamicQuantizeLinear + MatMulInteger)", "weights": weights,
+    info = {"format": "QOperator (DynamicQuantizeLinear + MatMulInteger)", "weights": weights,
             "per_channel": config.per_channel, "activations": "uint8, per tensor, at run time"}
+    if blockwise:
+        import onnx
+        from onnxruntime.quantization.onnx_model import ONNXModel
+
+        from retrv.calibration.matrix import nbits_graph
+
+        proto = onnx.load(str(job.dst))
+        done = nbits_graph(proto, blockwise, config.blockwise_block_size, "int", 4, bits=8)
+        if done != len(blockwise):
+            raise RetrvError(f"{job.dst.name}: {done} of {len(blockwise)} --blockwise MatMuls became MatMulNBits; "
+                             f"expected all (each a MatMul with a constant 2-D weight)")
+        ONNXModel(proto).save_model_to_file(str(job.dst), job.external)
+        info["blockwise"] = {"projections": list(config.blockwise), "matmuls": len(blockwise),
+                             "format": "QOperator (com.microsoft MatMulNBits)", "bits": 8,
+                             "block_size": config.blockwise_block_size, "zero_point": "int",
+                             "activations": "int8 per block inside the kernel (accuracy_level 4)"}
+    return info
+
+
+def blockwise_names(plan: Plan, projections: tuple[str, ...]) -> tuple[str, ...]:
+    """The planned MatMuls named */<projection>/* for a projection in `projections`, in graph order; a projection
+    that names none is refused (a misspelt name would otherwise quantize nothing blockwise, silently)."""
+    for p in projections:
+        if not any(f"/{p}/" in n for n in plan.quantize):
+            raise InputError(f"--blockwise: got {p!r}, which names no quantized MatMul of the {plan.role} graph; "
+                             f"expected a projection such as down_proj, o_proj, gate_up_proj")
+    return tuple(n for n in plan.quantize if any(f"/{p}/" in n for p in projections))
 
 
 @register_handler(Int8WeightOnlyConfig)

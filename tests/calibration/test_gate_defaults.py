@@ -52,6 +52,21 @@ def test_bad_keep_matmuls_is_refused_by_name():
         Int8DynamicConfig(keep_matmuls="down_proj")
 
 
+def test_cli_int8_dynamic_blockwise_projections():
+    assert _parse(["--mode", "int8-dynamic"]).blockwise == ("down_proj",)  # docs/BENCHMARKS.md: its input's range
+    assert _parse(["--mode", "int8-dynamic", "--blockwise", "none"]).blockwise == ()
+    assert _parse(["--mode", "int8-dynamic", "--blockwise", "down_proj,o_proj"]).blockwise == ("down_proj", "o_proj")
+    with pytest.raises(InputError, match="--blockwise: applies to --mode int8-dynamic; got --mode int4"):
+        _parse(["--mode", "int4", "--blockwise", "down_proj"])
+    with pytest.raises(SystemExit):  # argparse's own one-line usage error
+        _parse(["--mode", "int8-dynamic", "--blockwise", "down proj;"])
+    with pytest.raises(InputError, match="--blockwise: got 'down_proj'"):
+        Int8DynamicConfig(blockwise="down_proj")
+    assert Int8DynamicConfig(keep_matmuls=("down_proj",)).blockwise == ()  # kept in fp32 wins
+    with pytest.raises(InputError, match="blockwise_block_size: got 24"):
+        Int8DynamicConfig(blockwise_block_size=24)
+
+
 def test_cli_int8_weight_takes_a_block_size_and_refuses_int4_flags():
     config = _parse(["--mode", "int8-weight", "--block-size", "64"])
     assert isinstance(config, Int8WeightOnlyConfig) and config.block_size == 64 and config.max_drop == "default"

@@ -118,8 +118,9 @@ def _parse(argv):
     (["--mode", "int4", "--keep-lm-head"], "fp32"),
     (["--mode", "int4", "--no-keep-lm-head"], "int4"),
     (["--mode", "int8-weight", "--no-keep-lm-head"], "int8"),
-    (["--mode", "int8-dynamic"], "fp32"),
-    (["--mode", "int8-dynamic", "--lm-head", "int8"], "int8"),
+    (["--mode", "int8-dynamic"], "int8"),
+    (["--mode", "int8-dynamic", "--keep-lm-head"], "fp32"),
+    (["--mode", "int8-static", "--calib", "c"], "fp32"),
 ])
 def test_cli_lm_head_and_its_aliases(argv, want):
     assert build_config(_parse(argv)).lm_head == want

@@ -136,7 +136,13 @@ def test_quantize_rewrites_the_fused_graph_and_its_lm_head_as_the_mode_says(tiny
     assert entry["matmuls_quantized"] == 4 * t.num_hidden_layers + head  # packed q/k/v and gate/up, o, down
     assert (entry.get("lm_head") or {}).get("bits") == ({"int8": 8, "int4": 4}.get(config.lm_head))
     nodes = onnx.load(str(out / "decoder.onnx")).graph.node
-    assert sum(n.op_type == op for n in nodes) >= 4 * t.num_hidden_layers
+    if mode == "int8-dynamic":  # down_proj in 8-bit blocks (its input's range is not one per tensor), the rest dynamic
+        assert sum(n.op_type == op for n in nodes) == 3 * t.num_hidden_layers
+        blocks = [n.name for n in nodes if n.op_type == "MatMulNBits"]
+        assert sum("/down_proj/" in b for b in blocks) == t.num_hidden_layers == entry["blockwise"]["matmuls"]
+        assert len(blocks) == t.num_hidden_layers + head
+    else:
+        assert sum(n.op_type == op for n in nodes) >= 4 * t.num_hidden_layers
     assert any(n.op_type == "GroupQueryAttention" for n in nodes)
     if mode.startswith("int8-") and mode != "int8-weight":
         return  # activation quantization: the two layouts' activations differ in order of ops, tokens may too
@@ -174,3 +180,11 @@ def test_cli_decoder_flag_reaches_the_export_and_errors_stay_one_line(tiny_ckpt,
     assert cli(["export", str(tiny_ckpt), str(tmp_path / "p"), "--decoder", "fused", "--stream", "on"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--decoder fused: the streaming export writes the traced decoder only" in err and "\n" not in err
+
+
+def test_a_blockwise_name_that_matches_no_projection_is_refused_and_nothing_is_written(tiny_pack, tmp_path):
+    config = Int8DynamicConfig(blockwise=("down_prj",), max_drop=None, **GATE)
+    with pytest.raises(InputError, match="--blockwise: got 'down_prj', which names no quantized MatMul of the "
+                                         "decoder graph"):
+        quantize_pack(tiny_pack, tmp_path / "q", config)
+    assert not (tmp_path / "q").exists()
