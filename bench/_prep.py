@@ -86,8 +86,8 @@ def legacy_icm_pack(workdir: Path, pack: Path, ckpt: Path, name: str) -> tuple[P
 
 
 def quantized_pack(workdir: Path, pack: Path, mode: str, name: str) -> tuple[Path | None, dict]:
-    """INT8 (ONNX Runtime dynamic: no calibration set needed, every graph) or INT4 (MatMulNBits RTN, decoder only)
-    through `calibration.quantize.quantize_pack`. -> (None, {"error": ...}) when quantization fails."""
+    """INT8 (`--mode int8-dynamic`'s defaults: no calibration set needed, every graph) or INT4 (`--mode int4`'s
+    defaults, decoder only) through `calibration.quantize.quantize_pack`. -> (None, {"error": ...}) when quantization fails."""
     def build(out: Path) -> dict:
         from retrv.calibration.quantize import Int4WeightOnlyConfig, Int8DynamicConfig, quantize_pack
 

@@ -13,8 +13,9 @@ Configurations, each in its own worker process (peak memory is per process; _com
   transformers-sdpa   the same with attn_implementation="sdpa" (torch's scaled_dot_product_attention), the
                  attention transformers picks when none is asked for: what a user gets (the second baseline)
   torch          the project's Retriever on its PyTorch fallback (TorchBackend), ICM, token cache
-  ort-fp32/int8/int4   the project's Retriever on ONNX Runtime packs, ICM, token cache; INT8 = ONNX Runtime
-                 dynamic quantization of every graph, INT4 = MatMulNBits RTN on the decoder (calibration.quantize)
+  ort-fp32/int8/int4   the project's Retriever on ONNX Runtime packs, ICM, token cache; INT8 = `--mode
+                 int8-dynamic`'s defaults (every graph dynamic, the decoder's down_proj and LM head in 8-bit blocks),
+                 INT4 = `--mode int4`'s defaults on the decoder (calibration.quantize)
   ort-fp32-full  ONNX Runtime fp32 without the ICM (full cached candidate tokens): splits the gain into what the
                  cache/runtime buys and what the ICM buys
   ort-int8-icm-v1  (--legacy-icm) the INT8 pack with the ICM relation graph as exported before issue 20 (the query
