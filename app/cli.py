@@ -32,7 +32,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     stream = {"auto": None, "on": True, "off": False}[args.stream]
     path = export_pack(args.checkpoint, args.pack, precision=args.precision, embedder=args.embedder,
-                       verify=args.verify, quantize=build_config(args), stream=stream, decoder=args.decoder)
+                       verify=args.verify, quantize=build_config(args), stream=stream, decoder=args.decoder,
+                       projections=args.projections)
     print(f"wrote pack {path}")
     return 0
 
@@ -146,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--decoder", default=None, choices=["fused", "traced"],
                      help="decoder graph layout: fused (ONNX Runtime contrib ops and a preallocated KV buffer; the "
                           "default) or traced (standard ONNX ops: TensorRT; the streaming export's only layout)")
+    exp.add_argument("--projections", default=None, choices=["conv", "matmul"],
+                     help="the fused fp32 decoder's projections: conv (1x1 convolutions, faster decode on ONNX "
+                          "Runtime's CPU kernels; the default) or matmul (faster prefill at 2+ threads); fp16 is "
+                          "matmul only")
     add_mode_options(exp)
     exp.set_defaults(func=_cmd_export)
 

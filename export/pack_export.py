@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 STREAM_ABOVE = 1 << 30  # checkpoints this size or larger stream (the traced path holds ~4x their fp32 bytes)
 DECODERS = ("fused", "traced")  # export/fused_decoder.py; graphs.DecoderGraph (standard ops: TensorRT, other tools)
+PROJECTIONS = ("conv", "matmul")  # the fused fp32 decoder's projections (export/fused_decoder.py, the conv form)
 PRECISIONS = ("fp32", "fp16")  # fp16: weights, activations and KV in fp16; norms, rotary, softmax in fp32 inside
 
 
@@ -61,7 +62,8 @@ def _export_sub(sub, oracle, cfg, tmp: Path, precision: str, files: dict, valida
         files[extra.name] = describe_file(tmp, extra.name, "external_data", data_of=written[0].name)
 
 
-def _export_fused_decoder(model, oracle, tmp: Path, precision: str, files: dict, validation: dict) -> None:
+def _export_fused_decoder(model, oracle, tmp: Path, precision: str, files: dict, validation: dict,
+                          projections: str | None = None) -> None:
     """The fused-layout decoder (ORT contrib ops, shared KV buffer), built from the model's weights and validated
     call by call against the fp32 PyTorch decoder."""
     from retrv.export.fused_decoder import build_fused_decoder, fused_decoder_spec, module_weights, \
@@ -70,8 +72,9 @@ def _export_fused_decoder(model, oracle, tmp: Path, precision: str, files: dict,
 
     cfg = model.cfg
     spec = fused_decoder_spec(cfg, FLOAT_NAMES[model.dtype])
-    written = save_fused_decoder(build_fused_decoder(cfg, module_weights(model), spec.inputs["inputs_embeds"].dtype),
-                                 tmp / spec.filename)
+    conv = None if projections is None else projections == "conv"
+    written = save_fused_decoder(build_fused_decoder(cfg, module_weights(model), spec.inputs["inputs_embeds"].dtype,
+                                                     conv=conv), tmp / spec.filename)
     validation[spec.role] = validate_fused(written[0], cfg, DecoderGraph(oracle), precision)
     files[written[0].name] = describe_file(
         tmp, written[0].name, spec.role, precision=precision,
@@ -120,15 +123,28 @@ def checkpoint_bytes(ckpt: Path) -> int:
 
 
 def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32", embedder: str | Path | None = None,
-                verify: bool = False, quantize=None, stream: bool | None = None, decoder: str | None = None) -> Path:
+                verify: bool = False, quantize=None, stream: bool | None = None, decoder: str | None = None,
+                projections: str | None = None) -> Path:
     """`quantize`: a calibration config (`retrv quantize`'s modes); `stream`: True/False forces the path, None
     streams checkpoints of STREAM_ABOVE bytes or more (see docs/ARCHITECTURE.md, "Streaming export").
     `decoder`: the decoder layout, "fused" (ONNX Runtime contrib ops; the default) or "traced" (standard ops, for
-    TensorRT); the streaming export writes the traced layout (None there means traced)."""
+    TensorRT); the streaming export writes the traced layout (None there means traced). `projections`: the fused
+    fp32 decoder's projections, "conv" (1x1 convolutions: faster decode on ONNX Runtime's CPU kernels; the default)
+    or "matmul" (MatMul: up to a tenth faster prefill at two threads; docs/ARCHITECTURE.md, "fp32 projections as 1x1
+    convolutions"); fp16 graphs are MatMul only."""
     if precision not in PRECISIONS:
         raise InputError(f"--precision: got {precision!r}; expected one of {list(PRECISIONS)}")
     if decoder is not None and decoder not in DECODERS:
         raise InputError(f"--decoder: got {decoder!r}; expected one of {list(DECODERS)}")
+    if projections is not None:
+        if projections not in PROJECTIONS:
+            raise InputError(f"--projections: got {projections!r}; expected one of {list(PROJECTIONS)}")
+        if decoder == "traced":
+            raise InputError(f"--projections {projections}: applies to the fused decoder; got --decoder traced "
+                             f"(expected --decoder fused, or no --projections)")
+        if precision != "fp32" and projections == "conv":
+            raise InputError(f"--projections conv: fp32 graphs only (ONNX Runtime's NCHWc kernels); got --precision "
+                             f"{precision} (expected --projections matmul, or none)")
     out = check_output(out, "pack", {"the checkpoint being exported": checkpoint,
                                      "the --embedder checkpoint": embedder})
     ckpt = Path(checkpoint)
@@ -137,6 +153,9 @@ def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
     if stream is None:
         stream = checkpoint_bytes(ckpt) >= STREAM_ABOVE
     if stream:
+        if projections is not None:
+            raise InputError(f"--projections {projections}: applies to the fused decoder; the streaming export "
+                             f"writes the traced one (expected --stream off for a checkpoint that fits in memory)")
         if decoder == "fused":
             raise InputError("--decoder fused: the streaming export writes the traced decoder only; expected "
                              "--decoder traced, or --stream off for a checkpoint that fits in memory")
@@ -147,7 +166,7 @@ def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
 
         return export_streaming(ckpt, out, precision, quantize, verify)
     if quantize is not None:
-        return _export_then_quantize(ckpt, out, precision, embedder, verify, quantize, decoder)
+        return _export_then_quantize(ckpt, out, precision, embedder, verify, quantize, decoder, projections)
     tokenizer, processor = tokenizer_and_processor(ckpt)
     oracle = load_checkpoint(ckpt, dtype=torch.float32)  # every graph is checked against the fp32 model
     model = copy.deepcopy(oracle).half() if precision == "fp16" else oracle
@@ -158,12 +177,14 @@ def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
         files, validation = {}, {}
         for sub in sub_models(model):
             if sub.spec.role == "decoder" and decoder == "fused":
-                _export_fused_decoder(model, oracle, tmp, precision, files, validation)
+                _export_fused_decoder(model, oracle, tmp, precision, files, validation, projections)
                 continue
             _export_sub(sub, oracles[sub.spec.role], cfg, tmp, precision, files, validation)
         # The PyTorch backend compares the fingerprint with its --checkpoint (runtime.backends.open_backend).
         extra = {"source_checkpoint": ckpt.name, "source_fingerprint": source_fingerprint(ckpt), **source_record(ckpt),
                  "decoder_layout": decoder}
+        if decoder == "fused":
+            extra["decoder_projections"] = projections or ("conv" if precision == "fp32" else "matmul")
         if embedder is not None and is_optimum_folder(embedder):  # CLIP / SigLIP / a text encoder from optimum
             extra["embedder"] = export_optimum_embedder(Path(embedder), tmp, files, validation)
         elif embedder is not None:
@@ -200,7 +221,7 @@ def export_pack(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
 
 
 def _export_then_quantize(ckpt: Path, out: Path, precision: str, embedder, verify: bool, quantize,
-                          decoder: str | None = None) -> Path:
+                          decoder: str | None = None, projections: str | None = None) -> Path:
     """Small checkpoints: the traced fp32 pack, then `retrv quantize` with the same config, into `out`."""
     import tempfile
 
@@ -210,7 +231,8 @@ def _export_then_quantize(ckpt: Path, out: Path, precision: str, embedder, verif
         raise InputError(f"--precision {precision} with --quantize {quantize.mode}: quantization starts from fp32 "
                          f"weights; expected --precision fp32")
     with tempfile.TemporaryDirectory(prefix="retrv-export-") as work:
-        fp32 = export_pack(ckpt, Path(work) / "fp32", "fp32", embedder, verify, stream=False, decoder=decoder)
+        fp32 = export_pack(ckpt, Path(work) / "fp32", "fp32", embedder, verify, stream=False, decoder=decoder,
+                           projections=projections)  # quantize folds conv back to MatMul: the same pack either way
         quantize_pack(fp32, out, quantize)
     return out
 

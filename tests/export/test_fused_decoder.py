@@ -180,6 +180,9 @@ def test_cli_decoder_flag_reaches_the_export_and_errors_stay_one_line(tiny_ckpt,
     assert cli(["export", str(tiny_ckpt), str(tmp_path / "p"), "--decoder", "fused", "--stream", "on"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--decoder fused: the streaming export writes the traced decoder only" in err and "\n" not in err
+    assert cli(["export", str(tiny_ckpt), str(tmp_path / "p"), "--decoder", "traced", "--projections", "matmul"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--projections matmul: applies to the fused decoder; got --decoder traced" in err and "\n" not in err
 
 
 def test_a_blockwise_name_that_matches_no_projection_is_refused_and_nothing_is_written(tiny_pack, tmp_path):
@@ -188,3 +191,30 @@ def test_a_blockwise_name_that_matches_no_projection_is_refused_and_nothing_is_w
                                          "decoder graph"):
         quantize_pack(tiny_pack, tmp_path / "q", config)
     assert not (tmp_path / "q").exists()
+
+
+def test_projections_matmul_exports_the_matmul_form_validated_and_recorded(tiny_ckpt, tiny_pack, tmp_path):
+    out = export_pack(tiny_ckpt, tmp_path / "mm", projections="matmul")
+    pack = Pack.open(out)
+    ops = {n.op_type for n in onnx.load(str(out / "decoder.onnx")).graph.node}
+    assert "Conv" not in ops and "MatMul" in ops
+    assert pack.manifest.extra["decoder_projections"] == "matmul"
+    assert pack.manifest.validation["decoder"]  # validated against the PyTorch decoder like the default form
+    default = Pack.open(tiny_pack)
+    assert default.manifest.extra["decoder_projections"] == "conv"
+    assert "Conv" in {n.op_type for n in onnx.load(str(default.path / "decoder.onnx")).graph.node}
+    tokens = [Generator.from_pack(p, OrtBackend(p, provider="cpu", cache_dir=None)).generate(
+        "Describe a red bicycle.", [], 12).token_ids for p in (pack, default)]
+    assert tokens[0] == tokens[1]
+
+
+def test_projections_is_refused_where_it_does_not_apply_in_one_line(tiny_ckpt, tmp_path):
+    cases = [(dict(projections="conv", decoder="traced"), "--projections conv: applies to the fused decoder"),
+             (dict(projections="conv", precision="fp16"), "--projections conv: fp32 graphs only"),
+             (dict(projections="matmul", stream=True), "--projections matmul: applies to the fused decoder; the "
+                                                       "streaming export"),
+             (dict(projections="gemm"), r"--projections: got 'gemm'; expected one of \['conv', 'matmul'\]")]
+    for kwargs, message in cases:
+        with pytest.raises(InputError, match=message):
+            export_pack(tiny_ckpt, tmp_path / "p", **kwargs)
+        assert not (tmp_path / "p").exists()
