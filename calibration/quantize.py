@@ -481,6 +481,8 @@ def quantize_pack(pack_dir: str | Path, out_dir: str | Path, config: QuantConfig
             "source_pack_sha256": src.sha256,
             "quantized_by": {d: _version(d) for d in ("onnxruntime", "onnx")},
         }}
+        if "decoder" in quantized_roles and "decoder_projections" in extra:
+            extra["decoder_projections"] = "matmul"  # the conv form was folded back before quantizing
         manifest = Manifest(**{**m.__dict__, "files": files, "validation": kept_validation, "extra": extra})
         write_manifest(tmp, manifest)
 

@@ -134,6 +134,7 @@ def test_quantize_rewrites_the_fused_graph_and_its_lm_head_as_the_mode_says(tiny
     head = config.lm_head != "fp32"
     assert entry["kept_nodes"] == ["/lm_head/MatMul"]
     assert entry["matmuls_quantized"] == 4 * t.num_hidden_layers + head  # packed q/k/v and gate/up, o, down
+    assert pack.manifest.extra["decoder_projections"] == "matmul"  # the source's conv form folded back
     assert (entry.get("lm_head") or {}).get("bits") == ({"int8": 8, "int4": 4}.get(config.lm_head))
     nodes = onnx.load(str(out / "decoder.onnx")).graph.node
     if mode == "int8-dynamic":  # down_proj in 8-bit blocks (its input's range is not one per tensor), the rest dynamic
