@@ -1,12 +1,13 @@
 """`retrv quantize`: an fp32 pack in, an INT8 or INT4 pack out, gated on accuracy, written atomically.
 
-One entry point, one frozen config per mode, one handler registered per config type (torchao's shape):
+One entry point, one frozen config per mode, one handler registered per config type (torchao's shape; the
+handlers are calibration/handlers.py):
 
     quantize_pack("pack/", "pack-int4/", Int4WeightOnlyConfig(block_size=32, algo="rtn"))
 
 | config | ONNX Runtime tool | graphs | format |
 | --- | --- | --- | --- |
-| `Int8DynamicConfig` | `quantize_dynamic` | all | MatMulInteger, u8 per-channel weights |
+| `Int8DynamicConfig` | `quantize_dynamic` (+ `calibration.matrix` for `--blockwise`) | all | MatMulInteger, u8 per-channel weights; the decoder's down_proj 8-bit MatMulNBits |
 | `Int8WeightOnlyConfig` | none (`calibration.matrix`, round to nearest) | all | MatMulNBits, bits=8 |
 | `Int8StaticConfig` | `quantize_static`, `QuantFormat.QDQ`, `CalibrationMethod` | all | ONNX QDQ (TensorRT's form) |
 | `Int4WeightOnlyConfig` | none for mse / rtn (`calibration.matrix`); `MatMulNBitsQuantizer` for HQQ | decoder | MatMulNBits |
@@ -21,8 +22,8 @@ What stays in float inside a quantized graph is `rules.plan_graph`'s rule. The L
 quantizer's: `config.lm_head` makes it fp32 or 8-/4-bit MatMulNBits (blocks of 32, `quantize_head`), whatever the
 mode. Its error lands on the logits undiluted by later layers (GPTQ/AWQ practice keeps it in 16 bits), but on a
 small model with a large vocabulary it is most of the bytes a decoded token reads (SmolLM2-135M: 28M of 135M
-parameters); int4 and int8-weight default to an INT8 head, measured on the real-weights graft within the perplexity
-goals and the mode's gate (docs/BENCHMARKS.md), int8-dynamic and int8-static keep it fp32. A head tied to the
+parameters); int4, int8-weight and int8-dynamic default to an INT8 head, measured on the real-weights graft within
+the perplexity goals and the mode's gate (docs/BENCHMARKS.md), int8-static keeps it fp32. A head tied to the
 embedding is stored once (`share_head`): its quantized bytes go to `embed_tokens.nbits`, which the decoder reads as
 external data and the runtime's embedding lookup dequantizes row by row (runtime/inputs/table.py), and
 `embed_tokens.npy` is dropped. An untied embedding stays the fp32 `.npy`: only the rows of a prompt are read from it
@@ -34,12 +35,9 @@ module starts from an fp32 pack only.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import shutil
 import tempfile
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -59,7 +57,8 @@ from retrv.calibration.config import (  # noqa: F401 - re-exported: the public A
     Int8WeightOnlyConfig,
     QuantConfig,
 )
-from retrv.calibration.rules import Plan, plan_graph
+from retrv.calibration.handlers import HANDLERS, Job, blockwise_graph, ort_gptq_propagates_error
+from retrv.calibration.rules import plan_graph
 from retrv.runtime.errors import InputError, RetrvError, require
 from retrv.runtime.fsutil import atomic_dir
 from retrv.runtime.inputs.table import NBITS_FILE, NBITS_ROLE
@@ -67,237 +66,6 @@ from retrv.runtime.outputs import check_output
 from retrv.runtime.pack import EXTERNAL_DATA, Manifest, Pack, describe_file, write_manifest
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------------------------ handlers
-@dataclass
-class Job:
-    """One graph to quantize: the canonical (Gemm-free) source, where to write, and the calibration reader."""
-
-    role: str
-    src: Path  # canonical fp32 graph
-    dst: Path
-    external: bool  # write weights as <dst>.data (the source had external data)
-    plan: Plan
-    reader: Callable[[], readers.FeedReader] | None
-
-
-_HANDLERS: dict[type, Callable[[QuantConfig, Job], dict]] = {}
-
-
-def register_handler(config_type: type):
-    def wrap(fn):
-        _HANDLERS[config_type] = fn
-        return fn
-    return wrap
-
-
-@contextlib.contextmanager
-def quiet_ort():
-    """ONNX Runtime's quantization tools log through the root logger (and one module calls `basicConfig` at
-    import), print progress to stdout and warn about missing pre-processing. Library code prints nothing
-    (STYLE.md): for the duration, root-logger records are dropped, stdout goes to this module's debug log."""
-    root = logging.getLogger()
-    guard = None if root.handlers else logging.NullHandler()  # stops logging.warning() from calling basicConfig
-    drop = logging.Filter("retrv")  # root's own records (name "root") fail it; our loggers' do not reach root's
-    if guard:
-        root.addHandler(guard)
-    root.addFilter(drop)
-    level = root.level
-    buf = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buf), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        root.removeFilter(drop)
-        root.setLevel(level)
-        if guard:
-            root.removeHandler(guard)
-        if buf.getvalue().strip():
-            log.debug("onnxruntime.quantization output: %s", buf.getvalue().strip()[-2000:])
-
-
-@register_handler(Int8DynamicConfig)
-def _int8_dynamic(config: Int8DynamicConfig, job: Job) -> dict:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    blockwise = blockwise_names(job.plan, config.blockwise) if job.role == "decoder" else ()
-    with quiet_ort():
-        quantize_dynamic(job.src, job.dst, op_types_to_quantize=["MatMul"], per_channel=config.per_channel,
-                         weight_type=QuantType.QUInt8 if config.weight_type == "uint8" else QuantType.QInt8,
-                         nodes_to_exclude=[*job.plan.exclude, *blockwise], use_external_data_format=job.external,
-                         extra_options={"MatMulConstBOnly": True})
-    weights = "uint8 asymmetric" if config.weight_type == "uint8" else "int8 symmetric"
-    info = {"format": "QOperator (DynamicQuantizeLinear + MatMulInteger)", "weights": weights,
-            "per_channel": config.per_channel, "activations": "uint8, per tensor, at run time"}
-    if blockwise:
-        import onnx
-        from onnxruntime.quantization.onnx_model import ONNXModel
-
-        from retrv.calibration.matrix import nbits_graph
-
-        proto = onnx.load(str(job.dst))
-        done = nbits_graph(proto, blockwise, config.blockwise_block_size, "int", 4, bits=8)
-        if done != len(blockwise):
-            raise RetrvError(f"{job.dst.name}: {done} of {len(blockwise)} --blockwise MatMuls became MatMulNBits; "
-                             f"expected all (each a MatMul with a constant 2-D weight)")
-        ONNXModel(proto).save_model_to_file(str(job.dst), job.external)
-        info["blockwise"] = {"projections": list(config.blockwise), "matmuls": len(blockwise),
-                             "format": "QOperator (com.microsoft MatMulNBits)", "bits": 8,
-                             "block_size": config.blockwise_block_size, "zero_point": "int",
-                             "activations": "int8 per block inside the kernel (accuracy_level 4)"}
-    return info
-
-
-def blockwise_names(plan: Plan, projections: tuple[str, ...]) -> tuple[str, ...]:
-    """The planned MatMuls named */<projection>/* for a projection in `projections`, in graph order; a projection
-    that names none is refused (a misspelt name would otherwise quantize nothing blockwise, silently)."""
-    for p in projections:
-        if not any(f"/{p}/" in n for n in plan.quantize):
-            raise InputError(f"--blockwise: got {p!r}, which names no quantized MatMul of the {plan.role} graph; "
-                             f"expected a projection such as down_proj, o_proj, gate_up_proj")
-    return tuple(n for n in plan.quantize if any(f"/{p}/" in n for p in projections))
-
-
-@register_handler(Int8WeightOnlyConfig)
-def _int8_weight(config: Int8WeightOnlyConfig, job: Job) -> dict:
-    import onnx
-    from onnxruntime.quantization.onnx_model import ONNXModel
-
-    from retrv.calibration.matrix import nbits_graph
-
-    zero_point = "symmetric" if config.symmetric else "int"
-    proto = onnx.load(str(job.src))
-    nbits_graph(proto, job.plan.quantize, config.block_size, zero_point, config.accuracy_level, bits=8)
-    ONNXModel(proto).save_model_to_file(str(job.dst), job.external)
-    return {"format": "QOperator (com.microsoft MatMulNBits)", "algo": "rtn", "bits": 8,
-            "block_size": config.block_size, "symmetric": config.symmetric, "zero_point": zero_point,
-            "accuracy_level": config.accuracy_level,
-            "activations": "float" if config.accuracy_level in (0, 1) else
-            ("int8 per block inside the kernel (accuracy_level 4)" if config.accuracy_level == 4 else
-             f"accuracy_level {config.accuracy_level}")}
-
-
-@register_handler(Int8StaticConfig)
-def _int8_static(config: Int8StaticConfig, job: Job) -> dict:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-              "percentile": CalibrationMethod.Percentile}[config.method]
-    reader = job.reader()
-    trt = config.activations == "int8"
-    options = {
-        "ActivationSymmetric": trt,  # zero point 0: TensorRT's explicit quantization accepts nothing else
-        "WeightSymmetric": True,
-        "MatMulConstBOnly": True,
-        # Q/DQ on the MatMul inputs only: the output stays float into the (float) residual Add, as TensorRT's own
-        # QDQ producers place them; an extra int8 rounding of every projection output buys nothing.
-        "OpTypesToExcludeOutputQuantization": ["MatMul"],
-        # One feed per collection pass: prefill and decode feeds have different shapes, and ORT's histogram
-        # calibrators (entropy, percentile) stack all feeds of a pass into one array.
-        "CalibStridedMinMax": 1,
-        "CalibPercentile": config.percentile,
-    }
-    with quiet_ort():
-        quantize_static(job.src, job.dst, reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
-                        per_channel=config.per_channel,
-                        activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, nodes_to_exclude=job.plan.exclude,
-                        use_external_data_format=job.external, calibrate_method=method, extra_options=options)
-    return {"format": "QDQ (QuantizeLinear/DequantizeLinear, ONNX domain)", "method": config.method,
-            "weights": "int8 symmetric", "per_channel": config.per_channel,
-            "activations": f"{'int8 symmetric' if trt else 'uint8 asymmetric'}, per tensor, calibrated",
-            "tensorrt_explicit_quantization": trt, "calibration_feeds": len(reader),
-            **({"percentile": config.percentile} if config.method == "percentile" else {})}
-
-
-@register_handler(Int4WeightOnlyConfig)
-def _int4(config: Int4WeightOnlyConfig, job: Job) -> dict:
-    import onnx
-
-    with quiet_ort():
-        from onnxruntime.quantization import matmul_nbits_quantizer as mnb
-
-        if config.algo == "gptq":
-            model = _gptq(config, job)
-        else:
-            if config.algo == "hqq":
-                require("torch", "export")  # ORT's HQQ runs in PyTorch
-                algo = mnb.HQQWeightOnlyQuantConfig(block_size=config.block_size, bits=4,
-                                                    op_types_to_quantize=("MatMul",))
-            else:  # rtn / mse, one matrix at a time (retrv.calibration.matrix)
-                algo = None
-            if algo is not None:
-                quantizer = mnb.MatMulNBitsQuantizer(onnx.load(str(job.src)), nodes_to_exclude=job.plan.exclude,
-                                                     algo_config=algo)
-                quantizer.process()
-                model = quantizer.model
-            else:
-                from onnxruntime.quantization.onnx_model import ONNXModel
-
-                from retrv.calibration.matrix import int4_graph
-
-                proto = onnx.load(str(job.src))
-                int4_graph(proto, job.plan.quantize, config.block_size,
-                           "symmetric" if config.symmetric else config.zero_point, config.accuracy_level,
-                           fit=config.algo)
-                model = ONNXModel(proto)
-        for node in model.model.graph.node:  # HQQ and GPTQ leave accuracy_level unset; one level for all
-            if node.op_type == "MatMulNBits":
-                for attr in node.attribute:
-                    if attr.name == "accuracy_level":
-                        attr.i = config.accuracy_level
-                        break
-                else:
-                    node.attribute.append(onnx.helper.make_attribute("accuracy_level", config.accuracy_level))
-        if not any(o.domain == "com.microsoft" for o in model.model.opset_import):  # GPTQ omits it
-            model.model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-        model.save_model_to_file(str(job.dst), job.external)
-    return {"format": "QOperator (com.microsoft MatMulNBits)", "algo": config.algo, "bits": 4,
-            "block_size": config.block_size, "symmetric": config.symmetric if config.algo != "hqq" else False,
-            "zero_point": ("symmetric" if config.symmetric else config.zero_point) if config.algo in ("rtn", "mse") else
-            ("float" if config.algo == "hqq" else "int"),
-            "accuracy_level": config.accuracy_level, "activations": "float"}
-
-
-def ort_gptq_propagates_error() -> bool:
-    """Whether the installed onnxruntime's GPTQ does what GPTQ is for: carry each column's rounding error into
-    the columns not yet quantized. onnxruntime 1.31's (vendored `neural_compressor.weight_only.gptq`) factors the
-    inverse Hessian as upper-triangular (`cholesky(inv(H)).T`) and then reads it below the diagonal
-    (`Hinv1[i:, i]`, `Hinv[i2:, i1:i2]`), where it is zero: nothing propagates and the weights equal
-    round-to-nearest (on a correlated 256x128 problem: output error 0.0814 for both; 0.0586 with the factor read
-    the right way round). Checked on a small problem rather than assumed from the version, so a fixed release is
-    picked up."""
-    import numpy as np
-    from onnxruntime.quantization.neural_compressor.weight_only import gptq
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(256, 64)) @ rng.normal(size=(64, 64))  # (S, K) correlated inputs
-    w = rng.normal(size=(64, 8))  # (K, N)
-    h = 2 * x.T @ x / len(x)
-    kw = dict(num_bits=4, group_size=32, scheme="asym", blocksize=32, percdamp=0.01)
-    with quiet_ort():
-        correlated = gptq(w.copy(), h.copy(), **kw)
-        independent = gptq(w.copy(), np.diag(np.diag(h)), **kw)  # a diagonal Hessian: GPTQ is RTN
-    return not np.allclose(correlated, independent)
-
-
-def _gptq(config: Int4WeightOnlyConfig, job: Job):
-    """ORT's GPTQ (`neural_compressor.gptq_quantize`, vendored in onnxruntime). Called directly rather than
-    through MatMulNBitsQuantizer, whose GPTQ path ignores `nodes_to_exclude`; excluded nodes are marked "fp32"
-    in the weight config, the form gptq_quantize honours."""
-    from onnxruntime.quantization.neural_compressor import gptq_quantize
-
-    reader = job.reader()
-    scheme = "sym" if config.symmetric else "asym"
-    weights = {n: {"bits": 4, "group_size": config.block_size, "scheme": scheme, "algorithm": "GPTQ"}
-               for n in job.plan.quantize}
-    weights.update({n: "fp32" for n in job.plan.exclude})
-    # A path, not a ModelProto: gptq_quantize then handles graphs over 2 GB through their external data.
-    return gptq_quantize(str(job.src), ((feed, None) for feed in reader), weight_config=weights,
-                         num_bits=4, group_size=config.block_size, scheme=scheme, n_samples=-1,
-                         accuracy_level=config.accuracy_level)
 
 
 # ------------------------------------------------------------------------------------------------- entry point
@@ -389,25 +157,26 @@ def _quantize_file(config: QuantConfig, src: Pack, name: str, tmp: Path, work: P
     if entry.role == "decoder":
         matmul_projections(model)  # the fp32 fused decoder's 1x1 Convs, the same weights as MatMuls
     plan = plan_graph(model, entry.role, getattr(config, "keep_matmuls", ()))
-    head = None
+    head = blockwise = None
     if entry.role == "decoder":
         import numpy as np
 
         table = np.load(src.file("embed_tokens"), mmap_mode="r", allow_pickle=False) if src.has("embed_tokens") \
             else None
         head = quantize_head(model, config, table)
+        blockwise = blockwise_graph(model, plan, config)
     canon = work / name
     onnx.save_model(model, str(canon), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=name + ".data")
     del model
-    info = _HANDLERS[type(config)](config, Job(entry.role, canon, tmp / name, external, plan, reader))
+    info = HANDLERS[type(config)](config, Job(entry.role, canon, tmp / name, external, plan, reader))
     table_record = None
     if head is not None and head["tied_to_embedding"]:
         table_record = share_head(tmp / name, head, external)
         head["stored_with_embedding"] = True
     written = onnx.load(str(tmp / name), load_external_data=False)
-    record = {"mode": config.mode, **info, **plan.to_dict(), **count_matmuls(written),
-              "lm_head": head or {"format": "fp32"}}
+    record = {"mode": config.mode, **info, **({"blockwise": blockwise} if blockwise else {}), **plan.to_dict(),
+              **count_matmuls(written), "lm_head": head or {"format": "fp32"}}
     if isinstance(config, Int8StaticConfig):
         record["qdq_check"] = form = qdq_form(written)
         trt = config.activations == "int8"
@@ -429,9 +198,9 @@ def quantize_pack(pack_dir: str | Path, out_dir: str | Path, config: QuantConfig
     """Quantize the fp32 pack at `pack_dir` into a new pack at `out_dir` (written atomically: a failure, the
     gate's included, leaves nothing new there). Raises InputError for bad inputs, GateError over `max_drop`."""
     require("onnx", "export")
-    if type(config) not in _HANDLERS:
+    if type(config) not in HANDLERS:
         raise InputError(f"config: got {type(config).__name__}; expected one of "
-                         f"{[t.__name__ for t in _HANDLERS]}")
+                         f"{[t.__name__ for t in HANDLERS]}")
     if isinstance(config, Int4WeightOnlyConfig) and config.algo == "gptq" and not ort_gptq_propagates_error():
         raise InputError(f"--algo gptq: onnxruntime {_version('onnxruntime')}'s GPTQ returns round-to-nearest "
                          f"weights (its error propagation reads the zero half of the triangular inverse Hessian); "

@@ -64,6 +64,11 @@ class Plan:
 ICM_ATTENTION = re.compile(r"/attn(_\d+)?/")
 
 
+def of_projection(name: str, projections: tuple[str, ...]) -> bool:
+    """Whether node `name` (e.g. /language_model/layers.3/mlp/down_proj/MatMul) belongs to one of `projections`."""
+    return any(f"/{p}/" in name for p in projections)
+
+
 def plan_graph(model, role: str, keep_matmuls: tuple[str, ...] = ()) -> Plan:
     """Classify every MatMul of `model` (an onnx.ModelProto, Gemm already rewritten) for the graph `role`."""
     constants = {t.name for t in model.graph.initializer}
@@ -78,7 +83,7 @@ def plan_graph(model, role: str, keep_matmuls: tuple[str, ...] = ()) -> Plan:
             keep[name] = "lm_head"
         elif role in ICM_ROLES and ICM_ATTENTION.search(name):
             keep[name] = "icm_attention"
-        elif role == "decoder" and any(f"/{k}/" in name for k in keep_matmuls):
+        elif role == "decoder" and of_projection(name, keep_matmuls):
             keep[name] = "sensitive"
         else:
             quantize.append(name)

@@ -194,6 +194,16 @@ def test_a_blockwise_name_that_matches_no_projection_is_refused_and_nothing_is_w
     assert not (tmp_path / "q").exists()
 
 
+def test_blockwise_none_is_plain_dynamic_quantization(tiny_pack, tmp_path):
+    config = Int8DynamicConfig(blockwise=(), lm_head="fp32", max_drop=None, **GATE)  # the form before stop 29
+    out = quantize_pack(tiny_pack, tmp_path / "q", config).out
+    nodes = onnx.load(str(out / "decoder.onnx")).graph.node
+    layers = Pack.open(out).model_config.text.num_hidden_layers
+    assert sum(n.op_type == "MatMulInteger" for n in nodes) == 4 * layers  # q/k/v, o, gate/up, down
+    assert not any(n.op_type == "MatMulNBits" for n in nodes)
+    assert "blockwise" not in Pack.open(out).manifest.files["decoder.onnx"].quantization
+
+
 def test_projections_matmul_exports_the_matmul_form_validated_and_recorded(tiny_ckpt, tiny_pack, tmp_path):
     out = export_pack(tiny_ckpt, tmp_path / "mm", projections="matmul")
     pack = Pack.open(out)
