@@ -14,7 +14,7 @@ from retrv.runtime.errors import InputError
 MODES = ("int8-weight", "int8-dynamic", "int8-static", "int4")
 # flag -> the modes it applies to
 MODE_FLAGS = {"method": ("int8-static",), "activations": ("int8-static",), "block_size": ("int4", "int8-weight"), "algo": ("int4",),
-              "zero_point": ("int4",), "blockwise": ("int8-dynamic",)}
+              "zero_point": ("int4",), "blockwise": ("int8-dynamic",), "int_zero": ("int4",)}
 
 
 def _fraction(text: str) -> float | str | None:
@@ -105,12 +105,16 @@ def add_mode_options(q: argparse.ArgumentParser) -> None:
                    help=f"int8-dynamic: decoder projections (comma-separated) quantized as int8-weight's 8-bit "
                         f"blocks, activations per block, instead of one range per tensor; 'none' for plain dynamic "
                         f"quantization (default {','.join(_default('int8-dynamic', 'blockwise'))})")
+    q.add_argument("--int-zero", type=_names, default=None, metavar="NAMES",
+                   help="int4 offset form: decoder projections (comma-separated) given integer zero points "
+                        "instead, without the side product: faster decode, the block minimum rounded to the "
+                        "scale's grid (e.g. o_proj,down_proj; default none)")
     q.add_argument("--calib-items", type=int, default=None,
                    help=f"calibration items (default {_default('int8-static', 'num_calib')})")
 
 
 OPTION_FLAGS = ("calib", "method", "activations", "max_drop", "block_size", "algo", "zero_point", "lm_head",
-                "keep_lm_head", "blockwise", "calib_items")
+                "keep_lm_head", "blockwise", "int_zero", "calib_items")
 
 
 def build_config(args: argparse.Namespace):
@@ -132,7 +136,7 @@ def build_config(args: argparse.Namespace):
                              f"{args.mode}")
     given = {"calib": args.calib, "method": args.method, "activations": args.activations,
              "block_size": args.block_size, "algo": args.algo, "zero_point": args.zero_point,
-             "lm_head": lm_head(args), "blockwise": args.blockwise,
+             "lm_head": lm_head(args), "blockwise": args.blockwise, "int_zero": args.int_zero,
              "num_calib": args.calib_items}
     return CONFIGS[args.mode](max_drop=args.max_drop, **{k: v for k, v in given.items() if v is not None})
 

@@ -83,6 +83,16 @@ def _int8_dynamic(config: Int8DynamicConfig, job: Job) -> dict:
             "per_channel": config.per_channel, "activations": "uint8, per tensor, at run time"}
 
 
+def projection_matmuls(flag: str, projections: tuple[str, ...], plan: Plan) -> tuple[str, ...]:
+    """The planned MatMuls of `projections` (names such as down_proj). A projection that names none is refused:
+    a misspelt name would otherwise change nothing, silently."""
+    for p in projections:
+        if not any(of_projection(n, (p,)) for n in plan.quantize):
+            raise InputError(f"{flag}: got {p!r}, which names no quantized MatMul of the {plan.role} graph; "
+                             f"expected a projection such as down_proj, o_proj, gate_up_proj")
+    return tuple(n for n in plan.quantize if of_projection(n, projections))
+
+
 def blockwise_graph(model, plan: Plan, config: QuantConfig) -> dict | None:
     """int8-dynamic's `--blockwise` projections of a decoder (an onnx.ModelProto, in place, before the mode's
     quantizer runs, as `quantize_head` does the head): each MatMul named */<projection>/* becomes int8-weight's
@@ -93,11 +103,7 @@ def blockwise_graph(model, plan: Plan, config: QuantConfig) -> dict | None:
         return None
     from retrv.calibration.matrix import nbits_graph
 
-    for p in projections:
-        if not any(of_projection(n, (p,)) for n in plan.quantize):
-            raise InputError(f"--blockwise: got {p!r}, which names no quantized MatMul of the {plan.role} graph; "
-                             f"expected a projection such as down_proj, o_proj, gate_up_proj")
-    names = tuple(n for n in plan.quantize if of_projection(n, projections))
+    names = projection_matmuls("--blockwise", projections, plan)
     done = nbits_graph(model, names, config.blockwise_block_size, "int", 4, bits=8)
     if done != len(names):
         raise RetrvError(f"{plan.role}: {done} of {len(names)} --blockwise MatMuls became MatMulNBits; expected all "
@@ -186,7 +192,10 @@ def _int4(config: Int4WeightOnlyConfig, job: Job) -> dict:
                 from retrv.calibration.matrix import int4_graph
 
                 proto = onnx.load(str(job.src))
-                int4_graph(proto, job.plan.quantize, config.block_size,
+                int_zero = projection_matmuls("--int-zero", config.int_zero, job.plan) if config.int_zero else ()
+                if int_zero:  # integer zero points there, no side product (Int4WeightOnlyConfig.int_zero)
+                    int4_graph(proto, int_zero, config.block_size, "int", config.accuracy_level, fit=config.algo)
+                int4_graph(proto, tuple(n for n in job.plan.quantize if n not in int_zero), config.block_size,
                            "symmetric" if config.symmetric else config.zero_point, config.accuracy_level,
                            fit=config.algo)
                 model = ONNXModel(proto)
@@ -205,7 +214,8 @@ def _int4(config: Int4WeightOnlyConfig, job: Job) -> dict:
             "block_size": config.block_size, "symmetric": config.symmetric if config.algo != "hqq" else False,
             "zero_point": ("symmetric" if config.symmetric else config.zero_point) if config.algo in ("rtn", "mse") else
             ("float" if config.algo == "hqq" else "int"),
-            "accuracy_level": config.accuracy_level, "activations": "float"}
+            "accuracy_level": config.accuracy_level, "activations": "float",
+            **({"int_zero": list(config.int_zero)} if config.int_zero else {})}
 
 
 def ort_gptq_propagates_error() -> bool:

@@ -47,6 +47,16 @@ def test_cli_max_drop_default_none_and_number():
     assert _parse(["--mode", "int8-dynamic", "--max-drop", "0.05"]).max_drop == 0.05
 
 
+def test_cli_int4_int_zero_projections():
+    assert _parse(["--mode", "int4"]).int_zero == ()  # the offset form everywhere (docs/BENCHMARKS.md)
+    assert _parse(["--mode", "int4", "--int-zero", "o_proj,down_proj"]).int_zero == ("o_proj", "down_proj")
+    assert _parse(["--mode", "int4", "--int-zero", "none"]).int_zero == ()
+    with pytest.raises(InputError, match="--int-zero: applies to --mode int4; got --mode int8-weight"):
+        _parse(["--mode", "int8-weight", "--int-zero", "o_proj"])
+    with pytest.raises(InputError, match="--int-zero: applies to the offset form"):
+        _parse(["--mode", "int4", "--zero-point", "int", "--int-zero", "o_proj"])
+
+
 def test_bad_keep_matmuls_is_refused_by_name():
     with pytest.raises(InputError, match="keep_matmuls: got 'down_proj'"):
         Int8DynamicConfig(keep_matmuls="down_proj")

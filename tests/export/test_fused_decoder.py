@@ -229,3 +229,42 @@ def test_projections_is_refused_where_it_does_not_apply_in_one_line(tiny_ckpt, t
         with pytest.raises(InputError, match=message):
             export_pack(tiny_ckpt, tmp_path / "p", **kwargs)
         assert not (tmp_path / "p").exists()
+
+
+def test_int_zero_projections_take_the_integer_form_and_the_rest_keep_the_offset_form(tiny_pack, tmp_path):
+    def weights(config, name):
+        out = quantize_pack(tiny_pack, tmp_path / name, replace(config, max_drop=None, **GATE)).out
+        model = onnx.load(str(out / "decoder.onnx"))
+        return Pack.open(out), {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}, model.graph.node
+
+    mixed, got, nodes = weights(Int4WeightOnlyConfig(int_zero=("o_proj", "down_proj")), "mixed")
+    _, offset, _ = weights(Int4WeightOnlyConfig(), "offset")
+    _, integer, _ = weights(Int4WeightOnlyConfig(zero_point="int"), "int")
+    layers = mixed.model_config.text.num_hidden_layers
+    nbits = [n for n in nodes if n.op_type == "MatMulNBits" and "/lm_head/" not in n.name]
+    assert len(nbits) == 4 * layers
+    for node in nbits:
+        plain = any(f"/{p}/" in node.name for p in ("o_proj", "down_proj"))
+        want = integer if plain else offset  # each form is checked against numpy in tests/calibration/test_matrix.py
+        for name in [*node.input[1:], *(node.input[1].replace("_Q4", "_offsets"),)]:
+            if name in want or name in got:
+                assert name in got and name in want and np.array_equal(got[name], want[name]), name
+        assert (len(node.input) == 4) == plain  # uint8 zero points, or none (the offset form's side product)
+    sides = [n.name for n in nodes if n.name.endswith("_offset_add")]
+    assert len(sides) == 2 * layers and not any("/o_proj/" in s or "/down_proj/" in s for s in sides)
+    assert mixed.manifest.files["decoder.onnx"].quantization["int_zero"] == ["o_proj", "down_proj"]
+
+
+def test_int_zero_is_refused_where_it_does_not_apply_in_one_line(tiny_pack, tiny_ckpt, tmp_path):
+    config = Int4WeightOnlyConfig(int_zero=("o_prj",), max_drop=None, **GATE)
+    with pytest.raises(InputError, match="--int-zero: got 'o_prj', which names no quantized MatMul of the decoder"):
+        quantize_pack(tiny_pack, tmp_path / "q", config)
+    assert not (tmp_path / "q").exists()
+    for kwargs, message in ((dict(zero_point="int"), "--int-zero: applies to the offset form .*; got --zero-point "
+                                                     "int"),
+                            (dict(algo="hqq"), "got --algo hqq"), (dict(symmetric=True), "got symmetric blocks"),
+                            (dict(int_zero="o_proj"), "--int-zero: got 'o_proj'; expected projection names")):
+        with pytest.raises(InputError, match=message):
+            Int4WeightOnlyConfig(**{"int_zero": ("o_proj",), **kwargs})
+    with pytest.raises(InputError, match="--int-zero o_proj: not available in a streaming export"):
+        export_pack(tiny_ckpt, tmp_path / "p", stream=True, quantize=Int4WeightOnlyConfig(int_zero=("o_proj",)))
