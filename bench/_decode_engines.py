@@ -59,6 +59,43 @@ def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
     return a.nbytes / best / 1e9
 
 
+_GEMM = """
+import sys, time
+import numpy as np
+m, k, n, repeats = map(int, sys.argv[1:5])
+rng = np.random.default_rng(0)
+a, b = rng.random((m, k), np.float32), rng.random((k, n), np.float32)
+a @ b
+best = min(((lambda t0: (a @ b, time.perf_counter() - t0)[1])(time.perf_counter()) for _ in range(repeats)))
+print(2 * m * k * n / best / 1e9)
+"""
+
+
+def gemm_rate(threads: int, m: int, k: int, n: int, repeats: int = 30) -> float:
+    """GFLOP/s of this machine's fp32 GEMM at one (m, k) x (k, n) product: numpy's BLAS (OpenBLAS in the pip
+    wheels) with `threads` threads, best of `repeats`. In a subprocess: BLAS reads its thread count when it loads.
+    The reference a prefill's arithmetic is held against, as `read_bandwidth` is for decode's bytes."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, **{v: str(threads) for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                                       "MKL_NUM_THREADS")}}
+    out = subprocess.run([sys.executable, "-c", _GEMM, str(m), str(k), str(n), str(repeats)], env=env,
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout)
+
+
+def prefill_flops(text_config, tokens: int) -> float:
+    """Multiply-adds x 2 of a prefill of `tokens` through the decoder's weight matrices (q/k/v, o, gate/up, down per
+    layer; the LM head once, for the last token), the same for every engine that runs the model. Attention's own
+    products (~1.5% here at 94 tokens) are left out."""
+    c = text_config
+    head_dim = c.hidden_size // c.num_attention_heads
+    per_layer = c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * head_dim \
+        + c.num_attention_heads * head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
+    return 2.0 * (c.num_hidden_layers * per_layer * tokens + c.hidden_size * c.vocab_size)
+
+
 # --------------------------------------------------------------------------------------------- bytes per token
 def onnx_decode_bytes(path: str | Path) -> dict:
     """Weight bytes one decode step reads from an ONNX graph: every initializer once, except a table read only

@@ -20,7 +20,9 @@ kept before each configuration and each round. Each timed run starts `--settle-m
 ended (`_common.SETTLE_S`: why, and what it measured). Reported per engine: decode ms/token, prefill tok/s, weight
 bytes read per decoded token (pack: its decode graph's initializers, a Gather-only table counting one row; GGUF: every
 tensor, the token embedding one row unless it is also the head) and that over the time per token as a share of
-this machine's read bandwidth, measured in the same run (numpy sum over 1 GiB, 1 and N threads); perplexity of
+this machine's read bandwidth, measured in the same run (numpy sum over 1 GiB, 1 and N threads); the prefill's
+arithmetic (2 x the weight matrices' multiply-adds per prompt token, the same for both engines) per second as a
+share of this machine's fp32 GEMM rate at the prefill's largest product (numpy's BLAS, N threads); perplexity of
 every pack (`retrv.calibration.quality`) and every GGUF (all-position logits) on the same caption tokens; the
 greedy tokens the paired engines share at the largest thread count (fp32 / F32: the same work).
 
@@ -44,8 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
-from _decode_engines import (LlamaEngine, RetrvEngine, gguf_decode_bytes, import_llama_cpp, load_average,
-                             make_gguf, pack_decode_bytes, read_bandwidth)
+from _decode_engines import (LlamaEngine, RetrvEngine, gemm_rate, gguf_decode_bytes, import_llama_cpp, load_average,
+                             make_gguf, pack_decode_bytes, prefill_flops, read_bandwidth)
 from _common import SETTLE_S, SIMD_FLAGS, machine  # noqa: F401 - SIMD_FLAGS: tests
 from _decode_mid import measure, mid_main  # noqa: F401 - bench/quant.py imports `measure` from here
 
@@ -254,6 +256,14 @@ def markdown_table(result: dict) -> str:
     top = str(max(threads))
     pf = lambda n: f"{timing[top][n]['prefill_tok_s']:.0f}" if n in timing[top] else "-"  # noqa: E731
     lines.append(f"| prefill tok/s, {plural(top)} | " + " | ".join(_cell(pf(a), b and pf(b)) for a, b in pairs) + " |")
+    gemm, flops = result.get("gemm_gflops", {}).get(top), result.get("prefill_flops")
+    if gemm and flops:  # the prefill's arithmetic against the machine's fp32 GEMM at the prefill's largest shape
+        tokens = result["protocol"]["prompt_tokens"]
+        fl = lambda n: "-" if n not in timing[top] else (  # noqa: E731
+            f"{flops * timing[top][n]['prefill_tok_s'] / tokens / 1e9:.0f} "
+            f"({100 * flops * timing[top][n]['prefill_tok_s'] / tokens / 1e9 / gemm:.0f}%)")
+        lines.append(f"| prefill GFLOP/s, {plural(top)} (share of {gemm:.0f} GFLOP/s fp32 GEMM) | "
+                     + " | ".join(_cell(fl(a), b and fl(b)) for a, b in pairs) + " |")
     mb = lambda n: f"{specs[n]['bytes_per_token'] / 1e6:.0f}"  # noqa: E731
     lines.append("| weight MB read per token | " + " | ".join(_cell(mb(a), b and mb(b)) for a, b in pairs) + " |")
     if ppl:
@@ -378,6 +388,15 @@ def run(args, work: Path, captions: Path) -> int:
     for t in args.threads:
         print(f"bandwidth, {t} thread(s): load {load_average():.2f}", file=sys.stderr, flush=True)
         bandwidth[str(t)] = read_bandwidth(t, args.bandwidth_gib)
+    from retrv.runtime.pack import Pack
+
+    text = Pack.open(packs[next(iter(packs))], verify="size").model_config.text
+    flops = prefill_flops(text, len(ids))
+    shape = (len(ids), text.hidden_size, 2 * text.intermediate_size)  # gate/up: the prefill's largest product
+    gemm = {}
+    for t in args.threads:
+        print(f"fp32 GEMM {shape}, {t} thread(s): load {load_average():.2f}", file=sys.stderr, flush=True)
+        gemm[str(t)] = gemm_rate(t, *shape)
     timing, loads = {}, {}
     for t in args.threads:
         loads[str(t)] = load_average()
@@ -409,7 +428,8 @@ def run(args, work: Path, captions: Path) -> int:
               "llama_cpp": {"used": L is not None, "why_not": why_not,
                             "version": getattr(L, "__version__", None) if L else None,
                             "extra_bufts": args.llama_extra_bufts},
-              "bandwidth_gbs": bandwidth, "load_before": loads, "engines": specs, "timing": timing,
+              "bandwidth_gbs": bandwidth, "gemm_gflops": gemm, "gemm_shape": list(shape), "prefill_flops": flops,
+              "load_before": loads, "engines": specs, "timing": timing,
               "greedy_match": match}
     if not args.no_ppl:
         result["perplexity"] = perplexities(specs, L, args, captions, tokenizer_file)
@@ -424,7 +444,8 @@ def run(args, work: Path, captions: Path) -> int:
         decode_pareto(result, Path(args.img))
     print(f"\n{len(ids)}-token prompt, {args.new_tokens} new tokens greedy, median of {args.repeats}; read bandwidth "
           + ", ".join(f"{v:.1f} GB/s ({k} thread{'s' if k != '1' else ''})" for k, v in bandwidth.items())
-          + "; load average before each thread count: " + ", ".join(f"{v:.2f}" for v in loads.values())
+          + "; fp32 GEMM " + ", ".join(f"{v:.0f} GFLOP/s ({k} thread{'s' if k != '1' else ''})" for k, v in gemm.items())
+          + f" at {shape}; load average before each thread count: " + ", ".join(f"{v:.2f}" for v in loads.values())
           + f"\nCPU: {host['cpu']} (family {host['cpu_family']}), SIMD the guest sees: {' '.join(host['simd'] or [])}\n")
     print(table)
     for a, m in match.items():

@@ -51,6 +51,7 @@ def test_decode_bench_on_the_tiny_pack_skips_llama_cpp_with_the_reason(bench, ti
     assert result["perplexity"]["positions"] == 2 * 7 and result["perplexity"]["by_engine"]["fp32"] > 1
     assert result["engines"]["fp32"]["bytes_per_token"] > 0 and result["bandwidth_gbs"]["1"] > 0
     assert "| retrv fp32 |" in result["table"] and "share of" in result["table"]
+    assert result["gemm_gflops"]["1"] > 0 and result["prefill_flops"] > 0 and "fp32 GEMM" in result["table"]
     assert (tmp_path / "pareto.png").stat().st_size > 1000
     # the CPU and the SIMD extensions the guest sees are recorded (they choose ORT's and llama.cpp's int8 kernels)
     flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[-1].split("\n", 1)[0].split() \
@@ -110,6 +111,22 @@ def test_the_table_prints_each_pair_with_its_bandwidth_share(bench):
     assert "| decode ms/token, 2 threads (share of 40.0 GB/s read) | 10.0 (25%) / 20.0 (12%) |" in table
     assert "| prefill tok/s, 2 threads | 900 / 600 |" in table and "| 0.50x / 0.50x |" in table and "| retrv fp32 / llama.cpp F32 |" in table
     assert "| greedy tokens equal (2 threads) | 120/128 |" in table and "19.410 / 19.400" in table
+    assert "GFLOP/s" not in table  # a result from before the GEMM reference: no such row
+    # 1 GFLOP over a 100-token prompt at 900 tok/s = 9 GFLOP/s: 9% of 100 GFLOP/s; 600 tok/s: 6%
+    table = bench.markdown_table({**result, "gemm_gflops": {"2": 100.0}, "prefill_flops": 1e9,
+                                  "protocol": {"prompt_tokens": 100}})
+    assert "| prefill GFLOP/s, 2 threads (share of 100 GFLOP/s fp32 GEMM) | 9 (9%) / 6 (6%) |" in table
+
+
+def test_prefill_flops_count_every_weight_matrix_once_per_token_and_the_head_once():
+    from types import SimpleNamespace
+
+    from _decode_engines import prefill_flops
+
+    # SmolLM2-135M: q/k/v 576 x 960, o 576 x 576, gate/up/down 3 x 576 x 1536, 30 layers; the head 576 x 49152
+    c = SimpleNamespace(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
+                        num_hidden_layers=30, vocab_size=49152)
+    assert prefill_flops(c, 94) == 2 * (30 * (576 * 960 + 576 * 576 + 3 * 576 * 1536) * 94 + 576 * 49152)
 
 
 @pytest.mark.slow
