@@ -23,7 +23,8 @@ tensor, the token embedding one row unless it is also the head) and that over th
 this machine's read bandwidth, measured in the same run (numpy sum over 1 GiB, 1 and N threads); the prefill's
 arithmetic (2 x the weight matrices' multiply-adds per prompt token, the same for both engines) per second as a
 share of this machine's fp32 GEMM rate at the prefill's largest product (numpy's BLAS, N threads); perplexity of
-every pack (`retrv.calibration.quality`) and every GGUF (all-position logits) on the same caption tokens; the
+every pack (`retrv.calibration.quality`) and every GGUF (all-position logits) on the same caption tokens and on
+the project's own prose (README and docs/ARCHITECTURE.md: a harder text, out of the captions' domain); the
 greedy tokens the paired engines share at the largest thread count (fp32 / F32: the same work).
 
 Writes bench/results/decode_real.json and docs/img/decode_pareto.png, prints a markdown table.
@@ -203,26 +204,35 @@ def _open(name: str, spec: dict, threads: int, L, args):
 
 
 def perplexities(specs: dict, L, args, captions: Path, tokenizer_file: Path) -> dict:
-    from retrv.calibration.quality import caption_text, score_pack, token_rows
+    """Every engine's perplexity on the same caption tokens, and on the project's own prose (`repo_text`: README and
+    docs/ARCHITECTURE.md, the slow real-weights test's text): short captions are an easy, narrow text on which a
+    lossy pack can look lossless (docs/BENCHMARKS.md, "INT4 with fewer side products")."""
+    from retrv.calibration.quality import caption_text, repo_text, score_pack, token_rows
     from retrv.runtime.inputs.prompt import PromptTokenizer
 
     tok = PromptTokenizer(tokenizer_file)
-    rows = token_rows(tok.encode_text(caption_text(captions)), args.ppl_rows, args.ppl_seq_len)
+    texts = {"captions": caption_text(captions), "markdown": repo_text()}
     out = {}
-    for name, spec in specs.items():
-        t0 = time.perf_counter()
-        if spec["engine"] == "retrv":
-            out[name] = score_pack(spec["path"], rows).perplexity
-        else:
-            eng = LlamaEngine(L, spec["path"], max(args.threads), n_ctx=args.n_ctx,
-                              extra_bufts=args.llama_extra_bufts)
-            try:
-                out[name] = eng.perplexity(rows)
-            finally:
-                eng.close()
-        print(f"perplexity {name}: {out[name]:.3f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-    return {"rows": args.ppl_rows, "seq_len": args.ppl_seq_len, "positions": int(rows.shape[0] * (rows.shape[1] - 1)),
-            "by_engine": out}
+    for text, body in texts.items():
+        rows = token_rows(tok.encode_text(body), args.ppl_rows, args.ppl_seq_len)
+        scores = {}
+        for name, spec in specs.items():
+            t0 = time.perf_counter()
+            if spec["engine"] == "retrv":
+                scores[name] = score_pack(spec["path"], rows).perplexity
+            else:
+                eng = LlamaEngine(L, spec["path"], max(args.threads), n_ctx=args.n_ctx,
+                                  extra_bufts=args.llama_extra_bufts)
+                try:
+                    scores[name] = eng.perplexity(rows)
+                finally:
+                    eng.close()
+            print(f"perplexity {name} ({text}): {scores[name]:.3f} ({time.perf_counter() - t0:.0f} s)",
+                  file=sys.stderr, flush=True)
+        out[text] = {"rows": args.ppl_rows, "seq_len": args.ppl_seq_len,
+                     "positions": int(rows.shape[0] * (rows.shape[1] - 1)), "by_engine": scores}
+    # the captions' figures stay at the top level (the plot and earlier results read them there)
+    return {**out.pop("captions"), "markdown": out["markdown"]}
 
 
 def pairs_of(specs: dict) -> list[tuple[str, str | None]]:
@@ -269,6 +279,11 @@ def markdown_table(result: dict) -> str:
     if ppl:
         p = lambda n: f"{ppl[n]:.3f}" if n in ppl else "-"  # noqa: E731
         lines.append("| perplexity (captions) | " + " | ".join(_cell(p(a), b and p(b)) for a, b in pairs) + " |")
+    md = result.get("perplexity", {}).get("markdown", {}).get("by_engine", {})
+    if md:
+        q = lambda n: f"{md[n]:.2f}" if n in md else "-"  # noqa: E731
+        lines.append("| perplexity (the repo's prose) | " + " | ".join(_cell(q(a), b and q(b)) for a, b in pairs)
+                     + " |")
     ratio = []
     for a, b in pairs:
         if b is None:

@@ -107,8 +107,8 @@ def add_mode_options(q: argparse.ArgumentParser) -> None:
                         f"quantization (default {','.join(_default('int8-dynamic', 'blockwise'))})")
     q.add_argument("--int-zero", type=_names, default=None, metavar="NAMES",
                    help="int4 offset form: decoder projections (comma-separated) given integer zero points "
-                        "instead, without the side product: faster decode, the block minimum rounded to the "
-                        "scale's grid (e.g. o_proj,down_proj; default none)")
+                        "instead, without the side product: faster decode, less accurate (the block minimum "
+                        "rounded to the scale's grid; e.g. o_proj,down_proj; default none)")
     q.add_argument("--calib-items", type=int, default=None,
                    help=f"calibration items (default {_default('int8-static', 'num_calib')})")
 

@@ -189,8 +189,8 @@ class Int4WeightOnlyConfig(QuantConfig):
     # Decoder projections given integer zero points instead of the offset form, by name (e.g. ("o_proj",
     # "down_proj")): no side product (three small nodes a projection fewer a step: faster decode, most at two
     # threads), the block minimum rounded to the scale's grid. On the SmolLM2 graft (docs/BENCHMARKS.md, "INT4
-    # with fewer side products") o_proj and down_proj so: perplexity unchanged (+0.16% vs +0.15%), decode 8% faster
-    # at two threads, but the gate's top-1 falls 0.93 -> 0.82: not the default.
+    # with fewer side products") o_proj and down_proj so: decode 8% faster at two threads, perplexity +0.16% on the
+    # captions but +9.0% on other text (the default: +0.27%): a speed point, not the default.
     int_zero: tuple[str, ...] = ()
     accuracy_level: int = 4
     decode_steps: int = 3  # GPTQ's calibration feeds, as for static INT8

@@ -49,6 +49,10 @@ def test_decode_bench_on_the_tiny_pack_skips_llama_cpp_with_the_reason(bench, ti
     assert len(row["tokens"]) == 4 and len(row["ms_per_token_runs"]) == 2 and row["ms_per_token"] > 0
     assert len(result["protocol"]["prompt_ids"]) == 40
     assert result["perplexity"]["positions"] == 2 * 7 and result["perplexity"]["by_engine"]["fp32"] > 1
+    # and on the project's own prose, a second and harder text
+    assert result["perplexity"]["markdown"]["positions"] == 2 * 7
+    assert result["perplexity"]["markdown"]["by_engine"]["fp32"] != result["perplexity"]["by_engine"]["fp32"]
+    assert "| perplexity (the repo's prose) |" in result["table"]
     assert result["engines"]["fp32"]["bytes_per_token"] > 0 and result["bandwidth_gbs"]["1"] > 0
     assert "| retrv fp32 |" in result["table"] and "share of" in result["table"]
     assert result["gemm_gflops"]["1"] > 0 and result["prefill_flops"] > 0 and "fp32 GEMM" in result["table"]
@@ -103,7 +107,8 @@ def test_the_table_prints_each_pair_with_its_bandwidth_share(bench):
     result = {"engines": {"fp32": {"engine": "retrv", "pair": "llama.cpp F32", "bytes_per_token": 100e6},
                           "llama.cpp F32": {"engine": "llama.cpp", "bytes_per_token": 100e6}},
               "bandwidth_gbs": {"1": 20.0, "2": 40.0}, "timing": timing,
-              "perplexity": {"by_engine": {"fp32": 19.41, "llama.cpp F32": 19.4}},
+              "perplexity": {"by_engine": {"fp32": 19.41, "llama.cpp F32": 19.4},
+                             "markdown": {"by_engine": {"fp32": 231.63, "llama.cpp F32": 231.6}}},
               "greedy_match": {"fp32": {"same": 120, "of": 128}}}
     table = bench.markdown_table(result)
     # 100 MB in 10 ms = 10 GB/s: half of 20 GB/s with 1 thread, a quarter of 40 with 2
@@ -111,6 +116,7 @@ def test_the_table_prints_each_pair_with_its_bandwidth_share(bench):
     assert "| decode ms/token, 2 threads (share of 40.0 GB/s read) | 10.0 (25%) / 20.0 (12%) |" in table
     assert "| prefill tok/s, 2 threads | 900 / 600 |" in table and "| 0.50x / 0.50x |" in table and "| retrv fp32 / llama.cpp F32 |" in table
     assert "| greedy tokens equal (2 threads) | 120/128 |" in table and "19.410 / 19.400" in table
+    assert "| perplexity (the repo's prose) | 231.63 / 231.60 |" in table
     assert "GFLOP/s" not in table  # a result from before the GEMM reference: no such row
     # 1 GFLOP over a 100-token prompt at 900 tok/s = 9 GFLOP/s: 9% of 100 GFLOP/s; 600 tok/s: 6%
     table = bench.markdown_table({**result, "gemm_gflops": {"2": 100.0}, "prefill_flops": 1e9,
