@@ -37,6 +37,19 @@ def _check_positive(name: str, value) -> None:
         raise InputError(f"{name}: got {value!r}; expected an integer >= 1")
 
 
+def _check_block(name: str, b) -> None:
+    if isinstance(b, bool) or not isinstance(b, int) or b < MIN_BLOCK or b & (b - 1):
+        raise InputError(f"{name}: got {b!r}; expected a power of two >= {MIN_BLOCK} (MatMulNBits)")
+
+
+def _projections(name: str, value, example: str) -> tuple[str, ...]:
+    """A tuple of decoder projection names (e.g. ('down_proj',)); a string, a non-sequence or an empty name is
+    refused (a bare string would otherwise be read one letter at a time)."""
+    if not isinstance(value, (tuple, list)) or not all(isinstance(k, str) and k for k in value):
+        raise InputError(f"{name}: got {value!r}; expected projection names such as {example}, or () for none")
+    return tuple(value)
+
+
 # ------------------------------------------------------------------------------------------------------ configs
 @dataclass(frozen=True)
 class QuantConfig:
@@ -116,19 +129,12 @@ class Int8DynamicConfig(QuantConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.keep_matmuls, str) or not all(isinstance(k, str) and k for k in self.keep_matmuls):
-            raise InputError(f"keep_matmuls: got {self.keep_matmuls!r}; expected a tuple of projection names "
-                             f"such as ('down_proj',)")
-        object.__setattr__(self, "keep_matmuls", tuple(self.keep_matmuls))
-        if isinstance(self.blockwise, str) or not all(isinstance(k, str) and k for k in self.blockwise):
-            raise InputError(f"--blockwise: got {self.blockwise!r}; expected projection names such as "
-                             f"('down_proj',), or () for none")
+        keep = _projections("keep_matmuls", self.keep_matmuls, "('down_proj',)")
+        object.__setattr__(self, "keep_matmuls", keep)
         # a projection kept in fp32 is not also blockwise: keep_matmuls wins (it is the stronger choice)
-        object.__setattr__(self, "blockwise", tuple(b for b in self.blockwise if b not in self.keep_matmuls))
-        b = self.blockwise_block_size
-        if isinstance(b, bool) or not isinstance(b, int) or b < MIN_BLOCK or b & (b - 1):
-            raise InputError(f"blockwise_block_size: got {b!r}; expected a power of two >= {MIN_BLOCK} "
-                             f"(MatMulNBits)")
+        blockwise = _projections("--blockwise", self.blockwise, "('down_proj',)")
+        object.__setattr__(self, "blockwise", tuple(b for b in blockwise if b not in keep))
+        _check_block("blockwise_block_size", self.blockwise_block_size)
         if self.weight_type not in ("uint8", "int8"):
             raise InputError(f"weight_type: got {self.weight_type!r}; expected 'uint8' or 'int8'")
 
@@ -212,9 +218,7 @@ class Int4WeightOnlyConfig(QuantConfig):
     def __post_init__(self) -> None:
         if self.algo not in ALGOS:
             raise InputError(f"--algo: got {self.algo!r}; expected one of {list(ALGOS)}")
-        b = self.block_size
-        if isinstance(b, bool) or not isinstance(b, int) or b < MIN_BLOCK or b & (b - 1):
-            raise InputError(f"--block-size: got {b!r}; expected a power of two >= {MIN_BLOCK} (MatMulNBits)")
+        _check_block("--block-size", self.block_size)
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise InputError(f"accuracy_level: got {self.accuracy_level!r}; expected 0-4 (MatMulNBits)")
         if self.zero_point not in ZERO_POINTS:
@@ -222,10 +226,7 @@ class Int4WeightOnlyConfig(QuantConfig):
         if self.zero_point == "float" and self.algo == "mse":
             raise InputError("--zero-point float: applies to --algo rtn; got --algo mse (expected --zero-point "
                              "offset, the same grid on the fast kernel)")
-        if isinstance(self.int_zero, str) or not all(isinstance(k, str) and k for k in self.int_zero):
-            raise InputError(f"--int-zero: got {self.int_zero!r}; expected projection names such as "
-                             f"('o_proj', 'down_proj'), or () for none")
-        object.__setattr__(self, "int_zero", tuple(self.int_zero))
+        object.__setattr__(self, "int_zero", _projections("--int-zero", self.int_zero, "('o_proj', 'down_proj')"))
         if self.int_zero and (self.zero_point != "offset" or self.symmetric or self.algo not in ("mse", "rtn")):
             form = f"--algo {self.algo}" if self.algo not in ("mse", "rtn") else \
                 ("symmetric blocks" if self.symmetric else f"--zero-point {self.zero_point}")
@@ -264,9 +265,7 @@ class Int8WeightOnlyConfig(QuantConfig):
     default_max_drop: ClassVar[float] = 0.15
 
     def __post_init__(self) -> None:
-        b = self.block_size
-        if isinstance(b, bool) or not isinstance(b, int) or b < MIN_BLOCK or b & (b - 1):
-            raise InputError(f"--block-size: got {b!r}; expected a power of two >= {MIN_BLOCK} (MatMulNBits)")
+        _check_block("--block-size", self.block_size)
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise InputError(f"accuracy_level: got {self.accuracy_level!r}; expected 0-4 (MatMulNBits)")
         super().__post_init__()

@@ -223,8 +223,8 @@ def check_quant(quant) -> None:
                          "zero points or offsets); expected --zero-point offset or int, or export fp32 and run "
                          "`retrv quantize`")
     if isinstance(quant, Int4WeightOnlyConfig) and quant.int_zero:
-        raise InputError(f"--int-zero {','.join(quant.int_zero)}: not available in a streaming export; expected "
-                         f"it without --int-zero, or export fp32 and run `retrv quantize --int-zero`")
+        raise InputError(f"--int-zero {','.join(quant.int_zero)}: not available in a streaming export; expected no "
+                         f"--int-zero, or export fp32 and run `retrv quantize --int-zero`")
     if not isinstance(quant, Int4WeightOnlyConfig) or quant.algo not in ("mse", "rtn"):
         raise InputError(f"--quantize {quant.mode}{' --algo ' + quant.algo if hasattr(quant, 'algo') else ''}: "
                          f"not available in a streaming export; expected --quantize int4 --algo mse or rtn, or export "

@@ -57,6 +57,17 @@ def test_cli_int4_int_zero_projections():
         _parse(["--mode", "int4", "--zero-point", "int", "--int-zero", "o_proj"])
 
 
+@pytest.mark.parametrize("make,value,message", [
+    (lambda v: Int4WeightOnlyConfig(int_zero=v), 5, "--int-zero: got 5"),
+    (lambda v: Int4WeightOnlyConfig(int_zero=v), ("o_proj", ""), "--int-zero: got \\('o_proj', ''\\)"),
+    (lambda v: Int8DynamicConfig(blockwise=v), None, "--blockwise: got None"),
+    (lambda v: Int8DynamicConfig(keep_matmuls=v), 3, "keep_matmuls: got 3")])
+def test_projection_names_that_are_not_a_sequence_of_names_are_refused_in_one_line(make, value, message):
+    with pytest.raises(InputError, match=message + "; expected projection names"):
+        make(value)
+    assert make(["down_proj"]) is not None  # a list, as a manifest's JSON gives back, is a sequence of names
+
+
 def test_bad_keep_matmuls_is_refused_by_name():
     with pytest.raises(InputError, match="keep_matmuls: got 'down_proj'"):
         Int8DynamicConfig(keep_matmuls="down_proj")
